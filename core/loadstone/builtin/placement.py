@@ -1,0 +1,122 @@
+"""Built-in placement strategies: auto/balanced, sequential, cpu, one named device, rank, explicit maps."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..components import PlacementStrategy, is_device_spec
+from ..errors import PlacementError
+from ..hookspecs import hookimpl
+from ..planning import PlacementContext
+from ..units import normalize_device
+
+
+class AutoPlacement(PlacementStrategy):
+    name = "auto"
+    description = "balance over accelerators, then offload to CPU, then disk (what transformers calls auto)"
+
+    def place(self, ctx: PlacementContext) -> dict[str, Any]:
+        return ctx.infer_device_map(balanced=True)
+
+
+class BalancedPlacement(AutoPlacement):
+    name = "balanced"
+    description = "the same layers-per-accelerator balance as auto, named explicitly"
+
+
+class SequentialPlacement(PlacementStrategy):
+    name = "sequential"
+    description = "fill accelerator 0, then 1, ..., then CPU, then disk"
+
+    def place(self, ctx: PlacementContext) -> dict[str, Any]:
+        return ctx.infer_device_map(balanced=False)
+
+
+class CpuPlacement(PlacementStrategy):
+    name = "cpu"
+    description = "everything in host memory"
+
+    def place(self, ctx: PlacementContext) -> dict[str, Any]:
+        return {"": "cpu"}
+
+
+def _check_device_exists(device: Any, spec: str) -> None:
+    import torch
+
+    if isinstance(device, int):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device >= count:
+            raise PlacementError(
+                f"placement {spec!r} names CUDA device {device}, but this machine has {count}.", field="placement",
+                expected=f"cuda:0 .. cuda:{count - 1}" if count else "a machine with a CUDA GPU", found=spec,
+                fix="pick an existing device, or placement='cpu' / 'auto'")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise PlacementError("placement 'mps' needs Apple's Metal backend, which is not available here.",
+                             field="placement", found=spec, fix="use placement='cpu' or 'auto'")
+    elif isinstance(device, str) and device.split(":")[0] in {"xpu", "npu", "hpu", "mlu"}:
+        backend = getattr(torch, device.split(":")[0], None)
+        if backend is None or not backend.is_available():
+            raise PlacementError(f"placement {spec!r} needs a {device.split(':')[0]} device, which is not available.",
+                                 field="placement", found=spec, fix="use placement='cpu' or 'auto'")
+
+
+class DevicePlacement(PlacementStrategy):
+    name = "device"
+    description = "the whole model on one named device: cuda:0, cuda:1, mps, xpu:0 ..."
+
+    def matches(self, spec: str) -> bool:
+        return is_device_spec(spec) and spec not in {"cpu", "meta"}
+
+    def place(self, ctx: PlacementContext) -> dict[str, Any]:
+        device = normalize_device(ctx.spec)
+        _check_device_exists(device, ctx.spec)
+        return {"": device}
+
+
+class RankPlacement(PlacementStrategy):
+    name = "rank"
+    description = "one full copy per process on cuda:$LOCAL_RANK (the DDP QLoRA layout); CPU without CUDA"
+
+    def place(self, ctx: PlacementContext) -> dict[str, Any]:
+        import torch
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        world = os.environ.get("WORLD_SIZE", "1")
+        where = f"LOCAL_RANK={local_rank}, RANK={os.environ.get('RANK', '0')}, WORLD_SIZE={world}"
+        if torch.cuda.is_available():
+            if local_rank >= torch.cuda.device_count():
+                raise PlacementError(
+                    f"LOCAL_RANK is {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible.",
+                    field="LOCAL_RANK", found=local_rank, fix="start one process per visible GPU (torchrun "
+                    "--nproc-per-node) or fix CUDA_VISIBLE_DEVICES")
+            ctx.note(f"{where} -> cuda:{local_rank}")
+            return {"": local_rank}
+        ctx.note(f"{where}; no CUDA device, so each process keeps its copy on the CPU")
+        return {"": "cpu"}
+
+
+class ExplicitPlacement(PlacementStrategy):
+    name = "explicit"
+    description = "a device map given as a dict (module prefix -> device); checked against the model"
+
+    def place(self, ctx: PlacementContext) -> dict[str, Any]:
+        spec = ctx.spec if isinstance(ctx.spec, dict) else {}
+        names = {n for n, _ in ctx.model.named_modules()} | set(ctx.tensor_bytes)
+        unknown = [k for k in spec if k and k not in names]
+        if unknown:
+            raise PlacementError(
+                f"the device map names modules the model does not have: {', '.join(unknown[:6])}.",
+                field="placement", expected="module names such as " + ", ".join(sorted(n for n in names if n.count(".") == 1)[:4]),
+                found=", ".join(unknown[:6]), fix="fix the names (print(model) shows them) or use \"\" for everything")
+        for key, device in spec.items():
+            if device not in ("cpu", "disk"):
+                _check_device_exists(device, f"{key}: {device}")
+        return dict(spec)
+
+
+@hookimpl
+def loadstone_register_placement_strategies(register):
+    for strategy in (AutoPlacement(), BalancedPlacement(), SequentialPlacement(), CpuPlacement(),
+                     DevicePlacement(), RankPlacement(), ExplicitPlacement()):
+        register(strategy)

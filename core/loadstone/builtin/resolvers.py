@@ -1,0 +1,89 @@
+"""Built-in resolvers: local folders and Hugging Face Hub ids (through the local cache)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..components import ResolveContext, ResolvedSource, Resolver
+from ..errors import ResolutionError
+from ..hookspecs import hookimpl
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(@(?P<rev>[\w./-]+))?$")
+# Files a base model or adapter needs; tokenizers are not loadstone's job.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+
+
+def _looks_like_path(reference: str) -> bool:
+    return reference.startswith(("/", "./", "../", "~", ".\\", "..\\")) or reference in {".", ".."} or (
+        len(reference) > 1 and reference[1] == ":")
+
+
+class LocalFolderResolver(Resolver):
+    name = "local"
+    priority = 100
+    description = "an existing folder (relative base paths of adapters are taken from the adapter folder)"
+
+    def resolve(self, reference: str, ctx: ResolveContext) -> ResolvedSource | None:
+        raw = Path(reference).expanduser()
+        candidates = [raw]
+        if ctx.relative_to is not None and not raw.is_absolute():
+            candidates.insert(0, ctx.relative_to / raw)
+        for candidate in candidates:
+            if candidate.is_dir():
+                return ResolvedSource(reference, candidate.resolve(), "local")
+        if _looks_like_path(reference):
+            where = " or ".join(str(c) for c in candidates)
+            if any(c.exists() for c in candidates):
+                raise ResolutionError(f"{reference!r} is a file, not a model folder.", file=where, field="reference",
+                                      fix="point at the folder holding config.json (or adapter_config.json)")
+            raise ResolutionError(f"the folder {reference!r} does not exist.", file=where, field="reference",
+                                  fix="check the path; relative paths are taken from the current directory")
+        return None
+
+
+class HubResolver(Resolver):
+    name = "hub"
+    priority = 900
+    description = "Hugging Face Hub ids org/name[@revision], via the local cache (works with HF_HUB_OFFLINE=1)"
+
+    def resolve(self, reference: str, ctx: ResolveContext) -> ResolvedSource | None:
+        match = _HUB_ID.match(reference)
+        if not match or "/" not in match.group("repo"):
+            return None
+        repo_id = match.group("repo")
+        revision = match.group("rev") or ctx.revision or "main"
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        try:
+            path = snapshot_download(repo_id, revision=revision, cache_dir=ctx.cache_dir,
+                                     local_files_only=ctx.offline, token=ctx.token, allow_patterns=_HUB_PATTERNS)
+        except LocalEntryNotFoundError as exc:
+            raise ResolutionError(
+                f"{repo_id} at revision {revision!r} is not in the local Hugging Face cache and downloads are "
+                f"{'disabled (offline mode)' if ctx.offline else 'unavailable'}.", field="reference",
+                found=f"{repo_id}@{revision}", expected="a cached snapshot",
+                fix=f"download it first (`hf download {repo_id} --revision {revision}`) or unset HF_HUB_OFFLINE"
+                    + (f"; cache folder: {ctx.cache_dir}" if ctx.cache_dir else "")) from exc
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise ResolutionError(f"the Hub has no {repo_id} at revision {revision!r}.", field="reference",
+                                  found=f"{repo_id}@{revision}",
+                                  fix="check the id and revision (private repos need a token)") from exc
+        except (HfHubHTTPError, OSError) as exc:
+            raise ResolutionError(f"could not fetch {repo_id}@{revision}: {exc}", field="reference",
+                                  found=f"{repo_id}@{revision}", fix="check the network, or use the cache "
+                                  "with HF_HUB_OFFLINE=1") from exc
+        path = Path(path)
+        return ResolvedSource(reference, path, "hub", repo_id=repo_id, revision=revision, commit=path.name)
+
+
+@hookimpl
+def loadstone_register_resolvers(register):
+    register(LocalFolderResolver())
+    register(HubResolver())

@@ -1,0 +1,245 @@
+"""``loadstone`` command line: load, plan, plugins, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any, Sequence
+
+from .errors import LoadstoneError, OptionError
+
+EPILOG_LOAD = """examples:
+  loadstone load ./my-model
+  loadstone load ./my-lora-adapter --quantization nf4 --placement cuda:0
+  loadstone load meta-llama/Llama-3.1-8B@main -q nf4 -o double_quant=true --json
+  loadstone load ./base --adapter a=./lora-a --adapter b=./lora-b --active-adapter b --frozen
+"""
+EPILOG_PLAN = """examples:
+  loadstone plan ./my-model --quantization nf4 --max-memory cuda:0=20GiB
+  loadstone plan org/name --placement sequential --max-memory cuda:0=10GiB --max-memory cpu=64GiB --json
+  loadstone plan ./my-model --max-memory cpu=2GiB --offload-folder /tmp/offload
+"""
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _option_value(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in {"true", "yes", "on"}:
+        return True
+    if lowered in {"false", "no", "off"}:
+        return False
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF",
+                   help="model folder, Hub id org/name[@revision], adapter folder, or a reference a resolver "
+                        "plugin handles (e.g. ./llama-8b, Qwen/Qwen2-0.5B@main, ./my-lora)")
+    g = p.add_argument_group("what to load")
+    g.add_argument("--adapter", action="append", default=[], metavar="[NAME=]REF",
+                   help="attach another adapter (repeatable), e.g. --adapter math=./lora-math")
+    g.add_argument("--active-adapter", metavar="NAME", help="adapter to activate (default: the first)")
+    g.add_argument("--base", metavar="REF", help="base model overriding the adapter's base_model_name_or_path, "
+                                                 "e.g. --base /models/llama-moved")
+    g.add_argument("--task", metavar="TASK",
+                   help="model head: causal-lm (default), sequence-classification, token-classification, "
+                        "question-answering, seq2seq-lm, feature-extraction")
+    g.add_argument("--revision", metavar="REV", help="Hub revision (branch, tag or commit), e.g. --revision v1.0")
+    g.add_argument("--cache-dir", metavar="DIR", help="Hugging Face cache folder (default: HF_HUB_CACHE)")
+    g.add_argument("--offline", action="store_true", default=None,
+                   help="use only the local cache (also: HF_HUB_OFFLINE=1)")
+    g = p.add_argument_group("how to load it")
+    g.add_argument("-q", "--quantization", metavar="METHOD",
+                   help="quantize on load: none, nf4, fp4, int8, ... (`loadstone plugins` lists them); "
+                        "pre-quantized checkpoints load as they are without this option")
+    g.add_argument("-o", "--quant-option", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="backend option (repeatable), e.g. -o double_quant=true -o compute_dtype=bfloat16")
+    g.add_argument("-p", "--placement", default="auto", metavar="SPEC",
+                   help="auto (default), balanced, sequential, cpu, a device such as cuda:1, rank (one copy per "
+                        "torchrun process), or a plugin's strategy")
+    g.add_argument("--device-map", metavar="FILE.json",
+                   help="explicit device map from a JSON file {module: device}; overrides --placement")
+    g.add_argument("--dtype", default="auto", help="auto (checkpoint's own, default), bfloat16, float16, float32")
+    g.add_argument("--max-memory", action="append", default=[], type=_key_value, metavar="DEVICE=SIZE",
+                   help="memory budget (repeatable), e.g. --max-memory cuda:0=20GiB --max-memory cpu=64GiB")
+    g.add_argument("--offload-folder", metavar="DIR", help="allow disk offload into DIR")
+    g.add_argument("--frozen", action="store_true", help="freeze adapters too (inference); default: trainable")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="enable gradient checkpointing")
+    g.add_argument("--attn-implementation", metavar="NAME", help="e.g. sdpa, eager")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow code shipped with the checkpoint to run (off by default; shown in the report)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="accept pytorch_model.bin checkpoints, read with torch.load(weights_only=True)")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loadstone", description="Load pretrained base models for parameter-efficient fine-tuning, "
+        "explaining every decision.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="run `loadstone COMMAND --help` for each command's options; `loadstone demo` to see it work")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("load", help="load a model (and adapters) and print the load report",
+                       description="Load a model the way loadstone.load() does and print its report.",
+                       epilog=EPILOG_LOAD, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_load_options(p)
+    p = sub.add_parser("plan", help="say where every byte would go, without reading weights",
+                       description="Compute the device map and bytes per device after quantization from "
+                       "config.json and safetensors headers only, and say whether it fits.",
+                       epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_load_options(p)
+    p = sub.add_parser("plugins", help="list installed plugins and their components",
+                       description="List discovered plugins (built-in and from entry points), their status, "
+                       "distributions and components.",
+                       epilog="examples:\n  loadstone plugins\n  loadstone plugins --json\n"
+                              "  LOADSTONE_PLUGINS= loadstone plugins      # built-ins only",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = sub.add_parser("demo", help="build a tiny Llama + LoRA, load it, train one step",
+                       description="Build (once, cached) a small random Llama checkpoint and a LoRA adapter for "
+                       "it, load the adapter on the CPU (NF4 when loadstone-bnb is installed), print the report "
+                       "and run one forward/backward pass showing that only adapter weights get gradients.",
+                       epilog="examples:\n  loadstone demo\n  loadstone demo --no-quantize --json\n"
+                              "  loadstone demo --rebuild --cache-dir /tmp/demo",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache-dir", metavar="DIR", help="where the demo checkpoint lives (default: user cache)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the demo checkpoint")
+    p.add_argument("--no-quantize", action="store_true", help="skip NF4 even when loadstone-bnb is installed")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    placement: Any = args.placement
+    if args.device_map:
+        try:
+            with open(args.device_map, encoding="utf-8") as fh:
+                placement = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise OptionError(f"cannot read the device map file: {exc}", file=args.device_map,
+                              field="--device-map", expected="a JSON object {module: device}",
+                              fix="write it like {\"\": \"cpu\"} or {\"model.embed_tokens\": 0, ...}") from None
+    kwargs: dict[str, Any] = {
+        "quantization": args.quantization,
+        "quantization_options": {k: _option_value(v) for k, v in args.quant_option},
+        "placement": placement,
+        "dtype": args.dtype,
+        "trainable": not args.frozen,
+        "adapters": list(args.adapter),
+        "active_adapter": args.active_adapter,
+        "base": args.base,
+        "task": args.task,
+        "max_memory": dict(args.max_memory) or None,
+        "offload_folder": args.offload_folder,
+        "revision": args.revision,
+        "cache_dir": args.cache_dir,
+        "trust_remote_code": args.trust_remote_code,
+        "allow_pickle": args.allow_pickle,
+        "attn_implementation": args.attn_implementation,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "progress": False if getattr(args, "quiet", False) else None,
+    }
+    if args.offline:
+        kwargs["offline"] = True
+    return kwargs
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", module=r"(transformers|peft|accelerate|bitsandbytes|torch)\b.*")
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import get_plugin_manager
+
+    described = get_plugin_manager().describe()
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    for item in described:
+        origin = "built-in" if item["builtin"] else "entry point"
+        print(f"{item['name']}  [{item['distribution']} {item['version']}, {origin}]  {item['status']}")
+        if item["error"]:
+            print(f"    error: {item['error']}")
+        for comp in item["components"]:
+            line = f"    {comp['kind']:<13} {comp['name']:<12} {comp.get('description', '')}"
+            print(line.rstrip())
+            if comp["kind"] == "quantization":
+                state = "available" if comp["available"] else "unavailable: " + "; ".join(comp["problems"])
+                print(f"                  methods: {', '.join(comp['methods'])}"
+                      + (f"; checkpoints: {', '.join(comp['checkpoint_formats'])}" if comp["checkpoint_formats"] else "")
+                      + f"; {state}")
+                for opt, text in comp.get("options", {}).items():
+                    print(f"                  -o {opt}=...  {text}")
+    return 0
+
+
+def _cmd_load_or_plan(args: argparse.Namespace) -> int:
+    import loadstone
+
+    kwargs = request_kwargs(args)
+    if args.command == "plan":
+        kwargs.pop("progress")
+        result = loadstone.plan(args.reference, **kwargs)
+        report = result.report
+    else:
+        report = loadstone.load(args.reference, **kwargs).report
+    print(report.to_json() if args.json else report.render())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"loadstone {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 0
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        if args.command == "plugins":
+            return _cmd_plugins(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(cache_dir=args.cache_dir, rebuild=args.rebuild, quantize=not args.no_quantize,
+                            as_json=args.json, progress=False if args.quiet else None)
+        return _cmd_load_or_plan(args)
+    except LoadstoneError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error ({type(exc).__name__}): {exc}".replace("\n", " "), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

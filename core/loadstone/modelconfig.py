@@ -1,0 +1,105 @@
+"""Reading ``config.json`` safely and choosing the task, Auto class and dtype."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointInventory
+from .errors import ConfigError
+from .report import Decision
+from .request import PEFT_TASKS, TASKS, LoadRequest
+from .sources import Sources
+
+CONFIG = "config.json"
+
+
+def read_raw_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no {CONFIG}.", file=path, field=CONFIG,
+                          expected="the config.json written by save_pretrained", found="no such file",
+                          fix="point at the model folder (the one holding config.json and the weights)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{CONFIG} is not valid JSON.", file=path, field="(whole file)",
+                          expected="a JSON object", found=str(exc)[:160],
+                          fix="repair or re-download config.json") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{CONFIG} is not a JSON object.", file=path, field="(whole file)",
+                          expected="a JSON object", found=type(raw).__name__, fix="repair or re-download config.json")
+    return raw
+
+
+def load_config(folder: Path, request: LoadRequest) -> Any:
+    """``AutoConfig`` for the folder, refusing remote code unless it was allowed."""
+    raw = read_raw_config(folder)
+    path = folder / CONFIG
+    model_type = raw.get("model_type")
+    from transformers import CONFIG_MAPPING
+
+    auto_map = raw.get("auto_map") or {}
+    if model_type not in CONFIG_MAPPING:
+        if auto_map and not request.trust_remote_code:
+            modules = sorted({str(v).split(".")[0] + ".py" for v in auto_map.values() if isinstance(v, str)})
+            raise ConfigError(
+                f"{CONFIG} declares model_type {model_type!r}, which transformers does not know; the checkpoint "
+                f"ships its own code, and trust_remote_code is off.", file=path, field="model_type",
+                expected="a model type built into transformers", found=model_type,
+                fix=f"enabling trust_remote_code would import and run {', '.join(modules) or 'the files in auto_map'} "
+                    f"from {folder} with your privileges; pass trust_remote_code=True (CLI: --trust-remote-code) only "
+                    f"if you have reviewed that code")
+        if not auto_map:
+            raise ConfigError(
+                f"{CONFIG} declares model_type {model_type!r}, which this transformers does not know.", file=path,
+                field="model_type", expected="a model type built into transformers", found=model_type,
+                fix="upgrade transformers, or fix model_type; (trust_remote_code is off and the checkpoint ships "
+                    "no code of its own, so enabling it would not help)")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=request.trust_remote_code,
+                                          local_files_only=True)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        raise ConfigError(f"transformers cannot read {CONFIG}: {exc}", file=path, field="(config values)",
+                          fix="compare config.json with one written by save_pretrained") from exc
+
+
+def choose_task(request: LoadRequest, sources: Sources) -> tuple[str, Decision]:
+    if request.task:
+        return request.task, Decision("task", request.task, "user")
+    for adapter in sources.adapters:
+        peft_task = adapter.config.get("task_type")
+        if peft_task in PEFT_TASKS:
+            task = PEFT_TASKS[peft_task]
+            return task, Decision("task", task, "kernel", f"adapter {adapter.name!r} task_type {peft_task}")
+    return "causal-lm", Decision("task", "causal-lm", "kernel", "default")
+
+
+def auto_class_for(task: str, config: Any, folder: Path) -> Any:
+    import transformers
+
+    name = TASKS[task]
+    cls = getattr(transformers, name)
+    if name != "AutoModel" and type(config) not in cls._model_mapping:
+        supported = [t for t, n in TASKS.items() if type(config) in getattr(transformers, n)._model_mapping]
+        raise ConfigError(
+            f"{type(config).__name__} ({config.model_type}) has no {name} head in transformers.",
+            file=folder / CONFIG, field="model_type", expected=f"a model with a {task} head",
+            found=config.model_type, fix=f"pass task= one of: {', '.join(supported) or 'feature-extraction'}")
+    return cls
+
+
+def choose_dtype(request: LoadRequest, config: Any, inventory: CheckpointInventory) -> tuple[str, Decision]:
+    if request.dtype != "auto":
+        return request.dtype, Decision("dtype", request.dtype, "user")
+    declared = getattr(config, "dtype", None)
+    declared = str(declared).replace("torch.", "") if declared is not None else None
+    if declared in {"bfloat16", "float16", "float32"}:
+        return declared, Decision("dtype", declared, "kernel", "config.json dtype (checkpoint's own)")
+    stored = inventory.dominant_float_dtype()
+    if stored in {"bfloat16", "float16", "float32"}:
+        return stored, Decision("dtype", stored, "kernel", "dtype of most bytes in the safetensors headers")
+    return "float32", Decision("dtype", "float32", "kernel", "checkpoint declares no dtype")

@@ -1,0 +1,415 @@
+"""Plugin discovery and the typed registry the kernel uses instead of calling ``pm.hook`` untyped.
+
+Policy (see docs/plugins.md):
+
+* Plugins are entry points in the ``loadstone`` group. Built-in plugins go through the same
+  loading path, with loadstone's own distribution as their owner.
+* Discovery is lazy: nothing is imported until a component or the plugin list is needed.
+* A plugin that fails to import or register is skipped with a warning naming its distribution
+  and the error; ``LOADSTONE_STRICT_PLUGINS=1`` (or ``strict=True``) raises instead.
+* ``LOADSTONE_PLUGINS`` is an allow-list of entry-point or distribution names; set but empty
+  means built-ins only. ``LOADSTONE_DISABLE_PLUGINS`` disables named plugins, built-ins included.
+* Two plugins registering one component name is a :class:`PluginConflictError`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from . import hookspecs
+from .components import PlacementStrategy, QuantizationBackend, Resolver
+from .errors import (
+    ComponentNotFoundError,
+    LoadstoneError,
+    PluginConflictError,
+    PluginHookError,
+    PluginLoadError,
+)
+
+log = logging.getLogger("loadstone.plugins")
+
+ENTRY_POINT_GROUP = "loadstone"
+KERNEL_DISTRIBUTION = "loadstone"
+
+# Built-ins, loaded exactly like third-party entry points (name, "module:attr" value).
+BUILTIN_ENTRY_POINTS = (
+    ("builtin-quantization", "loadstone.builtin.quantization"),
+    ("builtin-placement", "loadstone.builtin.placement"),
+    ("builtin-resolvers", "loadstone.builtin.resolvers"),
+)
+
+# Where components that are not installed come from, for error messages.
+KNOWN_PROVIDERS: dict[str, dict[str, str]] = {
+    "quantization": {
+        "nf4": "loadstone-bnb", "fp4": "loadstone-bnb", "int8": "loadstone-bnb",
+        "bitsandbytes": "loadstone-bnb", "gptq": "loadstone-gptq",
+    },
+    "placement": {"file": "loadstone-devicemap"},
+    "resolver": {},
+}
+
+REGISTRATION_HOOKS = {
+    "quantization": ("loadstone_register_quantization_backends", QuantizationBackend),
+    "placement": ("loadstone_register_placement_strategies", PlacementStrategy),
+    "resolver": ("loadstone_register_resolvers", Resolver),
+}
+
+
+class PluginLoadWarning(UserWarning):
+    """Emitted when a broken plugin is skipped."""
+
+
+@dataclass
+class Registration:
+    """A component together with who registered it."""
+
+    kind: str
+    name: str
+    component: Any
+    plugin: str
+    distribution: str
+    version: str
+
+    def owner(self) -> str:
+        return f"plugin {self.plugin!r} from {self.distribution} {self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "plugin": self.plugin,
+                "distribution": self.distribution, "version": self.version}
+
+
+@dataclass
+class PluginRecord:
+    """One discovered entry point and what became of it."""
+
+    name: str
+    value: str
+    distribution: str
+    version: str
+    builtin: bool
+    status: str = "pending"  # loaded | failed | disabled | not-allowed
+    error: str | None = None
+    components: list[Registration] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "entry_point": self.value, "distribution": self.distribution,
+            "version": self.version, "builtin": self.builtin, "status": self.status,
+            "error": self.error,
+            "components": [{"kind": c.kind, "name": c.name} for c in self.components],
+        }
+
+
+def _env_list(name: str) -> list[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _kernel_version() -> str:
+    try:
+        return md.version(KERNEL_DISTRIBUTION)
+    except md.PackageNotFoundError:  # running from a source tree without installing
+        from . import __version__
+
+        return __version__
+
+
+class PluginManager:
+    """Discovers plugins and holds their components.
+
+    :param allow: entry-point or distribution names allowed besides built-ins; ``None`` allows
+        all (default: ``LOADSTONE_PLUGINS``).
+    :param disable: names to skip, built-ins included (default: ``LOADSTONE_DISABLE_PLUGINS``).
+    :param strict: raise on a broken plugin instead of skipping it (default:
+        ``LOADSTONE_STRICT_PLUGINS``).
+    :param extra_plugins: objects to register directly as plugins (tests, notebooks), as
+        ``(name, plugin)`` pairs; they count as owned by distribution ``"<in-process>"``.
+    """
+
+    def __init__(self, *, allow: Iterable[str] | None = None, disable: Iterable[str] | None = None,
+                 strict: bool | None = None, extra_plugins: Iterable[tuple[str, Any]] = ()):
+        self.allow = list(allow) if allow is not None else _env_list("LOADSTONE_PLUGINS")
+        self.disable = set(disable) if disable is not None else set(_env_list("LOADSTONE_DISABLE_PLUGINS") or [])
+        self.strict = _env_flag("LOADSTONE_STRICT_PLUGINS") if strict is None else strict
+        self._extra = list(extra_plugins)
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self._pm.add_hookspecs(hookspecs)
+        self._records: list[PluginRecord] = []
+        self._registry: dict[str, dict[str, Registration]] = {k: {} for k in REGISTRATION_HOOKS}
+        self._method_index: dict[str, Registration] = {}
+        self._discovered = False
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ discovery
+
+    def _entry_points(self) -> list[tuple[md.EntryPoint, str, str, bool]]:
+        kernel_version = _kernel_version()
+        found = [
+            (md.EntryPoint(name, value, ENTRY_POINT_GROUP), KERNEL_DISTRIBUTION, kernel_version, True)
+            for name, value in BUILTIN_ENTRY_POINTS
+        ]
+        seen = set()
+        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else "<unknown>"
+            version = ep.dist.version if ep.dist is not None else "?"
+            key = (ep.name, ep.value)
+            if key in seen:  # the same distribution visible twice on sys.path
+                continue
+            seen.add(key)
+            found.append((ep, dist, version, False))
+        return found
+
+    def _selected(self, record: PluginRecord) -> str:
+        names = {record.name, record.distribution}
+        if names & self.disable:
+            return "disabled"
+        if self.allow is not None and not record.builtin and not (names & set(self.allow)):
+            return "not-allowed"
+        return "loaded"
+
+    def discover(self) -> "PluginManager":
+        """Import and register every selected plugin (idempotent, thread-safe)."""
+        with self._lock:
+            if self._discovered:
+                return self
+            for ep, dist, version, builtin in self._entry_points():
+                record = PluginRecord(ep.name, ep.value, dist, version, builtin)
+                self._records.append(record)
+                verdict = self._selected(record)
+                if verdict != "loaded":
+                    record.status = verdict
+                    log.debug("plugin %s (%s) %s", record.name, dist, verdict)
+                    continue
+                self._load(record, ep.load)
+            for name, obj in self._extra:
+                record = PluginRecord(name, repr(obj), "<in-process>", "", False)
+                self._records.append(record)
+                self._load(record, lambda obj=obj: obj)
+            self._discovered = True
+            return self
+
+    def _load(self, record: PluginRecord, loader: Callable[[], Any]) -> None:
+        try:
+            plugin = loader()
+            self._pm.register(plugin, name=record.name)
+            try:
+                self._pm.check_pending()
+                record.components = self._collect_components(record)
+            except BaseException:
+                self._pm.unregister(name=record.name)
+                raise
+        except Exception as exc:  # a broken plugin must not break every other load
+            record.status = "failed"
+            record.error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, PluginConflictError):
+                raise
+            message = (f"loadstone plugin {record.name!r} from distribution {record.distribution} "
+                       f"{record.version} was skipped: {record.error}")
+            if self.strict:
+                raise PluginLoadError(
+                    message, field="entry point", found=record.value,
+                    fix=f"fix or uninstall {record.distribution}, or unset LOADSTONE_STRICT_PLUGINS "
+                        f"to skip it, or add it to LOADSTONE_DISABLE_PLUGINS",
+                ) from exc
+            warnings.warn(message + " (set LOADSTONE_STRICT_PLUGINS=1 to make this an error)",
+                          PluginLoadWarning, stacklevel=3)
+            return
+        record.status = "loaded"
+        for reg in record.components:
+            self._registry[reg.kind][reg.name] = reg
+            if reg.kind == "quantization":
+                for method in reg.component.methods:
+                    self._method_index[method] = reg
+
+    def _collect_components(self, record: PluginRecord) -> list[Registration]:
+        collected: list[Registration] = []
+        for kind, (hook_name, base) in REGISTRATION_HOOKS.items():
+            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                if impl.plugin_name != record.name:
+                    continue
+
+                def register(component: Any, _kind: str = kind, _base: type = base) -> None:
+                    collected.append(self._check_component(record, _kind, _base, component, collected))
+
+                impl.function(**{arg: register for arg in impl.argnames})
+        return collected
+
+    def _check_component(self, record: PluginRecord, kind: str, base: type, component: Any,
+                         pending: list[Registration]) -> Registration:
+        if not isinstance(component, base):
+            raise TypeError(f"register() for {kind} expects a {base.__name__} instance, got {component!r}")
+        name = getattr(component, "name", None)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{type(component).__name__} has no 'name'")
+        reg = Registration(kind, name, component, record.name, record.distribution, record.version)
+        clashes = [r for r in list(self._registry[kind].values()) + pending if r.kind == kind and r.name == name]
+        if kind == "quantization":
+            taken = {m: r for m, r in self._method_index.items()}
+            for other in pending:
+                if other.kind == "quantization":
+                    taken.update({m: other for m in other.component.methods})
+            clashes += [taken[m] for m in component.methods if m in taken]
+        if clashes:
+            other = clashes[0]
+            raise PluginConflictError(
+                f"two plugins register the {kind} component {name!r}"
+                + (f" (methods {', '.join(component.methods)})" if kind == "quantization" else "")
+                + f": {other.owner()} and plugin {record.name!r} from {record.distribution} {record.version}.",
+                field=f"{kind} name", found=name,
+                fix=f"uninstall one of {other.distribution} and {record.distribution}, or disable one "
+                    f"with LOADSTONE_DISABLE_PLUGINS={record.name}",
+            )
+        return reg
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def records(self) -> list[PluginRecord]:
+        self.discover()
+        return list(self._records)
+
+    def components(self, kind: str) -> list[Registration]:
+        self.discover()
+        return list(self._registry[kind].values())
+
+    def _missing(self, kind: str, name: str, available: list[str], field_name: str) -> ComponentNotFoundError:
+        provider = KNOWN_PROVIDERS.get(kind, {}).get(name)
+        what = {"quantization": "quantization method", "placement": "placement strategy",
+                "resolver": "resolver"}[kind]
+        fix = f"choose one of: {', '.join(sorted(available)) or '(none installed)'}"
+        if provider:
+            record = next((r for r in self._records if r.distribution == provider), None)
+            if record is None:
+                fix = f"pip install {provider}  (it provides {what} {name!r}); or " + fix
+            elif record.status == "failed":
+                fix = f"{provider} is installed but failed to load ({record.error}); reinstall it, or " + fix
+            else:
+                fix = f"{provider} is installed but {record.status} (LOADSTONE_PLUGINS / LOADSTONE_DISABLE_PLUGINS); enable it, or " + fix
+        return ComponentNotFoundError(f"no installed plugin provides the {what} {name!r}.",
+                                      field=field_name, found=name, fix=fix)
+
+    def quantization_backend(self, method: str) -> Registration:
+        """The backend registration providing ``method``; :class:`ComponentNotFoundError` if none."""
+        self.discover()
+        reg = self._method_index.get(method)
+        if reg is None:
+            raise self._missing("quantization", method, list(self._method_index), "quantization")
+        return reg
+
+    def backend_for_checkpoint(self, quantization_config: dict) -> Registration | None:
+        self.discover()
+        for reg in self._registry["quantization"].values():
+            if reg.component.claims_checkpoint(quantization_config):
+                return reg
+        return None
+
+    def missing_checkpoint_backend(self, quant_method: str) -> ComponentNotFoundError:
+        formats = [f for r in self._registry["quantization"].values() for f in r.component.checkpoint_formats]
+        return self._missing("quantization", quant_method, formats, "config.json quantization_config.quant_method")
+
+    def placement_strategy(self, spec: str) -> Registration:
+        self.discover()
+        regs = self._registry["placement"]
+        if spec in regs:
+            return regs[spec]
+        for reg in sorted(regs.values(), key=lambda r: r.name):
+            if reg.component.matches(spec):
+                return reg
+        raise self._missing("placement", spec, list(regs), "placement")
+
+    def resolvers(self) -> list[Registration]:
+        self.discover()
+        return sorted(self._registry["resolver"].values(), key=lambda r: (r.component.priority, r.name))
+
+    def owner_of(self, plugin_name: str) -> PluginRecord | None:
+        return next((r for r in self._records if r.name == plugin_name), None)
+
+    # ------------------------------------------------------------------ lifecycle hooks
+
+    def call(self, hook_name: str, stage: str, **kwargs: Any) -> None:
+        """Call every implementation of a lifecycle hook; a failure names the plugin."""
+        self.discover()
+        hook = getattr(self._pm.hook, hook_name)
+        # pluggy calls implementations last-registered first; keep that order.
+        for impl in reversed(hook.get_hookimpls()):
+            try:
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except Exception as exc:
+                if hook_name == "loadstone_load_failed":
+                    log.warning("plugin %s raised in loadstone_load_failed: %s", impl.plugin_name, exc)
+                    continue
+                raise self.hook_error(impl.plugin_name, stage, exc, hook_name) from exc
+
+    def hook_error(self, plugin_name: str, stage: str, exc: BaseException, what: str) -> LoadstoneError:
+        if isinstance(exc, PluginHookError):
+            return exc
+        record = self.owner_of(plugin_name)
+        dist = f"{record.distribution} {record.version}".strip() if record else None
+        if isinstance(exc, LoadstoneError):
+            # A deliberate, typed refusal: keep its fields, say who raised it.
+            return PluginHookError(
+                f"plugin {plugin_name!r} ({dist}) refused the load during stage {stage!r} in {what}: {exc.message}",
+                plugin=plugin_name, distribution=dist, stage=stage, file=exc.file, field=exc.field,
+                expected=exc.expected, found=exc.found, fix=exc.fix)
+        return PluginHookError(
+            f"plugin {plugin_name!r} ({dist}) raised {type(exc).__name__} during stage {stage!r} in {what}: {exc}",
+            plugin=plugin_name, distribution=dist, stage=stage,
+            fix=f"report it to the maintainers of {record.distribution if record else plugin_name}, or disable "
+                f"the plugin with LOADSTONE_DISABLE_PLUGINS={plugin_name}")
+
+    def describe(self) -> list[dict[str, Any]]:
+        """JSON-serialisable description of every discovered plugin and its components."""
+        self.discover()
+        out = []
+        for record in self._records:
+            item = record.to_dict()
+            details = []
+            for reg in record.components:
+                comp = reg.component
+                entry: dict[str, Any] = {"kind": reg.kind, "name": reg.name,
+                                         "description": getattr(comp, "description", "")}
+                if reg.kind == "quantization":
+                    problems = comp.environment_problems()
+                    entry.update(methods=list(comp.methods), checkpoint_formats=list(comp.checkpoint_formats),
+                                 requirements=list(comp.requirements), available=not problems,
+                                 problems=problems, options=comp.option_help())
+                elif reg.kind == "resolver":
+                    entry["priority"] = comp.priority
+                details.append(entry)
+            item["components"] = details
+            out.append(item)
+        return out
+
+
+_default: PluginManager | None = None
+_default_lock = threading.Lock()
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide manager configured from the environment (created on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = PluginManager()
+        return _default
+
+
+def reset_plugin_manager() -> None:
+    """Forget the process-wide manager so the next use re-reads the environment."""
+    global _default
+    with _default_lock:
+        _default = None

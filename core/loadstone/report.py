@@ -1,0 +1,147 @@
+"""The load report: every decision, who made it, what it cost."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .units import format_size
+
+
+@dataclass
+class Decision:
+    """One choice made during a load and who made it.
+
+    ``by`` is ``"user"`` (an explicit argument), ``"kernel"``, or a component name; ``plugin``,
+    ``distribution`` and ``version`` identify the plugin when a component decided.
+    """
+
+    topic: str
+    choice: Any
+    by: str
+    reason: str = ""
+    plugin: str | None = None
+    distribution: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def from_registration(cls, topic: str, choice: Any, reg: Any, reason: str = "") -> "Decision":
+        label = {"quantization": "backend", "placement": "strategy", "resolver": "resolver"}.get(reg.kind, reg.kind)
+        return cls(topic, choice, f"{label} {reg.name}", reason, reg.plugin, reg.distribution, reg.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadReport:
+    """JSON-serialisable account of a load (or of a plan when ``kind == "plan"``)."""
+
+    kind: str
+    reference: str
+    loadstone_version: str
+    request: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    quantization: dict[str, Any] = field(default_factory=dict)
+    placement: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def decide(self, decision: Decision) -> None:
+        self.decisions = [d for d in self.decisions if d.topic != decision.topic] + [decision]
+
+    def decision(self, topic: str) -> Decision | None:
+        return next((d for d in self.decisions if d.topic == topic), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["decisions"] = [d.to_dict() for d in self.decisions]
+        return data
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), indent=kw.pop("indent", 2), default=str, **kw)
+
+    # ------------------------------------------------------------------ text rendering
+
+    def render(self) -> str:
+        """A readable table for terminals (``--json`` prints :meth:`to_dict` instead)."""
+        title = "loadstone plan" if self.kind == "plan" else "loadstone load report"
+        rows: list[tuple[str, str]] = []
+        base = self.sources.get("base", {})
+        rows.append(("reference", self.reference))
+        rows.append(("base", _source_line(base)))
+        for ad in self.sources.get("adapters", []):
+            rows.append((f"adapter {ad['name']}", _source_line(ad.get("source", {}))))
+        if self.model:
+            rows.append(("model", f"{self.model.get('architecture')} ({self.model.get('model_type')}), "
+                                  f"{self.model.get('auto_class')}, task {self.model.get('task')}"))
+        if self.checkpoint:
+            rows.append(("checkpoint", f"{self.checkpoint.get('format')}, {len(self.checkpoint.get('files', []))} "
+                                       f"file(s), {format_size(self.checkpoint.get('bytes'))}"))
+        rows.append(("dtype", str(self.dtype)))
+        q = self.quantization
+        if q:
+            rows.append(("quantization", f"{q.get('method')} by {q.get('backend')} ({q.get('distribution')} "
+                                         f"{q.get('version')})" + (", pre-quantized" if q.get("pre_quantized") else "")))
+        p = self.placement
+        if p:
+            rows.append(("placement", f"{p.get('strategy')} ({p.get('distribution')} {p.get('version')})"))
+            for dev, nbytes in (p.get("bytes_per_device") or {}).items():
+                count = sum(1 for v in (p.get("device_map") or {}).values() if str(v) == dev)
+                rows.append((f"  {dev}", f"{format_size(nbytes)} in {count} map entr{'y' if count == 1 else 'ies'}"))
+        if self.fit:
+            rows.append(("fits", "yes" if self.fit.get("fits") else "NO"))
+            for line in self.fit.get("advice", []):
+                rows.append(("  advice", line))
+        prm = self.parameters
+        if prm:
+            rows.append(("parameters", f"{prm.get('total', 0):,} total"
+                         + (f", {prm.get('trainable', 0):,} trainable ({prm.get('trainable_percent', 0):.4f}%), "
+                            f"{prm.get('frozen', 0):,} frozen" if "trainable" in prm else "")))
+        for ad in self.adapters:
+            rows.append((f"adapter {ad['name']}", f"{ad.get('peft_type')} r={ad.get('r')} "
+                         f"{'trainable' if ad.get('trainable') else 'frozen'}"
+                         + (", active" if ad.get("active") else "")))
+        for note in self.training.get("notes", []):
+            rows.append(("training prep", note))
+        if self.stages:
+            rows.append(("stages", ", ".join(f"{k} {v:.2f}s" for k, v in self.stages.items())))
+            rows.append(("total time", f"{sum(self.stages.values()):.2f}s"))
+        m = self.memory
+        if m.get("peak_host_rss_bytes") is not None:
+            rows.append(("peak host RSS", format_size(m["peak_host_rss_bytes"])))
+        for dev, nbytes in (m.get("peak_device_bytes") or {}).items():
+            rows.append((f"peak {dev}", format_size(nbytes)))
+        width = max(len(k) for k, _ in rows)
+        lines = [title, "=" * len(title)]
+        lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+        if self.decisions:
+            lines += ["", "decisions"]
+            for d in self.decisions:
+                who = d.by if d.plugin is None else f"{d.by} [{d.distribution} {d.version}]"
+                lines.append(f"  {d.topic.ljust(14)} {str(d.choice).ljust(16)} by {who}"
+                             + (f": {d.reason}" if d.reason else ""))
+        if self.notes:
+            lines += ["", "notes"] + [f"  - {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _source_line(src: dict[str, Any]) -> str:
+    if not src:
+        return "-"
+    line = f"{src.get('path')} ({src.get('kind')}"
+    if src.get("repo_id"):
+        line += f" {src['repo_id']}"
+    if src.get("commit"):
+        line += f" @ {src['commit'][:12]}"
+    return line + f", via {src.get('resolver')})"

@@ -1,0 +1,166 @@
+"""Stage 1: turn the user's reference into a base model folder plus adapter folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .components import ResolveContext, ResolvedSource
+from .errors import AdapterError, LoadstoneError, ResolutionError
+from .plugins import PluginManager
+from .report import Decision
+from .request import LoadRequest
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class AdapterSource:
+    name: str
+    source: ResolvedSource
+    config: dict[str, Any]
+    weights: Path
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source.to_dict(), "peft_type": self.peft_type,
+                "r": self.config.get("r"), "target_modules": self.config.get("target_modules"),
+                "base_model_name_or_path": self.config.get("base_model_name_or_path")}
+
+
+@dataclass
+class Sources:
+    base: ResolvedSource
+    adapters: list[AdapterSource] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base.to_dict(), "adapters": [a.to_dict() for a in self.adapters]}
+
+
+def resolve_reference(reference: str, ctx: ResolveContext, plugins: PluginManager) -> ResolvedSource:
+    """Ask resolvers in priority order; the first non-None answer wins."""
+    tried = []
+    for reg in plugins.resolvers():
+        try:
+            found = reg.component.resolve(reference, ctx)
+        except LoadstoneError:
+            raise
+        except Exception as exc:
+            raise plugins.hook_error(reg.plugin, "resolve", exc, f"resolver {reg.name!r}") from exc
+        tried.append(reg.name)
+        if found is not None:
+            found.resolver, found.distribution = reg.name, f"{reg.distribution} {reg.version}"
+            return found
+    raise ResolutionError(
+        f"no resolver recognised the reference {reference!r}.", field="reference", found=reference,
+        expected="an existing folder, a Hub id like org/name[@revision], or a scheme a resolver plugin handles",
+        fix=f"check the path or id (resolvers tried, in order: {', '.join(tried) or 'none'})")
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter(name: str, source: ResolvedSource) -> AdapterSource:
+    """Read and check an adapter folder's config (never importing anything it names)."""
+    folder = source.path
+    cfg_path = folder / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise AdapterError(
+            f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}.", file=cfg_path,
+            field=ADAPTER_CONFIG, expected="a folder written by peft's save_pretrained", found="no such file",
+            fix="point at the folder holding adapter_config.json and adapter_model.safetensors")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdapterError(f"{ADAPTER_CONFIG} is not valid JSON.", file=cfg_path, field="(whole file)",
+                           expected="a JSON object", found=str(exc)[:120],
+                           fix="re-save the adapter with peft's save_pretrained") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{ADAPTER_CONFIG} is not a JSON object.", file=cfg_path, field="(whole file)",
+                           expected="a JSON object", found=type(config).__name__,
+                           fix="re-save the adapter with peft's save_pretrained")
+    if "peft_type" not in config:
+        looks_like_model = "model_type" in config or "architectures" in config
+        raise AdapterError(
+            f"{ADAPTER_CONFIG} has no peft_type"
+            + (": it looks like a model config.json saved under the adapter's name." if looks_like_model else "."),
+            file=cfg_path, field="peft_type", expected="e.g. \"LORA\"",
+            found="a model config (model_type/architectures)" if looks_like_model else "missing",
+            fix="save the adapter with peft's save_pretrained; a model config belongs in config.json")
+    from peft import PeftType  # metadata only; never imports anything named in the config
+
+    known = {t.value for t in PeftType}
+    if config["peft_type"] not in known:
+        raise AdapterError(f"{ADAPTER_CONFIG} names an unknown peft_type.", file=cfg_path, field="peft_type",
+                           expected=", ".join(sorted(known)), found=config["peft_type"],
+                           fix="upgrade peft if the adapter was made with a newer version, or fix the file")
+    weights = next((folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file()), None)
+    if weights is None:
+        raise AdapterError(
+            f"adapter {name!r} at {folder} has no weights file.", file=folder / ADAPTER_WEIGHTS[0],
+            field="adapter weights", expected=" or ".join(ADAPTER_WEIGHTS), found="neither",
+            fix="copy the adapter's weights next to its adapter_config.json")
+    return AdapterSource(name, source, config, weights)
+
+
+def resolve_sources(request: LoadRequest, plugins: PluginManager) -> Sources:
+    ctx = ResolveContext(revision=request.revision, cache_dir=request.cache_dir, offline=request.offline,
+                         token=request.token, request=request)
+    main = resolve_reference(request.reference, ctx, plugins)
+    decisions = [Decision("source", main.kind, f"resolver {main.resolver}", f"resolved {request.reference!r}",
+                          distribution=main.distribution)]
+    adapters: list[AdapterSource] = []
+    if is_adapter_folder(main.path):
+        adapters.append(read_adapter("default", main))
+    for name, ref in request.adapters.items():
+        source = resolve_reference(ref, ResolveContext(cache_dir=request.cache_dir, offline=request.offline,
+                                                        token=request.token, request=request), plugins)
+        if any(a.name == name for a in adapters):
+            raise AdapterError(f"two adapters are named {name!r}.", field="adapters", found=name,
+                               fix="name the extra adapter differently: adapters={'other': path}")
+        adapters.append(read_adapter(name, source))
+
+    if request.base is not None:
+        base = resolve_reference(request.base, ResolveContext(cache_dir=request.cache_dir, offline=request.offline,
+                                                              token=request.token, request=request), plugins)
+        decisions.append(Decision("base", request.base, "user", "explicit base= overrides the adapter's base"))
+    elif adapters and adapters[0].source is main:
+        base = _adapter_base(adapters[0], request, plugins)
+        decisions.append(Decision("base", adapters[0].config.get("base_model_name_or_path"), "kernel",
+                                  "adapter_config.json base_model_name_or_path"))
+    else:
+        base = main
+    if is_adapter_folder(base.path):
+        raise AdapterError(f"the base model {base.path} is itself an adapter folder.", file=base.path / ADAPTER_CONFIG,
+                           field="base_model_name_or_path", found=str(base.path),
+                           fix="point base= at the full model the adapter was trained on")
+    return Sources(base, adapters, decisions)
+
+
+def _adapter_base(adapter: AdapterSource, request: LoadRequest, plugins: PluginManager) -> ResolvedSource:
+    cfg_path = adapter.source.path / ADAPTER_CONFIG
+    base_ref = adapter.config.get("base_model_name_or_path")
+    if not base_ref:
+        raise AdapterError(
+            f"adapter {adapter.source.path} does not say which base model it belongs to.", file=cfg_path,
+            field="base_model_name_or_path", expected="a folder or Hub id", found=repr(base_ref),
+            fix="pass base=PATH (CLI: --base PATH) to name the base model")
+    ctx = ResolveContext(revision=adapter.config.get("revision") or None, cache_dir=request.cache_dir,
+                         offline=request.offline, token=request.token, relative_to=adapter.source.path,
+                         request=request)
+    try:
+        return resolve_reference(str(base_ref), ctx, plugins)
+    except ResolutionError as exc:
+        raise AdapterError(
+            f"the adapter's base model {base_ref!r} cannot be found: {exc.message}", file=cfg_path,
+            field="base_model_name_or_path", expected="an existing folder (relative paths are taken from the "
+            "adapter folder) or a Hub id", found=base_ref,
+            fix="pass base=PATH (CLI: --base PATH) if the base model moved") from exc

@@ -1,0 +1,75 @@
+"""Byte sizes and device names as users write them ("20GiB", "cuda:0")."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from .errors import OptionError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any, *, field: str = "size") -> int:
+    """``"20GiB"`` -> 21474836480; ints pass through. Decimal (GB) and binary (GiB) units."""
+    if isinstance(value, bool):
+        raise OptionError(f"{field} must be a size, not a boolean.", field=field, found=value,
+                          fix='write it like "20GiB", "512MB" or a number of bytes')
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise OptionError(f"{field} must not be negative.", field=field, found=value)
+        return int(value)
+    match = _SIZE_RE.match(str(value))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise OptionError(f"cannot read {value!r} as a memory size.", field=field, found=value,
+                          expected='a number with an optional unit: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB',
+                          fix='write it like "20GiB", "512MB" or a number of bytes')
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(n: float | int | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def normalize_device(device: Any) -> str | int:
+    """Keys of ``max_memory`` / values of device maps as accelerate wants them.
+
+    ``"cuda:1"``/``"1"``/``1`` -> ``1``; ``"cpu"``, ``"disk"``, ``"mps"``, ``"xpu:0"`` stay strings.
+    """
+    if isinstance(device, int):
+        return device
+    text = str(device).strip()
+    if text.isdigit():
+        return int(text)
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return int(text[5:])
+    if text == "cuda":
+        return 0
+    return text
+
+
+def device_label(device: Any) -> str:
+    """Inverse of :func:`normalize_device` for display: ``0`` -> ``"cuda:0"``."""
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def parse_max_memory(value: Mapping[Any, Any] | None) -> dict[str | int, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise OptionError("max_memory must map devices to sizes.", field="max_memory", found=value,
+                          fix='pass e.g. {"cuda:0": "20GiB", "cpu": "64GiB"}')
+    return {normalize_device(k): parse_size(v, field=f"max_memory[{k}]") for k, v in value.items()}
