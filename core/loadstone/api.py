@@ -107,6 +107,7 @@ def _decide(request, plugins, sources, config, inventory, report) -> Plan:
     try:
         device_map = preg.component.place(pctx)
         device_map = qreg.component.check_placement(dict(device_map), qctx)
+        qctx.device_map = dict(device_map)
     except LoadstoneError:
         raise
     except Exception as exc:

@@ -67,6 +67,9 @@ class QuantizationContext:
     ``quant_method`` when a pre-quantized checkpoint is loaded as it is. ``options`` are the
     user's options after :meth:`QuantizationBackend.normalize_options`. ``checkpoint_config`` is
     the checkpoint's ``quantization_config`` dict when it is pre-quantized, else ``None``.
+    ``device_map`` is ``None`` while sizes are estimated and placement is checked; the kernel sets
+    it to the final device map before :meth:`QuantizationBackend.transformers_config` runs, so a
+    backend can configure offloading for the layout actually used.
     """
 
     method: str
@@ -75,6 +78,7 @@ class QuantizationContext:
     model_config: Any
     dtype: "torch.dtype | None" = None
     request: "LoadRequest | None" = None
+    device_map: dict[str, Any] | None = None
 
     @property
     def pre_quantized(self) -> bool:

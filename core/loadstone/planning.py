@@ -141,21 +141,27 @@ def choose_quantization(request: LoadRequest, config: Any, plugins: PluginManage
                 f"as {request.quantization!r}.", file=f"{folder}/config.json", field="quantization",
                 expected=f"no quantization argument, or {method!r}", found=request.quantization,
                 fix="drop the quantization argument to load it as it is, or load the original unquantized checkpoint")
+        _check_environment(reg, method)
         ctx = QuantizationContext(method, {}, qconfig, config, request=request)
         ctx.options = reg.component.normalize_options(method, request.quantization_options)
         return reg, ctx, Decision.from_registration("quantization", method, reg,
                                                     f"pre-quantized checkpoint ({quant_method})")
     method = request.quantization or "none"
     reg = plugins.quantization_backend(method)
+    _check_environment(reg, method)
+    ctx = QuantizationContext(method, {}, None, config, request=request)
+    ctx.options = reg.component.normalize_options(method, request.quantization_options)
+    return reg, ctx, Decision.from_registration("quantization", method, reg,
+                                                "requested" if request.quantization else "default")
+
+
+def _check_environment(reg: Registration, method: str) -> None:
+    # Pre-quantized checkpoints need their backend's libraries as much as quantize-on-load does.
     problems = reg.component.environment_problems()
     if problems:
         raise QuantizationError(
             f"quantization method {method!r} ({reg.owner()}) cannot run here: {'; '.join(problems)}.",
             field="quantization", found=method, fix="; ".join(problems))
-    ctx = QuantizationContext(method, {}, None, config, request=request)
-    ctx.options = reg.component.normalize_options(method, request.quantization_options)
-    return reg, ctx, Decision.from_registration("quantization", method, reg,
-                                                "requested" if request.quantization else "default")
 
 
 def build_skeleton(auto_class: Any, config: Any, dtype: str, request: LoadRequest) -> Any:
