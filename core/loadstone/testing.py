@@ -128,3 +128,40 @@ def make_hub_cache(cache_dir: str | Path, repo_id: str, source_folder: str | Pat
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / ref).write_text(commit)
     return snapshot
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m loadstone.testing``: the builders above from a shell (docs examples, bug reports)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m loadstone.testing",
+        description="Write tiny random checkpoints and LoRA adapters to try loadstone or test plugins.",
+        epilog="examples:\n  python -m loadstone.testing checkpoint llama ./tiny-llama\n"
+               "  python -m loadstone.testing adapter ./tiny-llama ./tiny-lora",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = sub.add_parser("checkpoint", help="a random model of a real architecture, saved with save_pretrained")
+    p.add_argument("arch", choices=sorted(ARCHITECTURES))
+    p.add_argument("folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-shard-size", metavar="SIZE", help="write shards and an index, e.g. 200KB")
+    p = sub.add_parser("adapter", help="a LoRA adapter for a checkpoint folder")
+    p.add_argument("base", help="the checkpoint folder the adapter is for")
+    p.add_argument("folder")
+    p.add_argument("--arch", default="llama", help="picks the target modules (gpt2: c_attn, c_proj)")
+    p.add_argument("-r", type=int, default=4, help="LoRA rank")
+    p.add_argument("--base-reference", metavar="REF",
+                   help="written as base_model_name_or_path (default: the base's absolute path)")
+    args = parser.parse_args(argv)
+    if args.what == "checkpoint":
+        folder = make_checkpoint(args.arch, args.folder, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    else:
+        folder = make_lora_adapter(args.base, args.folder, arch=args.arch, r=args.r,
+                                   base_reference=args.base_reference)
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
