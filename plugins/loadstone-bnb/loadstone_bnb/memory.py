@@ -1,0 +1,78 @@
+"""How many bytes a bitsandbytes-quantized model occupies: the estimate ``loadstone plan`` uses,
+and the measurement of a loaded model that the estimate is checked against.
+
+The layout these numbers follow (bitsandbytes 0.46-0.50, ``bitsandbytes.functional.quantize_4bit``
+and ``Int8Params``):
+
+* 4-bit (nf4/fp4): the weight packed two values per byte, plus one float32 ``absmax`` per block
+  of 64 values and a 16-entry float32 code book. With double quantization the ``absmax`` values
+  are themselves quantized to one byte each, in blocks of 256, which adds a float32 offset, one
+  float32 ``absmax`` per 256 blocks and a 256-entry float32 code book per weight.
+* int8: one byte per value plus one float32 scale (``SCB``) per output row.
+
+Everything else (embeddings, norms, biases, the modules kept in full precision) keeps the load
+dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+FLOAT32 = 4
+BLOCKSIZE_4BIT = 64          # Params4bit's default block size
+NESTED_BLOCKSIZE = 256       # quantize_4bit(compress_statistics=True) re-quantizes absmax in these blocks
+CODE_4BIT_ENTRIES = 16       # the nf4/fp4 code book
+CODE_NESTED_ENTRIES = 256    # the dynamic 8-bit code book of double quantization
+
+
+def four_bit_bytes(numel: int, *, double_quant: bool, blocksize: int = BLOCKSIZE_4BIT) -> int:
+    """Bytes of one 4-bit weight with ``numel`` values, quantization state included."""
+    packed = math.ceil(numel / 2)
+    blocks = math.ceil(numel / blocksize)
+    code = CODE_4BIT_ENTRIES * FLOAT32
+    if not double_quant:
+        return packed + blocks * FLOAT32 + code
+    nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
+    scales = blocks * 1 + FLOAT32 + nested_blocks * FLOAT32 + CODE_NESTED_ENTRIES * FLOAT32
+    return packed + scales + code
+
+
+def int8_bytes(numel: int, out_features: int) -> int:
+    """Bytes of one int8 weight: the values plus a float32 scale per output row."""
+    return numel + out_features * FLOAT32
+
+
+def bits_per_parameter(method: str, *, double_quant: bool = True) -> float:
+    """Asymptotic bits per quantized parameter (large layers; per-weight constants vanish)."""
+    if method == "int8":
+        return 8.0
+    scales = (8 + FLOAT32 * 8 / NESTED_BLOCKSIZE) / BLOCKSIZE_4BIT if double_quant else FLOAT32 * 8 / BLOCKSIZE_4BIT
+    return 4.0 + scales
+
+
+def measured_bytes(model: Any) -> int:
+    """Bytes a loaded model really holds: parameters, buffers, 4-bit ``quant_state`` tensors and
+    int8 scales, each storage counted once (tied weights and aliases share storage)."""
+    import torch
+
+    seen: dict[tuple[str, int], int] = {}
+
+    def add(tensor: Any) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+
+    def add_quant_state(state: Any) -> None:
+        if state is None:
+            return
+        for name in ("absmax", "code", "offset"):
+            add(getattr(state, name, None))
+        add_quant_state(getattr(state, "state2", None))
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        add(tensor)
+        add_quant_state(getattr(tensor, "quant_state", None))
+        add(getattr(tensor, "SCB", None))
+    return sum(seen.values())
