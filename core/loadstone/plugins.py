@@ -340,8 +340,12 @@ class PluginManager:
 
     # ------------------------------------------------------------------ lifecycle hooks
 
-    def call(self, hook_name: str, stage: str, **kwargs: Any) -> None:
-        """Call every implementation of a lifecycle hook; a failure names the plugin."""
+    def call(self, hook_name: str, stage: str, /, **kwargs: Any) -> None:
+        """Call every implementation of a lifecycle hook; a failure names the plugin.
+
+        ``hook_name`` and ``stage`` are positional-only because ``loadstone_load_failed`` itself
+        takes a ``stage`` argument, which arrives in ``kwargs``.
+        """
         self.discover()
         hook = getattr(self._pm.hook, hook_name)
         # pluggy calls implementations last-registered first; keep that order.
