@@ -9,7 +9,7 @@ from ..components import PlacementStrategy, is_device_spec
 from ..errors import PlacementError
 from ..hookspecs import hookimpl
 from ..planning import PlacementContext
-from ..units import normalize_device
+from ..units import device_label, normalize_device
 
 
 class AutoPlacement(PlacementStrategy):
@@ -48,17 +48,17 @@ def _check_device_exists(device: Any, spec: str) -> None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if device >= count:
             raise PlacementError(
-                f"placement {spec!r} names CUDA device {device}, but this machine has {count}.", field="placement",
-                expected=f"cuda:0 .. cuda:{count - 1}" if count else "a machine with a CUDA GPU", found=spec,
-                fix="pick an existing device, or placement='cpu' / 'auto'")
+                f"{spec} names CUDA device {device}, but this machine has {count}.", field="placement",
+                expected=f"cuda:0 .. cuda:{count - 1}" if count else "a machine with a CUDA GPU",
+                found=device_label(device), fix="pick an existing device, or placement='cpu' / 'auto'")
     elif device == "mps" and not torch.backends.mps.is_available():
-        raise PlacementError("placement 'mps' needs Apple's Metal backend, which is not available here.",
-                             field="placement", found=spec, fix="use placement='cpu' or 'auto'")
+        raise PlacementError(f"{spec} needs Apple's Metal backend, which is not available here.",
+                             field="placement", found=device_label(device), fix="use placement='cpu' or 'auto'")
     elif isinstance(device, str) and device.split(":")[0] in {"xpu", "npu", "hpu", "mlu"}:
         backend = getattr(torch, device.split(":")[0], None)
         if backend is None or not backend.is_available():
-            raise PlacementError(f"placement {spec!r} needs a {device.split(':')[0]} device, which is not available.",
-                                 field="placement", found=spec, fix="use placement='cpu' or 'auto'")
+            raise PlacementError(f"{spec} needs a {device.split(':')[0]} device, which is not available.",
+                                 field="placement", found=device_label(device), fix="use placement='cpu' or 'auto'")
 
 
 class DevicePlacement(PlacementStrategy):
@@ -70,7 +70,7 @@ class DevicePlacement(PlacementStrategy):
 
     def place(self, ctx: PlacementContext) -> dict[str, Any]:
         device = normalize_device(ctx.spec)
-        _check_device_exists(device, ctx.spec)
+        _check_device_exists(device, f"placement {ctx.spec!r}")
         return {"": device}
 
 
@@ -111,7 +111,8 @@ class ExplicitPlacement(PlacementStrategy):
                 found=", ".join(unknown[:6]), fix="fix the names (print(model) shows them) or use \"\" for everything")
         for key, device in spec.items():
             if device not in ("cpu", "disk"):
-                _check_device_exists(device, f"{key}: {device}")
+                # Name the entry as the user wrote it: "device map entry 'lm_head' -> cuda:1".
+                _check_device_exists(device, f"device map entry {key!r} -> {device_label(device)}")
         return dict(spec)
 
 
