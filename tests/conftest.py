@@ -1,0 +1,119 @@
+"""Shared fixtures for the kernel's tests.
+
+The ``tiny_checkpoint`` / ``tiny_adapter`` fixtures come from ``loadstone.pytest_plugin``; the
+helpers here compare models weight for weight and check where every parameter really lives.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def sharded_llama(tiny_checkpoint: Callable[..., Path]) -> Path:
+    """The Llama checkpoint every test shares: three shards plus an index."""
+    return tiny_checkpoint("llama", max_shard_size="200KB")
+
+
+def offloaded_state_dict(model: Any) -> dict[str, Any]:
+    """The values a model serves, including disk/CPU-offloaded ones (accelerate's view)."""
+    from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return get_state_dict_offloaded_model(model)
+    return model.state_dict()
+
+
+def assert_same_weights(model: Any, reference: Any) -> None:
+    """Same tensor names, dtypes, shapes and bits (NaNs and -0.0 included)."""
+    import torch
+
+    ours, theirs = offloaded_state_dict(model), offloaded_state_dict(reference)
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in ours.items():
+        other = theirs[name]
+        assert tensor.dtype == other.dtype, name
+        assert tensor.shape == other.shape, name
+        a, b = tensor.detach().cpu().contiguous(), other.detach().cpu().contiguous()
+        if a.is_floating_point():
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a, b), f"{name} differs"
+
+
+def device_for(name: str, device_map: dict[str, Any]) -> Any:
+    """The device the map assigns to a parameter name (longest matching prefix)."""
+    for prefix in sorted(device_map, key=len, reverse=True):
+        if prefix == "" or name == prefix or name.startswith(prefix + "."):
+            return device_map[prefix]
+    raise AssertionError(f"{name} is not placed by {device_map}")
+
+
+def assert_placed_as(model: Any, device_map: dict[str, Any]) -> None:
+    """Every parameter sits where the map says: ``cpu`` -> a CPU tensor; ``disk`` -> a meta tensor
+    whose module carries an accelerate offload hook that reads it from a file on disk (accelerate
+    serves safetensors weights from the checkpoint itself, others from the offload folder)."""
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    modules = dict(model.named_modules())
+    for name, param in model.named_parameters():
+        want = device_for(name, device_map)
+        hook = getattr(modules[name.rpartition(".")[0]], "_hf_hook", None)
+        on_disk = set()
+        if hook is not None and getattr(hook, "weights_map", None) is not None:
+            loader = hook.weights_map.dataset
+            assert isinstance(loader, OffloadedWeightsLoader), type(loader)
+            on_disk = set(loader.index) - set(loader.state_dict)
+        if want == "disk":
+            assert param.device.type == "meta", f"{name} should be offloaded to disk, is on {param.device}"
+            assert hook is not None and hook.offload, f"{name} has no offload hook"
+            assert name in on_disk, f"{name} is not served from disk"
+        else:
+            assert param.device.type == str(want).split(":")[0], f"{name}: map says {want}, is {param.device}"
+            assert name not in on_disk, f"{name} is served from disk but the map says {want}"
+
+
+@pytest.fixture
+def same_weights() -> Callable[[Any, Any], None]:
+    return assert_same_weights
+
+
+@pytest.fixture
+def placed_as() -> Callable[..., None]:
+    return assert_placed_as
+
+
+@pytest.fixture
+def reference_model() -> Callable[..., Any]:
+    """transformers' own ``from_pretrained`` of a folder (the rival loadstone must equal)."""
+
+    def build(folder: Path, task: str = "causal-lm", **kwargs: Any) -> Any:
+        import transformers
+
+        auto = {"causal-lm": transformers.AutoModelForCausalLM,
+                "sequence-classification": transformers.AutoModelForSequenceClassification}[task]
+        return auto.from_pretrained(str(folder), **kwargs)
+
+    return build
+
+
+def run_python(code: str, *, env: dict[str, str] | None = None, cwd: Path | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter of this venv (real entry points, real environment)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LOADSTONE_")}
+    full_env.update(env or {})
+    return subprocess.run([VENV_PYTHON, "-c", code], env=full_env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def python_subprocess() -> Callable[..., subprocess.CompletedProcess]:
+    return run_python
