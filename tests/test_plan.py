@@ -1,0 +1,135 @@
+"""``loadstone.plan`` is the real load's device map, and it reads no weight data."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+import loadstone
+from loadstone.telemetry import RssSampler, current_rss
+
+# (placement, cpu budget as a fraction of the model's bytes or None, offload?)
+CASES = [
+    ("auto", None, False),
+    ("sequential", None, False),
+    ("cpu", None, False),
+    ("rank", None, False),
+    ("auto", 0.55, True),        # embeddings on the CPU, the rest from disk
+    ("auto", 0.9, True),         # a decoder layer on the CPU too
+    ("sequential", 0.9, True),
+    ("balanced", 0.7, True),
+]
+
+
+@pytest.fixture(scope="module")
+def model_bytes(sharded_llama) -> int:
+    return loadstone.plan(str(sharded_llama), placement="cpu").report.placement["estimated_bytes"]
+
+
+@pytest.mark.parametrize("placement,fraction,offload", CASES)
+def test_plan_equals_the_device_map_the_load_used(placement, fraction, offload, sharded_llama, model_bytes,
+                                                  tmp_path, placed_as):
+    kwargs = {"placement": placement}
+    if fraction is not None:
+        kwargs["max_memory"] = {"cpu": int(model_bytes * fraction)}
+    if offload:
+        kwargs["offload_folder"] = str(tmp_path / "offload")
+    planned = loadstone.plan(str(sharded_llama), **kwargs)
+    loaded = loadstone.load(str(sharded_llama), progress=False, **kwargs)
+
+    assert planned.device_map == loaded.plan.device_map
+    assert planned.bytes_per_device == loaded.plan.bytes_per_device
+    # Everything the report says about placement agrees, except free memory measured at the time.
+    without_budget = [{k: v for k, v in r.placement.items() if k != "budget" or fraction}
+                      for r in (planned.report, loaded.report)]
+    assert without_budget[0] == without_budget[1]
+    # transformers records the map it dispatched with; it must be the plan's, entry for entry.
+    hf_map = getattr(loaded.model, "hf_device_map", None) or {"": "cpu"}
+    assert {k: str(v) for k, v in hf_map.items()} == {k: str(v) for k, v in planned.device_map.items()}
+    placed_as(loaded.model, planned.device_map)
+    # bytes per device add up to the model, and the disk share is what the map sends there
+    assert sum(planned.bytes_per_device.values()) == model_bytes
+    assert ("disk" in planned.bytes_per_device) == offload
+
+
+def test_plan_fit_verdict_matches_what_load_does(sharded_llama, model_bytes):
+    tight = {"cpu": int(model_bytes * 0.5)}
+    planned = loadstone.plan(str(sharded_llama), placement="cpu", max_memory=tight)
+    assert planned.fits is False
+    assert any("max_memory" in line for line in planned.advice)
+    with pytest.raises(loadstone.PlacementError) as info:
+        loadstone.load(str(sharded_llama), placement="cpu", max_memory=tight, progress=False)
+    assert planned.advice[0] in str(info.value)
+
+
+def _scramble_data(folder: Path) -> None:
+    """Overwrite every byte after each safetensors header with 0xFF (NaN in every float dtype),
+    keeping headers, sizes and the index intact."""
+    for shard in folder.glob("*.safetensors"):
+        with open(shard, "r+b") as fh:
+            header_len = struct.unpack("<Q", fh.read(8))[0]
+            start = 8 + header_len
+            size = shard.stat().st_size
+            fh.seek(start)
+            fh.write(b"\xff" * (size - start))
+
+
+def test_plan_does_not_depend_on_weight_data(sharded_llama, tmp_path, reference_model, same_weights):
+    scrambled = tmp_path / "scrambled"
+    shutil.copytree(sharded_llama, scrambled)
+    _scramble_data(scrambled)
+    budget = {"max_memory": {"cpu": 400_000}, "offload_folder": str(tmp_path / "off"), "placement": "auto"}
+    original = loadstone.plan(str(sharded_llama), **budget)
+    garbage = loadstone.plan(str(scrambled), **budget)
+    assert garbage.device_map == original.device_map
+    assert garbage.bytes_per_device == original.bytes_per_device
+    assert garbage.fits and garbage.parameter_count == original.parameter_count
+    # ... while a load does read the data: its weights differ from the original's.
+    loaded = loadstone.load(str(scrambled), placement="cpu", progress=False)
+    with pytest.raises(AssertionError, match="differs"):
+        same_weights(loaded.model, reference_model(sharded_llama))
+
+
+def _write_sparse_checkpoint(folder: Path, config) -> int:
+    """A checkpoint whose data region is a hole: headers are real, the weights never hit the disk."""
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    header, offset = {}, 0
+    for name, tensor in model.state_dict().items():
+        nbytes = math.prod(tensor.shape) * 4
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return offset
+
+
+def test_plan_of_a_large_checkpoint_maps_no_weight_pages(tmp_path):
+    from loadstone.testing import make_config
+
+    config = make_config("llama", hidden_size=2048, intermediate_size=5504, num_hidden_layers=6,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=32000)
+    folder = tmp_path / "sparse"
+    data_bytes = _write_sparse_checkpoint(folder, config)
+    assert data_bytes > 1.5e9
+    rss_before = current_rss()
+    with RssSampler(interval=0.001) as rss:
+        planned = loadstone.plan(str(folder), placement="cpu", dtype="float32")
+    assert planned.report.checkpoint["bytes"] > data_bytes
+    # the stored tensors plus the non-persistent rotary buffer (128 floats)
+    assert planned.bytes_per_device == {"cpu": data_bytes + 128 * 4}
+    # Reading (or touching mapped pages of) the weights would add ~1.6 GB to this process's RSS.
+    assert rss.peak < rss_before + 500 * 2**20
