@@ -6,7 +6,6 @@ adapters -> report. ``plan`` runs the first three only and reads no weight data.
 
 from __future__ import annotations
 
-import gc
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ from . import __version__
 from .adapters import attach_adapters, validate_adapter
 from .checkpoint import inspect_checkpoint, read_safetensors_header
 from .errors import LoadstoneError, PlacementError
+from .faults import offload_guard, release_failed_load
 from .modelconfig import auto_class_for, choose_dtype, choose_task, load_config
 from .planning import (
     Plan,
@@ -30,6 +30,7 @@ from .report import Decision, LoadReport
 from .request import LoadRequest
 from .sources import resolve_sources
 from .telemetry import RssSampler, StageClock, device_peaks, reset_device_peaks
+from .validation import check_weights_fit_model
 from .weights import TransformersWeightLoader, WeightLoader
 
 
@@ -99,6 +100,7 @@ def _decide(request, plugins, sources, config, inventory, report) -> Plan:
         dtype = adjusted
     qctx.dtype = getattr(torch, dtype)
     skeleton = build_skeleton(auto_class, config, dtype, request)
+    report.notes.extend(check_weights_fit_model(skeleton, inventory, config, sources.base.path))
     sizes = tensor_bytes(skeleton, qreg, qctx, plugins)
 
     spec = request.placement
@@ -202,7 +204,7 @@ def load(reference: Any, *, plugins: PluginManager | None = None, weight_loader:
     model = None
     reset_device_peaks()
     try:
-        with RssSampler() as rss:
+        with RssSampler() as rss, offload_guard(request.offload_folder):
             plugins.call("loadstone_before_load", "before_load", request=request)
             request.validate()
             the_plan = _run_plan(request, plugins, clock, "load")
@@ -232,12 +234,10 @@ def load(reference: Any, *, plugins: PluginManager | None = None, weight_loader:
         plugins.call("loadstone_after_load", "report", result=result)
         return result
     except BaseException as exc:
-        # Release what this load allocated before the error reaches the caller.
-        model = None
-        gc.collect()
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
+        # Release what this load allocated before the error reaches the caller (see faults.py).
+        allocated = model is not None or clock.current in ("load_weights", "prepare", "adapters", "report")
+        model = result = None
+        release_failed_load(exc, allocated=allocated)
         stage = clock.current or "before_load"
         plugins.call("loadstone_load_failed", stage, request=request, stage=stage, error=exc)
         raise

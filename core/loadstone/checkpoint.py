@@ -110,9 +110,22 @@ class _DuplicateKey(ValueError):
         self.key = key
 
 
+def _unreadable(path: Path, exc: OSError) -> CheckpointError:
+    return CheckpointError(f"{path.name} cannot be read: {exc.strerror or exc}.", file=path, field="file",
+                           expected="a readable regular file", found=type(exc).__name__,
+                           fix="check the file's permissions and that the download finished")
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate one safetensors file's header; returns (tensors, metadata)."""
     path = Path(path)
+    try:
+        return _read_header(path)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     size = path.stat().st_size
     if size >= len(LFS_POINTER_PREFIX) and _is_lfs_pointer(path):
         raise _lfs_error(path)
@@ -146,9 +159,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         raise CheckpointError(f"{path.name} names the tensor {dup.key!r} twice in its header.", file=path,
                               field=f"header[{dup.key!r}]", expected="unique tensor names",
                               found="a duplicate name", fix="re-save the checkpoint with unique tensor names") from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
         raise CheckpointError(f"{path.name}'s header is not valid JSON.", file=path, field="header",
-                              expected="a JSON object", found=str(exc),
+                              expected="a JSON object", found=str(exc)[:160] or type(exc).__name__,
                               fix="the file is corrupt or not a safetensors file; re-save it") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}'s header is not a JSON object.", file=path, field="header",
@@ -159,13 +172,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         raise CheckpointError(f"{path.name}'s __metadata__ must map strings to strings.", file=path,
                               field="__metadata__", expected="{str: str}", found=repr(metadata)[:80],
                               fix="re-save the checkpoint")
-    data_size = size - 8 - n
-    tensors = {name: _tensor_info(path, name, entry, data_size) for name, entry in header.items()}
-    _check_layout(path, tensors, data_size)
+    tensors = {name: _tensor_info(path, name, entry) for name, entry in header.items()}
+    _check_layout(path, tensors, header_bytes=n, file_size=size)
     return tensors, metadata
 
 
-def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
+def _tensor_info(path: Path, name: str, entry: Any) -> TensorInfo:
     def bad(field_: str, expected: str, found: Any) -> CheckpointError:
         return CheckpointError(f"{path.name}: tensor {name!r} has an invalid {field_}.", file=path,
                                field=f"header[{name!r}].{field_}", expected=expected, found=repr(found)[:120],
@@ -174,7 +186,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInf
     if not isinstance(entry, dict):
         raise bad("entry", "an object with dtype, shape and data_offsets", entry)
     dtype = entry.get("dtype")
-    if dtype not in SAFETENSORS_DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
         raise bad("dtype", "one of " + ", ".join(sorted(SAFETENSORS_DTYPE_BITS)), dtype)
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -184,12 +196,6 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInf
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]):
         raise bad("data_offsets", "[begin, end] with 0 <= begin <= end", offsets)
-    if offsets[1] > data_size:
-        raise CheckpointError(
-            f"{path.name}: tensor {name!r} ends past the end of the file.", file=path,
-            field=f"header[{name!r}].data_offsets", expected=f"end <= {data_size} (bytes of data in the file)",
-            found=f"end = {offsets[1]}",
-            fix="the file is truncated; re-download or re-save the checkpoint")
     bits = math.prod(shape) * SAFETENSORS_DTYPE_BITS[dtype]
     expected = (bits + 7) // 8
     if offsets[1] - offsets[0] != expected:
@@ -201,7 +207,17 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInf
     return TensorInfo(name, path, dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], *, header_bytes: int, file_size: int) -> None:
+    """The tensors must tile the data section exactly: no bytes missing, shared, skipped or extra."""
+    data_size = file_size - 8 - header_bytes
+    last = max(tensors.values(), key=lambda t: t.end, default=None)
+    if last is not None and last.end > data_size:
+        raise CheckpointError(
+            f"{path.name} is truncated: tensor {last.name!r} ends at byte {last.end} of the data section, "
+            f"which holds only {data_size} bytes.", file=path, field="file size",
+            expected=f"{8 + header_bytes + last.end} bytes (8 + {header_bytes}-byte header + {last.end} bytes of "
+                     f"tensor data)", found=f"{file_size} bytes",
+            fix="the download or copy was cut short (or the header's offsets are corrupt); re-download or re-save it")
     cursor = 0
     previous = None
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
@@ -212,47 +228,66 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) ->
                 found=f"begin = {info.start}", fix="re-save the checkpoint; its header is corrupt")
         if info.start > cursor:
             raise CheckpointError(
-                f"{path.name}: {info.start - cursor} unused bytes lie before tensor {info.name!r}.",
+                f"{path.name}: {info.start - cursor} unused bytes lie before tensor {info.name!r} (a gap).",
                 file=path, field=f"header[{info.name!r}].data_offsets", expected=f"begin = {cursor}",
                 found=f"begin = {info.start}", fix="re-save the checkpoint; its header is corrupt")
         cursor, previous = info.end, info.name
     if cursor < data_size:
         raise CheckpointError(
-            f"{path.name} has {data_size - cursor} bytes after its last tensor.", file=path,
-            field="file size", expected=f"{8 + cursor} bytes of data after the header length prefix and header",
-            found=f"{8 + data_size} bytes", fix="the file was appended to or is corrupt; re-save the checkpoint")
+            f"{path.name} has {data_size - cursor} extra bytes after its last tensor.", file=path,
+            field="file size", expected=f"{8 + header_bytes + cursor} bytes (8 + {header_bytes}-byte header + "
+                                        f"{cursor} bytes of tensor data)", found=f"{file_size} bytes",
+            fix="the file was appended to or is corrupt; re-download or re-save the checkpoint")
+
+
+def _hub_blobs(folder: Path) -> Path | None:
+    """``.../models--org--name/blobs`` when ``folder`` is a Hugging Face cache snapshot, else ``None``.
+
+    The cache stores every file of a snapshot as a link into the repo's ``blobs`` folder; those
+    links leave the snapshot folder legitimately, and nothing else may.
+    """
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(("models--", "datasets--")):
+        return real.parent.parent / "blobs"
+    return None
 
 
 def _inside(folder: Path, name: str, index: Path) -> Path:
+    """The shard ``name`` from ``index``, refused if it leads outside ``folder``."""
     candidate = Path(name)
-    if candidate.is_absolute() or ".." in candidate.parts:
+    if "\x00" in name or not name or candidate.is_absolute() or ".." in candidate.parts:
         raise CheckpointError(
-            f"{index.name} names a shard outside the checkpoint folder.", file=index, field="weight_map",
-            expected="file names inside the checkpoint folder", found=name,
-            fix="fix the index: shards must sit next to it")
+            f"{index.name} names a shard outside the checkpoint folder: {name!r}.", file=index, field="weight_map",
+            expected="plain file names inside the checkpoint folder (no '..', no absolute paths)", found=repr(name),
+            fix="fix the index: shards must sit next to it (regenerate it with save_pretrained)")
     full = folder / candidate
     try:
         real = full.resolve(strict=False)
-        if not real.is_relative_to(folder.resolve()):
-            raise CheckpointError(
-                f"{index.name} names a shard that is a link leading outside the checkpoint folder.", file=index,
-                field="weight_map", expected=f"a file inside {folder}", found=f"{name} -> {real}",
-                fix="copy the shard into the checkpoint folder instead of linking outside it")
-    except OSError as exc:  # pragma: no cover - exotic filesystems
-        raise CheckpointError(f"cannot resolve shard {name}: {exc}", file=index, field="weight_map") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on older Pythons
+        raise CheckpointError(f"{index.name} names a shard whose path cannot be resolved: {name!r}.", file=index,
+                              field="weight_map", expected="a file inside the checkpoint folder", found=str(exc),
+                              fix="fix the index or the links in the checkpoint folder") from None
+    blobs = _hub_blobs(folder)
+    if not real.is_relative_to(folder.resolve()) and not (blobs is not None and real.is_relative_to(blobs)):
+        raise CheckpointError(
+            f"{index.name} names a shard that is a link leading outside the checkpoint folder.", file=index,
+            field="weight_map", expected=f"a file inside {folder}", found=f"{name} -> {real}",
+            fix="copy the shard into the checkpoint folder instead of linking outside it")
     return full
 
 
 def read_index(folder: Path, index: Path) -> dict[str, str]:
     try:
-        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+        data = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except OSError as exc:
+        raise _unreadable(index, exc) from None
     except _DuplicateKey as dup:
         raise CheckpointError(f"{index.name} lists the tensor {dup.key!r} twice.", file=index,
                               field=f"weight_map[{dup.key!r}]", expected="each tensor in one shard",
                               found="two entries", fix="fix or regenerate the index") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{index.name} is not valid JSON.", file=index, field="(whole file)",
-                              expected="a JSON object with a weight_map", found=str(exc)[:120],
+                              expected="a JSON object with a weight_map", found=str(exc)[:120] or type(exc).__name__,
                               fix="regenerate the index with save_pretrained") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -283,13 +318,17 @@ def inspect_checkpoint(folder: Path, *, allow_pickle: bool = False) -> Checkpoin
                 file=found, field="weights format", expected="model.safetensors", found=found.name,
                 fix="convert the checkpoint to safetensors, or pass allow_pickle=True (CLI: --allow-pickle) "
                     "to read it with torch.load(weights_only=True)")
-        files = ([folder / name for name in sorted(set(read_index(folder, found).values()))]
-                 if found.name == PICKLE_INDEX else [found])
+        index = found if found.name == PICKLE_INDEX else None
+        names = sorted(set(read_index(folder, found).values())) if index else [found.name]
+        files = [_inside(folder, name, found) if index else found for name in names]
+        tensors: dict[str, TensorInfo] = {}
         for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"shard {f.name} named by {found.name} is missing.", file=f,
-                                      field="weight_map", fix="download the missing shard")
-        return CheckpointInventory(folder, "pickle", files, {}, found if found.name == PICKLE_INDEX else None)
+            if not _is_file(f):
+                raise CheckpointError(f"shard {f.name} named by {found.name} is missing.", file=f, field="weight_map",
+                                      expected="every shard listed in the index", found="no such file",
+                                      fix="finish the download (or re-save the checkpoint)")
+            tensors.update(_pickle_tensors(f))
+        return CheckpointInventory(folder, "pickle", files, tensors, index)
     raise CheckpointError(
         f"{folder} holds no weights.", file=folder, field="weight files",
         expected=f"{SAFE_SINGLE} or {SAFE_INDEX} (or pytorch_model.bin with allow_pickle=True)",
@@ -306,7 +345,7 @@ def _inspect_sharded(folder: Path, index: Path) -> CheckpointInventory:
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for name, path in shards.items():
-        if not path.is_file():
+        if not _is_file(path):
             raise CheckpointError(
                 f"shard {name} named by {index.name} is missing.", file=path, field="weight_map",
                 expected="every shard listed in the index", found="no such file",
@@ -331,3 +370,48 @@ def _inspect_sharded(folder: Path, index: Path) -> CheckpointInventory:
                 fix="regenerate the index (or re-download the shard)")
     return CheckpointInventory(folder, "safetensors", [shards[n] for n in sorted(shards)], tensors, index, metadata)
 
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem is simply not there
+        return False
+
+
+_TORCH_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                         "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of a pickle checkpoint (only read when the caller allowed pickle).
+
+    Unpickled with ``torch.load(weights_only=True)`` onto the meta device (memory-mapped when the
+    file is a zip archive), so no tensor data is read and no code in the file can run. Offsets in
+    the returned infos are synthetic: ``[0, nbytes)``.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path.name} holds more than plain tensors, and torch.load(weights_only=True) refused to unpickle it.",
+            file=path, field="pickle contents", expected="a state dict of tensors",
+            found=(str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200],
+            fix="do not load this file with weights_only=False unless you trust whoever made it (it may run code); "
+                "ask for a safetensors copy of the checkpoint") from None
+    except Exception as exc:  # torch raises many types for corrupt archives
+        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint.", file=path, field="file contents",
+                              expected="a file written by torch.save", found=f"{type(exc).__name__}: {exc}"[:200],
+                              fix="re-download the file, or re-save the checkpoint as safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path.name} is not a state dict.", file=path, field="file contents",
+                              expected="a dict of tensor name -> tensor", found=type(state).__name__,
+                              fix="save the model with save_pretrained (it writes model.safetensors)")
+    return {name: TensorInfo(name, path, _TORCH_TO_SAFETENSORS.get(str(t.dtype).replace("torch.", ""), "?"),
+                             tuple(t.shape), 0, t.numel() * t.element_size()) for name, t in state.items()}

@@ -87,6 +87,13 @@ def check_loading_info(info: dict[str, Any], plan: Any) -> None:
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(info.get("unexpected_keys") or [])
     mismatched = sorted(str(m) for m in (info.get("mismatched_keys") or []))
+    # A new task head (score.weight for a causal-LM checkpoint loaded for classification) is expected;
+    # the plan stage already reported it (see validation.head_keys).
+    if getattr(plan, "skeleton", None) is not None:
+        from .validation import head_keys
+
+        head = head_keys(plan.skeleton, plan.config, missing + unexpected)
+        missing, unexpected = [k for k in missing if k not in head], [k for k in unexpected if k not in head]
     if not (missing or unexpected or mismatched):
         return
     parts = []
