@@ -192,6 +192,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                       + f"; {state}")
                 for opt, text in comp.get("options", {}).items():
                     print(f"                  -o {opt}=...  {text}")
+        for disabled in item.get("disabled_components", []):
+            print(f"    {disabled} (disabled by LOADSTONE_DISABLE_PLUGINS)")
     return 0
 
 

@@ -8,7 +8,9 @@ Policy (see docs/plugins.md):
 * A plugin that fails to import or register is skipped with a warning naming its distribution
   and the error; ``LOADSTONE_STRICT_PLUGINS=1`` (or ``strict=True``) raises instead.
 * ``LOADSTONE_PLUGINS`` is an allow-list of entry-point or distribution names; set but empty
-  means built-ins only. ``LOADSTONE_DISABLE_PLUGINS`` disables named plugins, built-ins included.
+  means built-ins only. ``LOADSTONE_DISABLE_PLUGINS`` disables named plugins (entry-point or
+  distribution names), built-ins included, or single components by name (``hub``, ``auto``),
+  so that one built-in can be switched off without losing its siblings.
 * Two plugins registering one component name is a :class:`PluginConflictError`.
 """
 
@@ -98,6 +100,7 @@ class PluginRecord:
     status: str = "pending"  # loaded | failed | disabled | not-allowed
     error: str | None = None
     components: list[Registration] = field(default_factory=list)
+    disabled_components: list[str] = field(default_factory=list)  # "kind name", skipped by the disable list
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +108,7 @@ class PluginRecord:
             "version": self.version, "builtin": self.builtin, "status": self.status,
             "error": self.error,
             "components": [{"kind": c.kind, "name": c.name} for c in self.components],
+            "disabled_components": list(self.disabled_components),
         }
 
 
@@ -133,7 +137,8 @@ class PluginManager:
 
     :param allow: entry-point or distribution names allowed besides built-ins; ``None`` allows
         all (default: ``LOADSTONE_PLUGINS``).
-    :param disable: names to skip, built-ins included (default: ``LOADSTONE_DISABLE_PLUGINS``).
+    :param disable: plugin, distribution or component names to skip, built-ins included
+        (default: ``LOADSTONE_DISABLE_PLUGINS``).
     :param strict: raise on a broken plugin instead of skipping it (default:
         ``LOADSTONE_STRICT_PLUGINS``).
     :param extra_plugins: objects to register directly as plugins (tests, notebooks), as
@@ -243,18 +248,25 @@ class PluginManager:
                     continue
 
                 def register(component: Any, _kind: str = kind, _base: type = base) -> None:
-                    collected.append(self._check_component(record, _kind, _base, component, collected))
+                    reg = self._check_component(record, _kind, _base, component, collected)
+                    if reg is None:
+                        record.disabled_components.append(f"{_kind} {component.name}")
+                    else:
+                        collected.append(reg)
 
                 impl.function(**{arg: register for arg in impl.argnames})
         return collected
 
     def _check_component(self, record: PluginRecord, kind: str, base: type, component: Any,
-                         pending: list[Registration]) -> Registration:
+                         pending: list[Registration]) -> Registration | None:
         if not isinstance(component, base):
             raise TypeError(f"register() for {kind} expects a {base.__name__} instance, got {component!r}")
         name = getattr(component, "name", None)
         if not isinstance(name, str) or not name:
             raise TypeError(f"{type(component).__name__} has no 'name'")
+        if name in self.disable:  # switched off by name: it neither registers nor clashes
+            log.debug("component %s %s of plugin %s disabled", kind, name, record.name)
+            return None
         reg = Registration(kind, name, component, record.name, record.distribution, record.version)
         clashes = [r for r in list(self._registry[kind].values()) + pending if r.kind == kind and r.name == name]
         if kind == "quantization":
@@ -291,7 +303,9 @@ class PluginManager:
         what = {"quantization": "quantization method", "placement": "placement strategy",
                 "resolver": "resolver"}[kind]
         fix = f"choose one of: {', '.join(sorted(available)) or '(none installed)'}"
-        if provider:
+        if name in self.disable:
+            fix = f"it is disabled by LOADSTONE_DISABLE_PLUGINS ({', '.join(sorted(self.disable))}); remove it, or " + fix
+        elif provider:
             record = next((r for r in self._records if r.distribution == provider), None)
             if record is None:
                 fix = f"pip install {provider}  (it provides {what} {name!r}); or " + fix
