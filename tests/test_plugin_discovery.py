@@ -1,0 +1,167 @@
+"""Plugins as real distributions: installed with pip, discovered through the ``loadstone``
+entry-point group by a fresh interpreter, listed, selected, skipped, refused.
+
+The distributions live in tests/fixtures/dists; each is installed once per session into its own
+``--target`` folder, and a subprocess sees the ones on its ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import loadstone
+
+DISTS = Path(__file__).parent / "fixtures" / "dists"
+LOADSTONE_CLI = str(Path(sys.executable).parent / "loadstone")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> dict[str, Path]:
+    """dist name -> a --target folder holding only that distribution (built from a copy, so the
+    source tree gets no build/ or egg-info)."""
+    root = tmp_path_factory.mktemp("dists")
+
+    def install(name: str) -> tuple[str, Path]:
+        source, target = root / "src" / name, root / name
+        shutil.copytree(DISTS / name, source)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--no-input", "--target", str(target), str(source)], check=True, capture_output=True)
+        return name, target
+
+    with ThreadPoolExecutor(3) as pool:
+        return dict(pool.map(install, ["loadstone-testplugin", "loadstone-broken", "loadstone-clash"]))
+
+
+def cli(*args: str, dists: list[Path] = (), **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("LOADSTONE_")}
+    full["PYTHONPATH"] = os.pathsep.join(map(str, dists))
+    full.update(env)
+    return subprocess.run([LOADSTONE_CLI, *args], env=full, capture_output=True, text=True, timeout=120)
+
+
+def plugins_json(*dists: Path, **env: str) -> tuple[dict[str, dict], str]:
+    done = cli("plugins", "--json", dists=list(dists), **env)
+    assert done.returncode == 0, done.stderr
+    return {p["name"]: p for p in json.loads(done.stdout)}, done.stderr
+
+
+def test_installed_plugin_is_discovered_and_listed_with_its_distribution(installed):
+    listed, _ = plugins_json(installed["loadstone-testplugin"])
+    entry = listed["testplugin"]
+    assert (entry["distribution"], entry["version"], entry["status"]) == ("loadstone-testplugin", "0.3.1", "loaded")
+    assert entry["builtin"] is False and entry["entry_point"] == "loadstone_testplugin"
+    kinds = {(c["kind"], c["name"]) for c in entry["components"]}
+    assert kinds == {("quantization", "testplugin-halfprec"), ("placement", "testplace")}
+    backend = next(c for c in entry["components"] if c["kind"] == "quantization")
+    assert backend["methods"] == ["halfprec"] and backend["available"] and "note" in backend["options"]
+    assert listed["builtin-placement"]["distribution"] == "loadstone" and listed["builtin-placement"]["builtin"]
+
+    text = cli("plugins", dists=[installed["loadstone-testplugin"]])
+    assert text.returncode == 0
+    assert "testplugin  [loadstone-testplugin 0.3.1, entry point]  loaded" in text.stdout
+    assert "methods: halfprec" in text.stdout and "testplace" in text.stdout
+
+
+def test_plugin_components_are_selected_by_name_in_a_load(installed, sharded_llama):
+    done = cli("load", str(sharded_llama), "--quantization", "halfprec", "-o", "note=hello", "--placement",
+               "testplace", "--json", "--quiet", dists=[installed["loadstone-testplugin"]])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["dtype"] == "bfloat16"  # the backend's adjust_dtype ran
+    q = report["quantization"]
+    assert (q["backend"], q["distribution"], q["version"], q["method"]) == (
+        "testplugin-halfprec", "loadstone-testplugin", "0.3.1", "halfprec")
+    assert q["options"] == {"note": "hello"}
+    decisions = {d["topic"]: d for d in report["decisions"]}
+    assert decisions["placement"]["distribution"] == "loadstone-testplugin"
+    assert decisions["placement"]["plugin"] == "testplugin"
+    assert "testplace put every module on the CPU" in decisions["placement"]["reason"]
+    assert decisions["dtype"]["by"] == "backend testplugin-halfprec"
+    assert "halfprec prepared the model (note='hello')" in report["training"]["notes"]
+    # the backend's estimate (2 bytes per element: parameters plus the small rotary buffer) was planned
+    planned = report["placement"]["bytes_per_device"]["cpu"]
+    assert 2 * report["parameters"]["total"] < planned < 2 * report["parameters"]["total"] + 64
+
+
+def test_broken_plugin_is_skipped_with_a_warning_naming_its_distribution(installed):
+    both = (installed["loadstone-broken"], installed["loadstone-testplugin"])
+    listed, stderr = plugins_json(*both)
+    assert "loadstone-broken" in stderr and "libfake.so.1 is missing" in stderr
+    assert "LOADSTONE_STRICT_PLUGINS" in stderr
+    broken = listed["broken"]
+    assert broken["status"] == "failed" and "RuntimeError" in broken["error"]
+    assert listed["testplugin"]["status"] == "loaded"  # the others still work
+
+
+def test_broken_plugin_is_an_error_in_strict_mode(installed):
+    done = cli("plugins", dists=[installed["loadstone-broken"]], LOADSTONE_STRICT_PLUGINS="1")
+    assert done.returncode == 2
+    assert "PluginLoadError" in done.stderr and "loadstone-broken" in done.stderr
+    assert "libfake.so.1 is missing" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1  # one paragraph, no traceback
+
+
+def test_allow_list(installed):
+    dists = (installed["loadstone-testplugin"], installed["loadstone-broken"])
+    only_builtins, stderr = plugins_json(*dists, LOADSTONE_PLUGINS="")
+    assert only_builtins["testplugin"]["status"] == "not-allowed"
+    assert only_builtins["broken"]["status"] == "not-allowed" and stderr == ""  # never imported
+    assert {p["status"] for p in only_builtins.values() if p["builtin"]} == {"loaded"}
+    for allow in ("testplugin", "loadstone-testplugin"):  # entry-point or distribution name
+        listed, _ = plugins_json(*dists, LOADSTONE_PLUGINS=allow)
+        assert listed["testplugin"]["status"] == "loaded" and listed["broken"]["status"] == "not-allowed"
+
+
+def test_disable_list_covers_third_party_and_builtin_plugins(installed):
+    listed, _ = plugins_json(installed["loadstone-testplugin"], LOADSTONE_DISABLE_PLUGINS="testplugin")
+    assert listed["testplugin"]["status"] == "disabled"
+    listed, _ = plugins_json(LOADSTONE_DISABLE_PLUGINS="builtin-placement, loadstone-testplugin")
+    assert listed["builtin-placement"]["status"] == "disabled"
+    assert listed["builtin-resolvers"]["status"] == "loaded"
+
+
+def test_disable_list_can_name_one_builtin_component(monkeypatch, sharded_llama, tmp_path):
+    monkeypatch.setenv("LOADSTONE_DISABLE_PLUGINS", "hub")
+    manager = loadstone.PluginManager()
+    assert [r.name for r in manager.resolvers()] == ["local"]
+    record = next(r for r in manager.describe() if r["name"] == "builtin-resolvers")
+    assert record["status"] == "loaded" and record["disabled_components"] == ["resolver hub"]
+    with pytest.raises(loadstone.ResolutionError) as info:
+        loadstone.plan("org/tiny", plugins=manager, cache_dir=str(tmp_path), offline=True)
+    assert "resolvers tried, in order: local" in str(info.value)
+    assert loadstone.plan(str(sharded_llama), plugins=manager, placement="cpu").fits
+
+
+def test_clashing_method_names_both_distributions(installed):
+    done = cli("plugins", dists=[installed["loadstone-testplugin"], installed["loadstone-clash"]])
+    assert done.returncode == 2, done.stdout
+    assert "PluginConflictError" in done.stderr
+    assert "loadstone-testplugin" in done.stderr and "loadstone-clash" in done.stderr and "halfprec" in done.stderr
+    # disabling one of them resolves it, as the message suggests
+    listed, _ = plugins_json(installed["loadstone-testplugin"], installed["loadstone-clash"],
+                             LOADSTONE_DISABLE_PLUGINS="clash")
+    assert listed["clash"]["status"] == "disabled" and listed["testplugin"]["status"] == "loaded"
+
+
+def test_missing_backend_names_the_distribution_that_provides_it(monkeypatch):
+    monkeypatch.setenv("LOADSTONE_PLUGINS", "")  # excludes loadstone-bnb whether or not it is installed
+    manager = loadstone.PluginManager()
+    for method in ("nf4", "int8", "fp4"):
+        with pytest.raises(loadstone.ComponentNotFoundError) as info:
+            manager.quantization_backend(method)
+        assert "loadstone-bnb" in str(info.value) and repr(method) in str(info.value)
+    with pytest.raises(loadstone.ComponentNotFoundError) as info:
+        manager.quantization_backend("gptq")
+    assert "loadstone-gptq" in str(info.value)
+    with pytest.raises(loadstone.ComponentNotFoundError) as info:
+        manager.placement_strategy("file")
+    assert "loadstone-devicemap" in str(info.value)
