@@ -134,16 +134,35 @@ class BitsAndBytesBackend(QuantizationBackend):
                     fix="place the model on a supported device (e.g. placement='cuda:0' or 'cpu'), or load it "
                         "without quantization")
         offloaded = offloaded_modules(device_map)
-        if offloaded and not settings.cpu_offload:
-            shown = ", ".join(offloaded[:5]) + (f" and {len(offloaded) - 5} more" if len(offloaded) > 5 else "")
+        if not offloaded:
+            return device_map
+        shown = ", ".join(offloaded[:5]) + (f" and {len(offloaded) - 5} more" if len(offloaded) > 5 else "")
+        devices = ", ".join(sorted({str(d) for d in device_map.values()}))
+        accelerated = any(device_type(d) not in ("cpu", "disk") for d in device_map.values())
+        if ctx.pre_quantized:
+            # Offloaded modules would be built unquantized, and the packed weights cannot fill them.
             raise PlacementError(
-                f"the device map puts {shown} on cpu/disk next to accelerator-placed {settings.method} layers; "
-                f"bitsandbytes cannot quantize offloaded modules, and transformers refuses such a map.",
-                field="placement", expected="every module on the accelerator (or everything on the cpu)",
-                found=", ".join(sorted({str(d) for d in device_map.values()})),
-                fix="give the accelerator more memory (max_memory) or a smaller model so that everything fits; or "
-                    "pass the option cpu_offload=True to keep the offloaded modules unquantized in the load dtype "
-                    "(they then take 2-4x the bytes the plan shows for them)")
+                f"the device map offloads {shown} to cpu/disk, but this checkpoint is pre-quantized "
+                f"({settings.method}): its packed weights can only be loaded into bitsandbytes layers on the "
+                f"compute device.", field="placement", expected="everything on accelerators, or everything on "
+                f"the cpu", found=devices, fix="give the accelerator more memory (max_memory), use placement='cpu', "
+                "or load the original unquantized checkpoint with cpu_offload=True")
+        if not settings.cpu_offload:
+            raise PlacementError(
+                f"the device map offloads {shown} to cpu/disk; bitsandbytes quantizes only modules on the compute "
+                f"device, so transformers refuses {settings.method} with this map.", field="placement",
+                expected="every module on accelerators, or everything on the cpu", found=devices,
+                fix="give the accelerator more memory (max_memory) or use a smaller model so that everything fits; "
+                    "use placement='cpu' to quantize and run on the CPU; or pass the option cpu_offload=True to keep "
+                    "the offloaded modules unquantized in the load dtype (they then take 2-4x the bytes the plan "
+                    "shows for them)")
+        if not accelerated:
+            # transformers would keep every cpu and disk module unquantized: nothing would be quantized.
+            raise PlacementError(
+                f"cpu_offload=True with a device map that uses no accelerator ({devices}) would leave every module "
+                f"unquantized.", field="placement", expected="an accelerator in the device map", found=devices,
+                fix="use placement='cpu' (bitsandbytes quantizes on the CPU) without disk entries, or load without "
+                    "quantization")
         return device_map
 
     # -- loading -----------------------------------------------------------------
@@ -172,25 +191,20 @@ class BitsAndBytesBackend(QuantizationBackend):
         import torch
 
         settings = self.settings(ctx)
-        checkpointing = bool(ctx.request is not None and ctx.request.gradient_checkpointing)
-        # Non-reentrant checkpointing propagates gradients without the input-embedding hook that
-        # reentrant checkpointing needs, so neither path below installs it.
-        gc_kwargs = {"use_reentrant": False}
         notes = []
         if settings.upcast:
             from peft import prepare_model_for_kbit_training
 
             halves = sum(1 for p in model.parameters()
                          if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ != "Params4bit")
-            prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                            gradient_checkpointing_kwargs=gc_kwargs)
+            # Checkpointing is enabled below, the same way for both paths.
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
             notes.append(f"k-bit training preparation (peft.prepare_model_for_kbit_training): {halves} fp16/bf16 "
                          f"parameters (norms, embeddings, kept modules) cast to float32")
         else:
-            if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             notes.append("upcast=False: non-quantized parameters keep the load dtype")
-        if checkpointing:
+        if ctx.request is not None and ctx.request.gradient_checkpointing:
+            enable_checkpointing(model)
             notes.append("gradient checkpointing enabled (use_reentrant=False)")
         return notes
 
@@ -207,6 +221,17 @@ class BitsAndBytesBackend(QuantizationBackend):
         except importlib.metadata.PackageNotFoundError:  # pragma: no cover - the kernel checked requirements
             details["bitsandbytes_version"] = None
         return details
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing. Unlike the reentrant kind it propagates gradients to
+    the adapters without making the input embeddings require grad (peft's workaround)."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x renamed it
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers 5 releases
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _out_features(module: Any) -> int:

@@ -1,0 +1,88 @@
+"""Discovery through the real entry point, cheap listing, and environment problems that say the fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import loadstone
+from loadstone_bnb import BitsAndBytesBackend
+
+LIST_PLUGINS = """
+import contextlib, io, json, sys
+from loadstone.cli import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    rc = main(["plugins", "--json"])
+print(json.dumps({"rc": rc, "plugins": json.loads(out.getvalue()),
+                  "imported": sorted(m for m in ("bitsandbytes", "loadstone_bnb", "torch") if m in sys.modules)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def listing() -> dict:
+    done = subprocess.run([sys.executable, "-c", LIST_PLUGINS], capture_output=True, text=True, timeout=120,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_listing_plugins_does_not_import_bitsandbytes(listing):
+    assert listing["rc"] == 0
+    assert "loadstone_bnb" in listing["imported"]  # the plugin really was loaded ...
+    assert "bitsandbytes" not in listing["imported"]  # ... without its heavy dependency
+
+
+def test_importing_the_package_imports_neither_torch_nor_bitsandbytes():
+    code = "import sys, loadstone_bnb; print(sorted(m for m in ('torch', 'bitsandbytes') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_listed_through_the_entry_point_with_methods_and_options(listing):
+    record = next(p for p in listing["plugins"] if p["distribution"] == "loadstone-bnb")
+    assert record["status"] == "loaded" and record["entry_point"] == "loadstone_bnb.plugin"
+    (component,) = record["components"]
+    assert component["name"] == "bitsandbytes" and component["methods"] == ["nf4", "fp4", "int8"]
+    assert component["checkpoint_formats"] == ["bitsandbytes"] and component["available"] is True
+    assert set(component["options"]) == {"compute_dtype", "double_quant", "quant_storage", "keep_modules",
+                                         "threshold", "cpu_offload", "upcast"}
+
+
+def test_methods_resolve_to_this_distribution():
+    manager = loadstone.PluginManager()
+    for method in ("nf4", "fp4", "int8"):
+        assert manager.quantization_backend(method).distribution == "loadstone-bnb"
+
+
+class OldBitsAndBytes(BitsAndBytesBackend):
+    # The installed bitsandbytes (0.50) is real; demanding a future version makes it "too old".
+    requirements = ("bitsandbytes>=99",)
+
+
+class OldPlugin:
+    @loadstone.hookimpl
+    def loadstone_register_quantization_backends(self, register):
+        register(OldBitsAndBytes())
+
+
+def test_too_old_bitsandbytes_names_the_pip_command(plugin_manager, tiny_checkpoint):
+    manager = plugin_manager(disable=["bnb"], extra_plugins=[("old-bnb", OldPlugin())])
+    (entry,) = [c for p in manager.describe() for c in p["components"] if c["name"] == "bitsandbytes"]
+    assert entry["available"] is False
+    with pytest.raises(loadstone.QuantizationError) as info:
+        loadstone.plan(str(tiny_checkpoint("llama")), quantization="nf4", plugins=manager)
+    assert "bitsandbytes" in info.value.message and "is installed but bitsandbytes>=99 is needed" in info.value.message
+    assert "pip install -U 'bitsandbytes>=99'" in info.value.fix
+
+
+def test_the_real_requirement_is_met_here():
+    assert BitsAndBytesBackend().environment_problems() == []
+
+
+def test_disabled_plugin_is_named_when_its_method_is_asked_for(plugin_manager):
+    with pytest.raises(loadstone.ComponentNotFoundError) as info:
+        plugin_manager(disable=["bnb"]).quantization_backend("nf4")
+    assert "loadstone-bnb" in info.value.fix

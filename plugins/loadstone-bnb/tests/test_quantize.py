@@ -1,0 +1,96 @@
+"""Every method on every tiny architecture: which layers are quantized, how close the logits stay,
+and how close ``loadstone plan``'s estimate is to the memory the loaded model really holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loadstone
+from loadstone.testing import ARCHITECTURES
+from loadstone_bnb import measured_bytes
+
+METHODS = ("nf4", "fp4", "int8")
+LAYER = {"nf4": "Linear4bit", "fp4": "Linear4bit", "int8": "Linear8bitLt"}
+# Relative L2 error of the logits against the unquantized model, ||q - ref|| / ||ref||. Measured
+# on these random tiny models (seed 0): 4-bit 0.04-0.16, int8 <= 0.009. A broken layer (wrong
+# transpose, missing scales) gives ~1.0 or more, so the bounds leave room without hiding bugs.
+TOLERANCE = {"nf4": 0.25, "fp4": 0.25, "int8": 0.03}
+# MoE blocks hold their experts as fused 3-D tensors, which are not nn.Linear: transformers does not
+# swap them for bitsandbytes layers, so they stay in the load dtype. Their attention and (Qwen2-MoE)
+# shared-expert projections are quantized as usual.
+FUSED_EXPERTS = {"mixtral", "qwen2_moe"}
+
+matrix = pytest.mark.parametrize("method", METHODS)
+archs = pytest.mark.parametrize("arch", list(ARCHITECTURES))
+
+
+def linear_layers(model: torch.nn.Module) -> dict[str, str]:
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, Conv1D, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+@archs
+@matrix
+def test_linear_layers_are_bitsandbytes_except_the_kept_ones(quantized, arch, method):
+    model = quantized(arch, method).model
+    layers = linear_layers(model)
+    kept = {name for name, kind in layers.items() if kind != LAYER[method]}
+    assert kept == {"lm_head"}, kept
+    assert layers["lm_head"] == "Linear"
+    assert sum(kind == LAYER[method] for kind in layers.values()) >= 8
+    assert getattr(model, "is_loaded_in_4bit" if method != "int8" else "is_loaded_in_8bit")
+
+
+@pytest.mark.parametrize("arch", sorted(FUSED_EXPERTS))
+@matrix
+def test_fused_moe_experts_stay_in_the_load_dtype(quantized, arch, method):
+    model = quantized(arch, method).model
+    experts = {n: p for n, p in model.named_parameters() if ".experts." in n}
+    assert experts and all(p.dim() == 3 and p.dtype == torch.float32 for p in experts.values()), \
+        {n: (tuple(p.shape), p.dtype) for n, p in experts.items()}
+    routers = [type(m).__name__ for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    assert routers and not any(r.startswith("Linear") for r in routers)  # custom router modules, kept as is
+
+
+@archs
+@matrix
+def test_logits_stay_close_to_the_unquantized_model(quantized, reference_logits, input_ids, arch, method):
+    reference = reference_logits(arch)
+    with torch.no_grad():
+        logits = quantized(arch, method).model(input_ids).logits
+    error = float((logits - reference).norm() / reference.norm())
+    assert error < TOLERANCE[method], f"{arch} {method}: relative logits error {error:.4f}"
+
+
+@archs
+@matrix
+def test_plan_estimate_matches_the_loaded_model(quantized, tiny_checkpoint, arch, method):
+    result = quantized(arch, method)
+    plan = loadstone.plan(str(tiny_checkpoint(arch)), quantization=method, placement="cpu", trainable=False)
+    estimate = plan.report.placement["estimated_bytes"]
+    real = measured_bytes(result.model)
+    assert estimate == result.report.placement["estimated_bytes"]
+    assert abs(estimate - real) <= 0.05 * real, f"{arch} {method}: plan {estimate} B, loaded {real} B"
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_double_quant_estimate_and_real_memory(quantized, double_quant):
+    result = quantized("llama", "nf4", quantization_options={"double_quant": double_quant})
+    weight = result.model.model.layers[0].mlp.up_proj.weight
+    assert weight.quant_state.nested is double_quant
+    real = measured_bytes(result.model)
+    assert abs(result.report.placement["estimated_bytes"] - real) <= 0.05 * real
+
+
+def test_report_records_backend_and_settings(quantized):
+    report = quantized("llama", "nf4").report.to_dict()
+    quant = report["quantization"]
+    assert quant["distribution"] == "loadstone-bnb" and quant["backend"] == "bitsandbytes"
+    assert quant["settings"] == {"method": "nf4", "keep_modules": ["lm_head"], "cpu_offload": False, "upcast": True,
+                                 "compute_dtype": "float32", "double_quant": True, "quant_storage": "uint8"}
+    assert quant["bits_per_quantized_parameter"] == pytest.approx(4.127, abs=1e-3)
+    assert report["parameters"]["total"] == sum(p.numel() for p in quantized("llama", "none").model.parameters())
