@@ -128,6 +128,14 @@ def resolve_sources(request: LoadRequest, plugins: PluginManager) -> Sources:
                                fix="name the extra adapter differently: adapters={'other': path}")
         adapters.append(read_adapter(name, source))
 
+    names = [a.name for a in adapters]
+    if request.active_adapter is not None and request.active_adapter not in names:
+        # Checked here, before any weight is read, rather than after the base model is loaded.
+        raise AdapterError(f"active_adapter {request.active_adapter!r} is not one of the adapters of this load.",
+                           field="active_adapter", expected=", ".join(names) or "no adapters (none were given)",
+                           found=request.active_adapter,
+                           fix="pass the name of an adapter of this load (adapters={name: path}), or drop "
+                               "active_adapter")
     if request.base is not None:
         base = resolve_reference(request.base, ResolveContext(cache_dir=request.cache_dir, offline=request.offline,
                                                               token=request.token, request=request), plugins)
