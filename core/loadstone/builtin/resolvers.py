@@ -52,7 +52,14 @@ class HubResolver(Resolver):
         if not match or "/" not in match.group("repo"):
             return None
         repo_id = match.group("repo")
-        revision = match.group("rev") or ctx.revision or "main"
+        pinned = match.group("rev")
+        if pinned and ctx.revision and pinned != ctx.revision:
+            # Silently preferring one of them would load a snapshot the user did not ask for.
+            raise ResolutionError(
+                f"{reference!r} pins revision {pinned!r} but revision={ctx.revision!r} was also given.",
+                field="revision", expected="one revision", found=f"{pinned!r} and {ctx.revision!r}",
+                fix=f"drop one: {repo_id}@{ctx.revision}, or {reference} without revision= (CLI: --revision)")
+        revision = pinned or ctx.revision or "main"
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
             HfHubHTTPError,
