@@ -62,8 +62,9 @@ def _run_plan(request: LoadRequest, plugins: PluginManager, clock: StageClock, k
         for d in sources.decisions:
             report.decide(d)
     with clock.stage("inspect"):
-        config = load_config(sources.base.path, request)
+        # Weight headers first: the cheapest check, and it needs neither torch nor transformers.
         inventory = inspect_checkpoint(sources.base.path, allow_pickle=request.allow_pickle)
+        config = load_config(sources.base.path, request)
         for adapter in sources.adapters:
             if adapter.weights.suffix == ".safetensors":
                 read_safetensors_header(adapter.weights)
