@@ -125,25 +125,27 @@ def _last_line(text: Any) -> str:
 def _mismatch_error(skeleton: Any, inventory: CheckpointInventory, folder: Path, missing: set[str],
                     unexpected: set[str], mismatched: list, broken: dict[str, str]) -> WeightsMismatchError:
     arch = type(skeleton).__name__
-    parts = []
+    counts, parts = [], []
     if missing:
-        parts.append(f"{len(missing)} missing from the checkpoint (they would be randomly initialised): "
-                     f"{_listing(missing)}")
+        counts.append(f"{len(missing)} missing")
+        parts.append(f"missing from the checkpoint (they would be randomly initialised): {_listing(missing)}")
     if unexpected:
+        counts.append(f"{len(unexpected)} unexpected")
         where = {inventory.tensors[k].file.name for k in unexpected if k in inventory.tensors}
-        parts.append(f"{len(unexpected)} unexpected (in {', '.join(sorted(where)) or 'the checkpoint'}, unknown to "
-                     f"{arch}): {_listing(unexpected)}")
+        parts.append(f"unexpected (in {', '.join(sorted(where)) or 'the checkpoint'}, unknown to {arch}): "
+                     f"{_listing(unexpected)}")
     if mismatched:
-        shown = [f"{name} is {list(found)} in the checkpoint but {list(want)} in the model"
-                 for name, found, want in mismatched[:_SHOW]]
-        parts.append(f"{len(mismatched)} with the wrong shape: " + "; ".join(shown))
+        counts.append(f"{len(mismatched)} with the wrong shape")
+        parts.append("wrong shape: " + "; ".join(f"{name} is {list(found)} in the checkpoint but {list(want)} in "
+                                                 f"the model" for name, found, want in mismatched[:_SHOW]))
     if broken:
-        shown = [f"{name} ({why})" for name, why in sorted(broken.items())[:_SHOW]]
-        parts.append(f"{len(broken)} that cannot be assembled from the checkpoint's tensors: " + "; ".join(shown))
+        counts.append(f"{len(broken)} that cannot be assembled from the checkpoint's tensors")
+        parts.append("cannot be assembled: " + "; ".join(f"{name} ({why})" for name, why in
+                                                          sorted(broken.items())[:_SHOW]))
     where = inventory.index_file or (inventory.files[0] if inventory.files else folder)
     return WeightsMismatchError(
-        f"the weights in {Path(where).name} do not fit {arch} as config.json describes it: " + "; ".join(parts) + ".",
-        file=where, field="tensor names and shapes",
-        expected=f"exactly the tensors {arch} defines (tied weights excepted)", found="; ".join(parts),
+        f"the weights in {Path(where).name} do not fit {arch} as config.json describes it: tensors "
+        + ", ".join(counts) + ".", file=where, field="tensor names and shapes",
+        expected=f"exactly the tensors {arch} defines (tied weights excepted)", found=". ".join(parts),
         fix="check that config.json and the weights belong together (same model type and size); if the checkpoint "
             "is damaged, re-download or re-save it with save_pretrained")
