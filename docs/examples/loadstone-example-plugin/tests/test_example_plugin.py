@@ -32,6 +32,16 @@ def catalog_file(tmp_path, monkeypatch, tiny_checkpoint, tiny_adapter):
     return path
 
 
+def test_each_module_registers_its_component():
+    # The registration hooks are plain functions: call them with a list's append as `register`.
+    registered = []
+    catalog.loadstone_register_resolvers(registered.append)
+    placement.loadstone_register_placement_strategies(registered.append)
+    assert [(type(c).__name__, c.name) for c in registered] == [
+        ("CatalogResolver", "catalog"), ("MemoryFractionPlacement", "memory-fraction")]
+    assert placement.MemoryFractionPlacement().matches("memory-fraction:80%")
+
+
 def test_entry_points_are_declared(plugin_manager):
     # Needs the distribution installed (pip install -e .): reads its real entry points.
     records = {r.name: r for r in plugin_manager(allow=["loadstone-example-plugin"]).records}

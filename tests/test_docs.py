@@ -1,0 +1,478 @@
+"""The documentation is tested (docs/CONTRIBUTING.md, "Documentation examples are tests").
+
+* Every fenced ```python block in docs/*.md, README.md and the example plugin's README runs in a
+  fresh namespace with a temporary current directory, offline, on the CPU, in this process (so
+  torch and transformers are imported once). ```python notest blocks are skipped.
+* Every ```console block runs its ``$ `` commands unless fenced ```console notest. ``loadstone
+  ...`` and ``python -m loadstone.testing ...`` run in-process through their ``main()``; anything
+  else (pipes, redirections, other programs) runs in bash with the venv's bin first on PATH.
+* A block fenced with ``file=PATH`` (```python file=docs/examples/x.py) is an excerpt: it is not
+  run, and PATH must contain its text verbatim, so tutorials cannot drift from the real code.
+* References are complete: every hook, component method and value-object field in docs/hooks.md,
+  every ``loadstone.__all__`` name in docs/api.md, every CLI command and option in docs/cli.md;
+  and every hook is named by at least one test.
+* The example plugin is installed as a real distribution and used through its entry points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import pytest
+
+import loadstone
+from loadstone import hookspecs
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+EXAMPLE = DOCS / "examples" / "loadstone-example-plugin"
+EXAMPLE_DIST = "loadstone-example-plugin"
+BIN = Path(sys.executable).parent
+# Documents whose examples assume the example plugin is installed (the tutorial's readers did).
+NEEDS_EXAMPLE_PLUGIN = {"docs/plugin-tutorial.md", "docs/examples/loadstone-example-plugin/README.md"}
+# Environment every example runs in: no network, no GPU, no user cache.
+EXAMPLE_ENV = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+# ------------------------------------------------------------------ reading the documents
+
+
+class Block(NamedTuple):
+    doc: str  # path relative to the repository root
+    line: int  # line number of the first line of code (1-based)
+    lang: str
+    flags: tuple[str, ...]
+    text: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+    def flag(self, name: str) -> str | None:
+        for flag in self.flags:
+            key, _, value = flag.partition("=")
+            if key == name:
+                return value
+        return None
+
+
+def documents() -> list[Path]:
+    return sorted(DOCS.glob("*.md")) + [ROOT / "README.md", EXAMPLE / "README.md"]
+
+
+_FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
+
+
+def blocks(path: Path) -> Iterator[Block]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rel = path.relative_to(ROOT).as_posix()
+    i = 0
+    while i < len(lines):
+        match = _FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        fence, indent = match.group("fence"), len(match.group("indent"))
+        info = match.group("info").split()
+        body, j = [], i + 1
+        while j < len(lines) and not (lines[j].strip().startswith(fence) and lines[j].strip().strip(fence[0]) == ""):
+            body.append(lines[j][indent:] if lines[j][:indent].strip() == "" else lines[j])
+            j += 1
+        yield Block(rel, i + 2, info[0] if info else "", tuple(info[1:]), "\n".join(body) + "\n")
+        i = j + 1
+
+
+def all_blocks() -> list[Block]:
+    return [b for path in documents() if path.is_file() for b in blocks(path)]
+
+
+def runnable(lang: str) -> list:
+    found = [b for b in all_blocks() if b.lang == lang and "notest" not in b.flags and b.flag("file") is None]
+    return [pytest.param(b, id=b.id) for b in found]
+
+
+def section(text: str, heading_pattern: str) -> str | None:
+    """The text under the first heading matching ``heading_pattern``, up to the next heading of
+    the same or a higher level (fenced code is part of the section)."""
+    lines = text.splitlines()
+    in_fence = False
+    start = level = None
+    for n, line in enumerate(lines):
+        if _FENCE.match(line):
+            in_fence = not in_fence
+        if in_fence or not line.startswith("#"):
+            continue
+        depth = len(line) - len(line.lstrip("#"))
+        if start is None and re.search(heading_pattern, line):
+            start, level = n, depth
+        elif start is not None and depth <= level:
+            return "\n".join(lines[start:n])
+    return "\n".join(lines[start:]) if start is not None else None
+
+
+def sections(text: str, heading_pattern: str) -> str:
+    """Every section whose heading matches, concatenated."""
+    out, rest = [], text
+    while (found := section(rest, heading_pattern)) is not None:
+        out.append(found)
+        rest = rest[rest.index(found) + len(found):]
+    return "\n".join(out)
+
+
+def signature_text(obj) -> str:
+    """``inspect.signature`` as the docs write it: string annotations without their quotes."""
+    return str(inspect.signature(obj)).replace("'", "").replace('"', "")
+
+
+# ------------------------------------------------------------------ the example plugin, installed
+
+
+@pytest.fixture(scope="session")
+def example_site(tmp_path_factory) -> Path:
+    """The example plugin installed as a real distribution into a temporary folder (once)."""
+    root = tmp_path_factory.mktemp("example-plugin")
+    source = root / "src"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    site = root / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(site), str(source)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    return site
+
+
+def subprocess_env(extra_path: Path | None = None, **env: str) -> dict[str, str]:
+    out = {**os.environ, **EXAMPLE_ENV, **env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out.pop("LOADSTONE_PLUGINS", None)
+    out.pop("LOADSTONE_DISABLE_PLUGINS", None)
+    if extra_path is not None:
+        out["PYTHONPATH"] = os.pathsep.join(p for p in (str(extra_path), os.environ.get("PYTHONPATH")) if p)
+    return out
+
+
+# ------------------------------------------------------------------ the example plugin, for real
+# These tests come first in the file: the two slow subprocesses (a real load through the entry
+# points, and the example's own test suite) start in the background at the first test and run
+# while the documentation examples run in this process.
+
+
+_END_TO_END = r"""
+import json
+from pathlib import Path
+import loadstone
+from loadstone.testing import make_checkpoint
+
+make_checkpoint("llama", "models/tiny-llama")
+Path("models.toml").write_text('[models.tiny-llama]\npath = "models/tiny-llama"\nowner = "platform"\n')
+result = loadstone.load("catalog://tiny-llama", placement="memory-fraction:0.9", progress=False)
+try:
+    loadstone.load("catalog://tiny-lama", progress=False)
+except loadstone.ResolutionError as exc:
+    error = str(exc)
+print(json.dumps({"report": result.report.to_dict(), "error": error}, default=str))
+"""
+
+
+class Background(NamedTuple):
+    process: subprocess.Popen
+    cwd: Path
+    output: Path
+
+    def finish(self) -> tuple[int, str]:
+        code = self.process.wait(timeout=600)
+        return code, self.output.read_text(encoding="utf-8", errors="replace")
+
+
+@pytest.fixture(scope="session")
+def example_runs(example_site: Path, tmp_path_factory) -> Iterator[dict[str, Background]]:
+    runs: dict[str, Background] = {}
+
+    def start(key: str, argv: list[str], cwd: Path, **env: str) -> None:
+        output = cwd / f"{key}.out"
+        with open(output, "w") as sink:  # a file, not a pipe: nobody reads until the end
+            process = subprocess.Popen(argv, cwd=cwd, env=subprocess_env(example_site, **env), stdout=sink,
+                                       stderr=subprocess.STDOUT if key == "suite" else subprocess.DEVNULL)
+        runs[key] = Background(process, cwd, output)
+
+    start("load", [sys.executable, "-c", _END_TO_END], tmp_path_factory.mktemp("example-load"),
+          LOADSTONE_CATALOG="models.toml", LOADSTONE_AUDIT_LOG="audit.jsonl")
+    tests = example_site.parent / "src" / "tests"
+    start("suite", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", str(tests)],
+          tests.parent)
+    yield runs
+    for run in runs.values():
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+
+
+def test_example_plugin_is_listed_with_its_distribution(example_site: Path, example_runs) -> None:
+    done = subprocess.run([str(BIN / "loadstone"), "plugins", "--json"], env=subprocess_env(example_site),
+                          capture_output=True, text=True, timeout=120, check=True)
+    records = {r["name"]: r for r in json.loads(done.stdout) if r["distribution"] == EXAMPLE_DIST}
+    assert set(records) == {"example-catalog", "example-audit", "example-placement"}, done.stdout
+    for record in records.values():
+        assert (record["version"], record["status"], record["builtin"]) == ("0.1.0", "loaded", False), record
+    components = {(c["kind"], c["name"]) for r in records.values() for c in r["components"]}
+    assert components == {("resolver", "catalog"), ("placement", "memory-fraction")}
+
+
+# ------------------------------------------------------------------ running examples
+
+
+@contextlib.contextmanager
+def example_sandbox(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path | None]:
+    """Temporary cwd, example environment, a fresh plugin manager; everything restored afterwards."""
+    saved_env, saved_path, saved_cwd = dict(os.environ), list(sys.path), os.getcwd()
+    site = request.getfixturevalue("example_site") if block.doc in NEEDS_EXAMPLE_PLUGIN else None
+    os.environ.update(EXAMPLE_ENV)
+    os.environ["LOADSTONE_DEMO_DIR"] = str(tmp_path / "demo-cache")
+    for name in ("LOADSTONE_PLUGINS", "LOADSTONE_DISABLE_PLUGINS", "LOADSTONE_STRICT_PLUGINS"):
+        os.environ.pop(name, None)
+    if site is not None:
+        sys.path.insert(0, str(site))
+    os.chdir(tmp_path)
+    loadstone.reset_plugin_manager()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield site
+    finally:
+        os.chdir(saved_cwd)
+        sys.path[:] = saved_path
+        os.environ.clear()
+        os.environ.update(saved_env)
+        loadstone.reset_plugin_manager()
+
+
+@pytest.mark.parametrize("block", runnable("python"))
+def test_python_example_runs(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # Leading newlines make tracebacks point at the Markdown file's own line numbers.
+    code = compile("\n" * (block.line - 1) + block.text, str(ROOT / block.doc), "exec")
+    with example_sandbox(block, tmp_path, request):
+        exec(code, {"__name__": "__docs__"})
+
+
+_SHELL_ONLY = re.compile(r"[|&;<>$`(){}*?~]")
+
+
+def _commands(block: Block) -> Iterator[tuple[int, str]]:
+    lines = block.text.splitlines()
+    n = 0
+    while n < len(lines):
+        if not lines[n].startswith("$ "):
+            n += 1
+            continue
+        start, command = n, lines[n][2:]
+        while command.endswith("\\") and n + 1 < len(lines):
+            n += 1
+            command = command[:-1] + " " + lines[n].strip()
+        yield block.line + start, command
+        n += 1
+
+
+def _in_process(main, argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse: --help, usage errors
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code or 0, out.getvalue()
+
+
+def run_command(command: str, block_env: dict[str, str], cwd: Path, site: Path | None) -> tuple[int, str]:
+    tokens = shlex.split(command, comments=True)
+    if not _SHELL_ONLY.search(command) and tokens:
+        assignments = {}
+        while tokens and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", tokens[0]):
+            key, _, value = tokens.pop(0).partition("=")
+            assignments[key] = value
+        if tokens and tokens[0] == "export":
+            block_env.update(t.partition("=")[::2] for t in tokens[1:])
+            return 0, ""
+        main = None
+        if tokens and tokens[0] == "loadstone":
+            from loadstone.cli import main
+            argv = tokens[1:]
+        elif tokens[:3] in (["python", "-m", "loadstone.testing"], ["python3", "-m", "loadstone.testing"]):
+            from loadstone.testing import main
+            argv = tokens[3:]
+        if main is not None:
+            saved = dict(os.environ)
+            os.environ.update({**block_env, **assignments})
+            loadstone.reset_plugin_manager()
+            try:
+                return _in_process(main, argv)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+                loadstone.reset_plugin_manager()
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, env=subprocess_env(site, **block_env),
+                          capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("block", runnable("console"))
+def test_console_example_runs(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    commands = list(_commands(block))
+    assert commands, f"{block.id}: a console block without '$ ' commands; fence it as another language"
+    block_env: dict[str, str] = {}
+    with example_sandbox(block, tmp_path, request) as site:
+        for line, command in commands:
+            code, output = run_command(command, block_env, tmp_path, site)
+            assert code == 0, f"{block.doc}:{line}: `$ {command}` exited with {code}:\n{output[-3000:]}"
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.id) for b in all_blocks() if b.flag("file")])
+def test_excerpt_matches_its_file(block: Block) -> None:
+    path = ROOT / block.flag("file")
+    assert path.is_file(), f"{block.id}: file={block.flag('file')} does not exist"
+    assert textwrap.dedent(block.text).strip() in path.read_text(encoding="utf-8"), (
+        f"{block.id}: this excerpt is no longer in {block.flag('file')}; copy the current code into the docs")
+
+
+def test_fences_are_closed_and_labelled() -> None:
+    for path in documents():
+        if not path.is_file():
+            continue
+        fences = [n + 1 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if _FENCE.match(line)]
+        assert len(fences) % 2 == 0, f"{path.relative_to(ROOT)}: an unclosed code fence (fences at lines {fences})"
+    unlabelled = [b.id for b in all_blocks() if not b.lang]
+    assert not unlabelled, f"code blocks without a language (write ```text for plain output): {unlabelled}"
+
+
+# ------------------------------------------------------------------ references are complete
+
+
+HOOKS = sorted(name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction)
+               if name.startswith("loadstone_") and hasattr(getattr(hookspecs, name), "loadstone_spec"))
+
+
+def test_hookspecs_are_found() -> None:
+    assert "loadstone_register_resolvers" in HOOKS and "loadstone_after_load" in HOOKS
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_has_a_section_with_its_signature(hook: str) -> None:
+    text = (DOCS / "hooks.md").read_text(encoding="utf-8")
+    body = section(text, rf"^#+ .*`?{hook}`?")
+    assert body is not None, f"docs/hooks.md has no section whose heading names {hook}"
+    signature = f"{hook}{signature_text(getattr(hookspecs, hook))}"
+    assert signature in body, f"docs/hooks.md, section {hook}: the exact signature {signature} is missing"
+    assert "```python" in body, f"docs/hooks.md, section {hook}: add a runnable example"
+
+
+def _test_sources() -> dict[Path, str]:
+    files = [*ROOT.glob("tests/**/*.py"), *ROOT.glob("plugins/*/tests/**/*.py"),
+             *ROOT.glob("docs/examples/*/tests/**/*.py")]
+    return {f: f.read_text(encoding="utf-8") for f in files if f.resolve() != Path(__file__).resolve()}
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_named_by_a_test(hook: str) -> None:
+    found = [f for f, text in _test_sources().items() if re.search(rf"\b{hook}\b", text)]
+    assert found, (f"no test names {hook} (searched tests/, plugins/*/tests/, docs/examples/*/tests/; "
+                   f"tests/test_docs.py itself does not count): add one that implements or calls it")
+
+
+COMPONENTS = [loadstone.QuantizationBackend, loadstone.PlacementStrategy, loadstone.Resolver]
+VALUE_OBJECTS = [loadstone.QuantizationContext, loadstone.PlacementContext, loadstone.ResolveContext,
+                 loadstone.ResolvedSource]
+
+
+def _public_members(cls) -> list[str]:
+    return sorted(n for n, v in vars(cls).items()
+                  if not n.startswith("_") and (callable(v) or isinstance(v, property)))
+
+
+@pytest.mark.parametrize("cls", COMPONENTS, ids=lambda c: c.__name__)
+def test_every_component_method_is_documented(cls) -> None:
+    body = section((DOCS / "hooks.md").read_text(encoding="utf-8"), rf"^#+ .*`?{cls.__name__}`?")
+    assert body is not None, f"docs/hooks.md has no section whose heading names {cls.__name__}"
+    for name in _public_members(cls):
+        signature = f"{name}{signature_text(getattr(cls, name))}"
+        assert signature in body, f"docs/hooks.md, section {cls.__name__}: {signature} is missing"
+    for name in ("name", "description", "methods", "checkpoint_formats", "requirements", "priority"):
+        if name in getattr(cls, "__annotations__", {}):
+            assert f"`{name}`" in body, f"docs/hooks.md, section {cls.__name__}: class attribute {name} is missing"
+
+
+@pytest.mark.parametrize("cls", VALUE_OBJECTS, ids=lambda c: c.__name__)
+def test_every_value_object_field_is_documented(cls) -> None:
+    body = section((DOCS / "hooks.md").read_text(encoding="utf-8"), rf"^#+ .*`?{cls.__name__}`?")
+    assert body is not None, f"docs/hooks.md has no section whose heading names {cls.__name__}"
+    names = [f.name for f in dataclasses.fields(cls)] + _public_members(cls)
+    missing = [n for n in names if not re.search(rf"`{n}\b", body)]
+    assert not missing, f"docs/hooks.md, section {cls.__name__}: undocumented {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(loadstone.__all__))
+def test_every_public_name_is_documented(name: str) -> None:
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    body = section(text, rf"^#+ .*`{re.escape(name)}\b")
+    assert body is not None, f"docs/api.md has no section whose heading names `{name}`"
+    obj = getattr(loadstone, name)
+    if inspect.isfunction(obj):
+        signature = f"{name}{signature_text(obj)}"
+        assert signature in body, f"docs/api.md, section {name}: the exact signature {signature} is missing"
+
+
+def _cli_commands() -> dict[str, list[str]]:
+    from loadstone.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    commands = {"loadstone": [s for a in parser._actions for s in a.option_strings]}
+    for name, sub in subparsers.choices.items():
+        commands[f"loadstone {name}"] = [s for a in sub._actions for s in a.option_strings]
+    return commands
+
+
+@pytest.mark.parametrize("command", sorted(_cli_commands()))
+def test_every_cli_command_and_option_is_documented(command: str) -> None:
+    text = (DOCS / "cli.md").read_text(encoding="utf-8")
+    body = sections(text, rf"^#+ .*`{command}`")
+    assert body, f"docs/cli.md has no section whose heading names `{command}`"
+    missing = [o for o in _cli_commands()[command] if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", body)]
+    assert not missing, f"docs/cli.md, `{command}`: options not documented in its section(s): {missing}"
+
+
+# ------------------------------------------------------------------ the example plugin: background results
+
+
+def test_example_plugin_resolves_places_and_audits_through_entry_points(example_runs) -> None:
+    code, output = example_runs["load"].finish()
+    assert code == 0, output[-3000:]
+    cwd = example_runs["load"].cwd
+    out = json.loads(output.splitlines()[-1])
+    report = out["report"]
+    base = report["sources"]["base"]
+    assert (base["kind"], base["resolver"], base["extra"]["owner"]) == ("catalog", "catalog", "platform")
+    assert base["distribution"] == f"{EXAMPLE_DIST} 0.1.0"
+    assert base["path"] == str((cwd / "models" / "tiny-llama").resolve())
+    placement = next(d for d in report["decisions"] if d["topic"] == "placement")
+    assert (placement["plugin"], placement["distribution"]) == ("example-placement", EXAMPLE_DIST)
+    assert "did you mean 'tiny-llama'" in out["error"]
+    lines = [json.loads(line) for line in (cwd / "audit.jsonl").read_text().splitlines()]
+    assert [line["event"] for line in lines] == ["load", "load_failed"]
+    assert lines[0]["reference"] == "catalog://tiny-llama" and lines[0]["parameters"]["total"] > 0
+    assert (lines[1]["stage"], lines[1]["error"]) == ("resolve", "ResolutionError")
+
+
+def test_example_plugin_own_test_suite_passes(example_runs) -> None:
+    code, output = example_runs["suite"].finish()
+    assert code == 0, output[-5000:]
