@@ -97,11 +97,7 @@ class LoadRequest:
             raise OptionError("placement must be a strategy name, a device, or a device map.",
                               field="placement", found=repr(self.placement),
                               fix='pass e.g. "auto", "cpu", "cuda:0", "rank" or {"": "cpu"}')
-        if not isinstance(self.max_memory, (dict, type(None))) or (
-                self.max_memory and not all(isinstance(v, int) for v in self.max_memory.values())):
-            self.max_memory = parse_max_memory(self.max_memory)
-        elif self.max_memory:
-            self.max_memory = {normalize_device(k): v for k, v in self.max_memory.items()}
+        self.max_memory = parse_max_memory(self.max_memory)
         if isinstance(self.adapters, (list, tuple)):
             self.adapters = parse_adapter_specs(self.adapters)
         if not isinstance(self.adapters, dict):

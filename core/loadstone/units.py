@@ -72,4 +72,17 @@ def parse_max_memory(value: Mapping[Any, Any] | None) -> dict[str | int, int] | 
     if not isinstance(value, Mapping):
         raise OptionError("max_memory must map devices to sizes.", field="max_memory", found=value,
                           fix='pass e.g. {"cuda:0": "20GiB", "cpu": "64GiB"}')
-    return {normalize_device(k): parse_size(v, field=f"max_memory[{k}]") for k, v in value.items()}
+    return {_memory_device(k): parse_size(v, field=f"max_memory[{k}]") for k, v in value.items()}
+
+
+def _memory_device(key: Any) -> str | int:
+    """A ``max_memory`` key, refused here when it is no device name at all (``gpu7``), rather than
+    deep inside accelerate's placement code."""
+    from .components import is_device_spec
+
+    device = normalize_device(key)
+    if isinstance(device, int) or device == "disk" or is_device_spec(device):
+        return device
+    raise OptionError(f"max_memory names {key!r}, which is not a device.", field="max_memory", found=key,
+                      expected="cpu, disk, cuda:N (or just N), mps, xpu:N",
+                      fix='write it like {"cuda:0": "20GiB", "cpu": "64GiB"} (CLI: --max-memory cuda:0=20GiB)')
