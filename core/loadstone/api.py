@@ -23,6 +23,8 @@ from .planning import (
     bytes_by_device,
     check_fit,
     choose_quantization,
+    missing_devices,
+    present_devices,
     tensor_bytes,
 )
 from .plugins import PluginManager, get_plugin_manager
@@ -115,6 +117,7 @@ def _decide(request, plugins, sources, config, inventory, report) -> Plan:
         raise
     except Exception as exc:
         raise plugins.hook_error(preg.plugin, "plan", exc, f"placement {preg.name!r}") from exc
+    _check_devices_present(device_map, request, preg, report)
     report.decide(Decision.from_registration("placement", preg.name if not isinstance(spec, str) or spec == preg.name
                                              else f"{preg.name} ({spec})", preg, "; ".join(pctx.notes)))
     per_device = bytes_by_device(sizes, device_map)
@@ -142,6 +145,25 @@ def _decide(request, plugins, sources, config, inventory, report) -> Plan:
     return Plan(request, sources, config, inventory, task, auto_class, dtype, qctx, qreg, preg, device_map,
                 per_device, n_params, fits, advice, report, frozenset(n for n, _ in skeleton.named_modules()),
                 skeleton)
+
+
+def _check_devices_present(device_map, request, preg, report) -> None:
+    """A map onto devices this machine lacks (accelerate only warns "Device 0 is not available" when
+    max_memory names one) is a PlacementError for a load, before any weight is read; a plan keeps it,
+    since planning for a bigger machine is legitimate, and says so."""
+    absent = missing_devices(device_map.values())
+    if not absent:
+        return
+    budgeted = {_label(k) for k in (request.max_memory or {})} & set(absent)
+    who = "max_memory gives a budget to" if budgeted else f"placement strategy {preg.name!r} ({preg.owner()}) uses"
+    message = f"{who} {', '.join(absent)}, which this machine does not have"
+    if report.kind == "plan":
+        report.notes.append(message + ": this plan is for a machine that has them; a load here would fail")
+        return
+    raise PlacementError(message + ".", field="max_memory" if budgeted else "placement", found=", ".join(absent),
+                         expected=f"devices present here: {present_devices()}",
+                         fix="drop those max_memory entries, or load where those devices exist" if budgeted
+                         else "choose another placement (e.g. 'cpu')")
 
 
 def _label(device: Any) -> str:

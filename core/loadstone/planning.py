@@ -18,7 +18,7 @@ from .plugins import PluginManager, Registration
 from .report import Decision, LoadReport
 from .request import LoadRequest
 from .sources import Sources
-from .units import device_label, format_size
+from .units import device_label, format_size, normalize_device
 
 
 @dataclass
@@ -69,6 +69,38 @@ class PlacementContext:
             budget = self.memory_budget() if budget is None else budget
         return dict(infer_auto_device_map(self.model, max_memory=budget,
                                           no_split_module_classes=self.no_split_module_classes, hf_quantizer=oracle))
+
+
+def _accelerator_count(kind: str) -> int:
+    import torch
+
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        return 1 if torch.backends.mps.is_available() else 0
+    backend = getattr(torch, kind, None)
+    if backend is None or not backend.is_available():
+        return 0
+    return backend.device_count() if hasattr(backend, "device_count") else 1
+
+
+def missing_devices(devices: Any) -> list[str]:
+    """Labels of the accelerators among ``devices`` (map values or budget keys) this machine lacks."""
+    absent = []
+    for device in devices:
+        device = normalize_device(device)
+        if device in ("cpu", "disk", "meta"):
+            continue
+        kind, index = ("cuda", device) if isinstance(device, int) else (
+            device.partition(":")[0], int(device.partition(":")[2] or 0))
+        if index >= _accelerator_count(kind):
+            absent.append(device_label(device))
+    return sorted(set(absent))
+
+
+def present_devices() -> str:
+    n = _accelerator_count("cuda")
+    return "cpu, disk" + (f", cuda:0 .. cuda:{n - 1}" if n else "") + (", mps" if _accelerator_count("mps") else "")
 
 
 class _SizeOracle:
