@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import traceback
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from .errors import LoadstoneError, OptionError
 
@@ -22,6 +22,15 @@ EPILOG_PLAN = """examples:
   loadstone plan org/name --placement sequential --max-memory cuda:0=10GiB --max-memory cpu=64GiB --json
   loadstone plan ./my-model --max-memory cpu=2GiB --offload-folder /tmp/offload
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the one-paragraph form every other error has (argparse would print the whole
+    usage block first). Subcommand parsers inherit it."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"error (usage): {self.prog}: {message}. Run `{self.prog} --help` for every option, "
+                     f"with examples.\n")
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -50,14 +59,14 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to load")
     g.add_argument("--adapter", action="append", default=[], metavar="[NAME=]REF",
                    help="attach another adapter (repeatable), e.g. --adapter math=./lora-math")
-    g.add_argument("--active-adapter", metavar="NAME", help="adapter to activate (default: the first)")
+    g.add_argument("--active-adapter", metavar="NAME", help="adapter to activate (default: the first), e.g. --active-adapter math")
     g.add_argument("--base", metavar="REF", help="base model overriding the adapter's base_model_name_or_path, "
                                                  "e.g. --base /models/llama-moved")
     g.add_argument("--task", metavar="TASK",
                    help="model head: causal-lm (default), sequence-classification, token-classification, "
                         "question-answering, seq2seq-lm, feature-extraction")
     g.add_argument("--revision", metavar="REV", help="Hub revision (branch, tag or commit), e.g. --revision v1.0")
-    g.add_argument("--cache-dir", metavar="DIR", help="Hugging Face cache folder (default: HF_HUB_CACHE)")
+    g.add_argument("--cache-dir", metavar="DIR", help="Hugging Face cache folder (default: HF_HUB_CACHE), e.g. --cache-dir /data/hf-cache")
     g.add_argument("--offline", action="store_true", default=None,
                    help="use only the local cache (also: HF_HUB_OFFLINE=1)")
     g = p.add_argument_group("how to load it")
@@ -70,11 +79,12 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
                    help="auto (default), balanced, sequential, cpu, a device such as cuda:1, rank (one copy per "
                         "torchrun process), or a plugin's strategy")
     g.add_argument("--device-map", metavar="FILE.json",
-                   help="explicit device map from a JSON file {module: device}; overrides --placement")
+                   help="explicit device map from a JSON file {module: device}; overrides --placement, "
+                        "e.g. --device-map map.json holding {\"model\": \"cpu\", \"lm_head\": \"disk\"}")
     g.add_argument("--dtype", default="auto", help="auto (checkpoint's own, default), bfloat16, float16, float32")
     g.add_argument("--max-memory", action="append", default=[], type=_key_value, metavar="DEVICE=SIZE",
                    help="memory budget (repeatable), e.g. --max-memory cuda:0=20GiB --max-memory cpu=64GiB")
-    g.add_argument("--offload-folder", metavar="DIR", help="allow disk offload into DIR")
+    g.add_argument("--offload-folder", metavar="DIR", help="allow disk offload into DIR, e.g. --offload-folder /tmp/offload")
     g.add_argument("--frozen", action="store_true", help="freeze adapters too (inference); default: trainable")
     g.add_argument("--gradient-checkpointing", action="store_true", help="enable gradient checkpointing")
     g.add_argument("--attn-implementation", metavar="NAME", help="e.g. sdpa, eager")
@@ -89,10 +99,12 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="loadstone", description="Load pretrained base models for parameter-efficient fine-tuning, "
         "explaining every decision.", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="run `loadstone COMMAND --help` for each command's options; `loadstone demo` to see it work")
+        epilog="examples:\n  loadstone demo\n  loadstone plan ./my-model --max-memory cuda:0=20GiB\n"
+               "  loadstone load ./my-lora-adapter --quantization nf4 --json\n  loadstone plugins --json\n\n"
+               "run `loadstone COMMAND --help` for each command's options")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("load", help="load a model (and adapters) and print the load report",
