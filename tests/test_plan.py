@@ -133,3 +133,17 @@ def test_plan_of_a_large_checkpoint_maps_no_weight_pages(tmp_path):
     assert planned.bytes_per_device == {"cpu": data_bytes + 128 * 4}
     # Reading (or touching mapped pages of) the weights would add ~1.6 GB to this process's RSS.
     assert rss.peak < rss_before + 500 * 2**20
+
+
+def test_budget_for_an_absent_gpu_plans_for_that_machine_and_refuses_to_load_here(sharded_llama):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the machine has a GPU; this is about planning for one from a machine without")
+    planned = loadstone.plan(str(sharded_llama), max_memory={"cuda:0": "1GiB"})
+    assert planned.device_map == {"": 0} and planned.bytes_per_device == {"cuda:0": planned.report.placement[
+        "estimated_bytes"]}
+    assert any("cuda:0, which this machine does not have" in note for note in planned.report.notes)
+    with pytest.raises(loadstone.PlacementError) as info:  # accelerate alone would only warn, then crash later
+        loadstone.load(str(sharded_llama), max_memory={"cuda:0": "1GiB"}, progress=False)
+    assert info.value.field == "max_memory" and info.value.found == "cuda:0"
