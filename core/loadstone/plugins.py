@@ -213,6 +213,7 @@ class PluginManager:
             self._pm.register(plugin, name=record.name)
             try:
                 self._pm.check_pending()
+                self._refuse_wrappers(record, plugin)
                 record.components = self._collect_components(record)
             except BaseException:
                 self._pm.unregister(name=record.name)
@@ -222,15 +223,15 @@ class PluginManager:
             record.error = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, PluginConflictError):
                 raise
-            message = (f"loadstone plugin {record.name!r} from distribution {record.distribution} "
-                       f"{record.version} was skipped: {record.error}")
+            message = (f"loadstone plugin {record.name!r} from distribution "
+                       f"{f'{record.distribution} {record.version}'.strip()} failed to load: {record.error}")
             if self.strict:
                 raise PluginLoadError(
                     message, field="entry point", found=record.value,
                     fix=f"fix or uninstall {record.distribution}, or unset LOADSTONE_STRICT_PLUGINS "
                         f"to skip it, or add it to LOADSTONE_DISABLE_PLUGINS",
                 ) from exc
-            warnings.warn(message + " (set LOADSTONE_STRICT_PLUGINS=1 to make this an error)",
+            warnings.warn(message + "; it was skipped (set LOADSTONE_STRICT_PLUGINS=1 to make this an error)",
                           PluginLoadWarning, stacklevel=3)
             return
         record.status = "loaded"
@@ -239,6 +240,15 @@ class PluginManager:
             if reg.kind == "quantization":
                 for method in reg.component.methods:
                     self._method_index[method] = reg
+
+    def _refuse_wrappers(self, record: PluginRecord, plugin: Any) -> None:
+        # The kernel calls each implementation itself (to name the plugin in errors), so a
+        # wrapper's generator would silently never run; refuse it instead.
+        for caller in self._pm.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and (impl.hookwrapper or getattr(impl, "wrapper", False)):
+                    raise TypeError(f"{caller.name} is declared with wrapper=True/hookwrapper=True, which loadstone "
+                                    f"hooks do not support; implement it as a plain hook (docs/hooks.md)")
 
     def _collect_components(self, record: PluginRecord) -> list[Registration]:
         collected: list[Registration] = []
