@@ -11,7 +11,10 @@ groups:
   audit logging.
 
 Hook arguments may grow in later versions: pluggy passes only the arguments an implementation
-names, so implementations keep working when new ones are added.
+names, so implementations keep working when new ones are added. The kernel calls each
+implementation itself (newest-registered first; ``tryfirst``/``trylast`` honoured) so that a
+failure names its plugin; hook wrappers (``wrapper=True``, ``hookwrapper=True``) are refused.
+docs/hooks.md documents every hook with an example.
 """
 
 from __future__ import annotations
@@ -113,18 +116,19 @@ def loadstone_after_load(result):
     :param result: the :class:`loadstone.LoadResult` (``.model``, ``.report``, ``.plan``).
     :return: ignored.
 
-    The place for audit logging: ``result.report.to_dict()`` is JSON-serialisable.
+    The place for audit logging: ``result.report.to_dict()`` is JSON-serialisable. Raising here
+    fails the finished load (and ``loadstone_load_failed`` runs).
     """
 
 
 @hookspec
 def loadstone_load_failed(request, stage, error):
-    """Called when a load fails, before the error reaches the caller.
+    """Called when a load (or a plan) fails, before the error reaches the caller.
 
     :param request: the :class:`loadstone.LoadRequest`.
-    :param stage: name of the stage that failed (``"resolve"``, ``"inspect"``, ``"plan"``,
-        ``"load_weights"``, ``"prepare"``, ``"adapters"``, ``"report"``).
-    :param error: the exception that will be raised.
+    :param stage: name of the stage that failed (``"before_load"``, ``"resolve"``, ``"inspect"``,
+        ``"plan"``, ``"load_weights"``, ``"prepare"``, ``"adapters"``, ``"report"``).
+    :param error: the exception that will be raised (any exception, ``KeyboardInterrupt`` included).
     :return: ignored. Exceptions raised here are logged and otherwise ignored, so that the
         original error is what the caller sees.
     """
