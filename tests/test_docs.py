@@ -228,6 +228,12 @@ def test_example_plugin_is_listed_with_its_distribution(example_site: Path, exam
         assert (record["version"], record["status"], record["builtin"]) == ("0.1.0", "loaded", False), record
     components = {(c["kind"], c["name"]) for r in records.values() for c in r["components"]}
     assert components == {("resolver", "catalog"), ("placement", "memory-fraction")}
+    # The allow list takes the distribution name spelled any way pip accepts.
+    env = subprocess_env(example_site, LOADSTONE_PLUGINS="Loadstone_Example.Plugin")
+    done = subprocess.run([str(BIN / "loadstone"), "plugins", "--json"], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    statuses = {r["name"]: r["status"] for r in json.loads(done.stdout) if r["distribution"] == EXAMPLE_DIST}
+    assert set(statuses.values()) == {"loaded"}, statuses
 
 
 # ------------------------------------------------------------------ running examples

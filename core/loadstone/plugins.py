@@ -119,6 +119,12 @@ def _env_list(name: str) -> list[str] | None:
     return [part.strip() for part in raw.split(",") if part.strip()]
 
 
+def _canonical(name: str) -> str:
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(name)
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -179,10 +185,12 @@ class PluginManager:
         return found
 
     def _selected(self, record: PluginRecord) -> str:
-        names = {record.name, record.distribution}
-        if names & self.disable:
+        # Distribution names compare as pip compares them: loadstone_bnb is loadstone-bnb.
+        names = {record.name, _canonical(record.distribution)}
+        if names & ({_canonical(n) for n in self.disable} | self.disable):
             return "disabled"
-        if self.allow is not None and not record.builtin and not (names & set(self.allow)):
+        if self.allow is not None and not record.builtin and not (
+                names & ({_canonical(n) for n in self.allow} | set(self.allow))):
             return "not-allowed"
         return "loaded"
 
