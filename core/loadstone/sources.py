@@ -115,8 +115,7 @@ def resolve_sources(request: LoadRequest, plugins: PluginManager) -> Sources:
     ctx = ResolveContext(revision=request.revision, cache_dir=request.cache_dir, offline=request.offline,
                          token=request.token, request=request)
     main = resolve_reference(request.reference, ctx, plugins)
-    decisions = [Decision("source", main.kind, f"resolver {main.resolver}", f"resolved {request.reference!r}",
-                          distribution=main.distribution)]
+    decisions = [_resolved_by("source", main, plugins, f"resolved {request.reference!r}")]
     adapters: list[AdapterSource] = []
     if is_adapter_folder(main.path):
         adapters.append(read_adapter("default", main))
@@ -136,6 +135,11 @@ def resolve_sources(request: LoadRequest, plugins: PluginManager) -> Sources:
                            found=request.active_adapter,
                            fix="pass the name of an adapter of this load (adapters={name: path}), or drop "
                                "active_adapter")
+    if request.base is not None and not (adapters and adapters[0].source is main):
+        # The reference is itself the base model; silently loading base= instead would ignore it.
+        raise AdapterError(f"base= is given, but {request.reference!r} is a model, not an adapter folder.",
+                           field="base", found=request.base, expected="an adapter folder as the reference",
+                           fix="drop base=, or pass the adapter folder as the reference")
     if request.base is not None:
         base = resolve_reference(request.base, ResolveContext(cache_dir=request.cache_dir, offline=request.offline,
                                                               token=request.token, request=request), plugins)
@@ -146,11 +150,21 @@ def resolve_sources(request: LoadRequest, plugins: PluginManager) -> Sources:
                                   "adapter_config.json base_model_name_or_path"))
     else:
         base = main
+    if base is not main:
+        decisions.append(_resolved_by("base source", base, plugins, f"resolved {base.reference!r}"))
     if is_adapter_folder(base.path):
         raise AdapterError(f"the base model {base.path} is itself an adapter folder.", file=base.path / ADAPTER_CONFIG,
                            field="base_model_name_or_path", found=str(base.path),
                            fix="point base= at the full model the adapter was trained on")
     return Sources(base, adapters, decisions)
+
+
+def _resolved_by(topic: str, found: ResolvedSource, plugins: PluginManager, reason: str) -> Decision:
+    """The decision of the resolver that claimed a reference, naming its plugin, distribution and version."""
+    reg = next((r for r in plugins.resolvers() if r.name == found.resolver), None)
+    if reg is None:  # pragma: no cover - resolve_reference always sets a registered resolver
+        return Decision(topic, found.kind, f"resolver {found.resolver}", reason)
+    return Decision.from_registration(topic, found.kind, reg, reason)
 
 
 def _adapter_base(adapter: AdapterSource, request: LoadRequest, plugins: PluginManager) -> ResolvedSource:
