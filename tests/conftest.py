@@ -24,6 +24,12 @@ def sharded_llama(tiny_checkpoint: Callable[..., Path]) -> Path:
     return tiny_checkpoint("llama", max_shard_size="200KB")
 
 
+@pytest.fixture(scope="session")
+def llama_lora(tiny_adapter: Callable[..., Path], sharded_llama: Path) -> Path:
+    """A LoRA adapter (q_proj, v_proj, r=4) whose base is ``sharded_llama``."""
+    return tiny_adapter("llama", checkpoint_kwargs={"max_shard_size": "200KB"})
+
+
 def offloaded_state_dict(model: Any) -> dict[str, Any]:
     """The values a model serves, including disk/CPU-offloaded ones (accelerate's view)."""
     from accelerate.utils.modeling import get_state_dict_offloaded_model

@@ -43,8 +43,8 @@ def _rewrite_config(folder: Path, **changes) -> None:
 
 
 @pytest.fixture(scope="module")
-def lora(tiny_adapter, sharded_llama) -> Path:
-    return tiny_adapter("llama", checkpoint_kwargs={"max_shard_size": "200KB"})
+def lora(llama_lora, sharded_llama) -> Path:
+    return llama_lora
 
 
 @pytest.fixture(scope="module")

@@ -68,8 +68,8 @@ def _comparable(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in ("stages", "memory")}
 
 
-def test_load_json_matches_the_python_api(capsys, tiny_adapter):
-    adapter = str(tiny_adapter("llama"))
+def test_load_json_matches_the_python_api(capsys, llama_lora):
+    adapter = str(llama_lora)
     code, out, err = run(capsys, "load", adapter, "--placement", "cpu", "--json", "--quiet")
     assert code == 0, err
     from_cli = json.loads(out)

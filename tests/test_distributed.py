@@ -14,8 +14,8 @@ WORKER = Path(__file__).parent / "fixtures" / "rank_worker.py"
 
 
 @pytest.mark.slow
-def test_rank_placement_under_torchrun(tiny_adapter, tmp_path):
-    adapter = tiny_adapter("llama", checkpoint_kwargs={"max_shard_size": "200KB"})
+def test_rank_placement_under_torchrun(llama_lora, tmp_path):
+    adapter = llama_lora
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADSTONE_", "RANK", "LOCAL_RANK", "WORLD_"))}
     env.update(OMP_NUM_THREADS="1", LOADSTONE_PLUGINS="")
     done = subprocess.run(

@@ -47,9 +47,9 @@ def manager(*plugins: Any) -> loadstone.PluginManager:
     return loadstone.PluginManager(allow=[], extra_plugins=[(f"p{i}", p) for i, p in enumerate(plugins)])
 
 
-def test_hooks_run_in_order_with_the_right_arguments(tiny_adapter):
+def test_hooks_run_in_order_with_the_right_arguments(llama_lora):
     recorder = Recorder()
-    result = loadstone.load(str(tiny_adapter("llama")), placement="cpu", progress=False, plugins=manager(recorder))
+    result = loadstone.load(str(llama_lora), placement="cpu", progress=False, plugins=manager(recorder))
     assert recorder.names() == ["before_load", "after_plan", "model_loaded", "after_load"]
     args = dict(recorder.calls)
     request = args["before_load"]["request"]
@@ -173,10 +173,10 @@ class AuditLog:
                      "error": error.to_dict() if isinstance(error, loadstone.LoadstoneError) else repr(error)})
 
 
-def test_audit_log_plugin(tiny_adapter, sharded_llama, tmp_path):
+def test_audit_log_plugin(llama_lora, sharded_llama, tmp_path):
     log = tmp_path / "audit.jsonl"
     plugins = manager(AuditLog(log))
-    loadstone.load(str(tiny_adapter("llama")), placement="cpu", progress=False, plugins=plugins)
+    loadstone.load(str(llama_lora), placement="cpu", progress=False, plugins=plugins)
     with pytest.raises(loadstone.PlacementError):
         loadstone.load(str(sharded_llama), placement="cpu", max_memory={"cpu": "1KB"}, progress=False,
                        plugins=plugins)
