@@ -1,0 +1,49 @@
+"""Placement on a real CUDA device. CI has no GPU; these run on the lent GPU machine.
+
+    python3 -m pytest tests/test_gpu.py -m gpu
+"""
+
+import pytest
+import torch
+
+import loadstone
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)"),
+]
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key].cpu(), sb[key].cpu()), key
+
+
+@pytest.mark.parametrize("placement", ["cuda:0", "auto", "rank"])
+def test_whole_model_on_gpu_equals_from_pretrained(tiny_checkpoint, placement):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_checkpoint("qwen2", dtype="bfloat16", max_shard_size="100KB")
+    result = loadstone.load(str(folder), placement=placement, progress=False, trainable=False)
+    assert {p.device.type for p in result.model.parameters()} == {"cuda"}
+    assert result.plan.device_map in ({"": 0}, {"": "cuda:0"})
+    assert result.report.memory["peak_device_bytes"]["cuda:0"] > 0
+    reference = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, device_map="cuda:0")
+    _same_state(result.model, reference)
+
+
+def test_budget_splits_gpu_and_cpu_and_plan_equals_load(tiny_checkpoint):
+    folder = tiny_checkpoint("llama")
+    budget = {"cuda:0": "200KB", "cpu": "10GiB"}
+    plan = loadstone.plan(str(folder), max_memory=budget)
+    result = loadstone.load(str(folder), max_memory=budget, progress=False, trainable=False)
+    assert plan.device_map == result.plan.device_map
+    assert set(plan.device_map.values()) == {0, "cpu"}
+    for name, param in result.model.named_parameters():
+        key = max((k for k in plan.device_map if k == "" or name == k or name.startswith(k + ".")), key=len)
+        want = plan.device_map[key]
+        # accelerate keeps CPU-offloaded weights in a hook's weights map and leaves meta tensors behind
+        assert param.device.type in (("cuda",) if want == 0 else ("cpu", "meta")), name
