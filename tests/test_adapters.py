@@ -96,6 +96,12 @@ def test_moved_base_is_a_clear_error_and_base_overrides_it(lora, sharded_llama, 
     assert result.report.decision("base").by == "user"
 
 
+def test_base_override_needs_an_adapter_reference(sharded_llama, tiny_checkpoint):
+    with pytest.raises(loadstone.AdapterError) as info:  # not: silently load the other model
+        loadstone.plan(str(sharded_llama), base=str(tiny_checkpoint("qwen2")))
+    assert info.value.field == "base" and "not an adapter folder" in str(info.value)
+
+
 def test_several_adapters_by_name_with_one_active(lora, second_lora, sharded_llama):
     result = loadstone.load(str(sharded_llama), adapters={"first": str(lora), "second": str(second_lora)},
                             active_adapter="second", placement="cpu", progress=False)

@@ -83,21 +83,34 @@ def test_adapter_whose_base_is_a_hub_id_resolves_through_the_cache(hub, sharded_
         sources = loaded.report.sources
         assert (sources["base"]["repo_id"], sources["base"]["commit"]) == ("org/tiny", MAIN)
         assert sources["adapters"][0]["base_model_name_or_path"] == "org/tiny"
+        found_by = loaded.report.decision("base source")
+        assert (found_by.by, found_by.plugin, found_by.distribution) == ("resolver hub", "builtin-resolvers", "loadstone")
         assert loaded.report.parameters["trainable"] > 0
     assert sources["adapters"][0]["source"]["repo_id"] == "org/tiny-lora"
 
 
+def test_hf_hub_offline_environment_variable_means_offline(hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    planned = loadstone.plan("org/tiny@v2", cache_dir=str(hub), placement="cpu")
+    assert planned.request.offline is True and planned.report.request["offline"] is True
+    assert planned.report.sources["base"]["commit"] == V2
+
+
 @pytest.mark.slow
-def test_hf_hub_offline_environment_variable(hub, python_subprocess):
+def test_hf_hub_offline_in_a_fresh_interpreter(hub, python_subprocess):
+    """HF_HUB_OFFLINE=1 and HF_HUB_CACHE as huggingface_hub itself reads them at import time. The
+    resolve stage alone is run, so the check needs neither torch nor transformers."""
     code = ("import json, loadstone\n"
-            "p = loadstone.plan('org/tiny@v2', placement='cpu')\n"
-            "print(json.dumps({'offline': p.request.offline, 'base': p.report.sources['base']}))\n"
-            "try:\n"
-            "    loadstone.plan('org/tiny@v3')\n"
-            "except loadstone.ResolutionError as e:\n"
-            "    print(json.dumps({'error': e.message}))\n")
-    done = python_subprocess(code, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)})
+            "from loadstone.sources import resolve_sources\n"
+            "def resolve(ref):\n"
+            "    try:\n"
+            "        return resolve_sources(loadstone.LoadRequest(ref), loadstone.get_plugin_manager()).to_dict()\n"
+            "    except loadstone.ResolutionError as e:\n"
+            "        return {'error': e.message}\n"
+            "print(json.dumps([resolve('org/tiny@v2'), resolve('org/tiny'), resolve('org/tiny@v3')]))\n")
+    done = python_subprocess(code, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "LOADSTONE_PLUGINS": ""})
     assert done.returncode == 0, done.stderr
-    first, second = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
-    assert first["offline"] is True and first["base"]["commit"] == V2
-    assert "offline" in second["error"]
+    pinned, main, missing = json.loads(done.stdout.strip().splitlines()[-1])
+    assert pinned["base"]["commit"] == V2 and pinned["base"]["revision"] == "v2"
+    assert main["base"]["commit"] == MAIN and main["base"]["path"].startswith(str(hub))
+    assert "offline" in missing["error"] and "'v3'" in missing["error"]
