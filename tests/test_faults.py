@@ -126,12 +126,24 @@ def test_an_interrupted_load_leaves_no_partial_files(folder_exists, tiny_checkpo
         assert not offload.exists()
 
 
-def test_two_loads_of_one_checkpoint_in_threads(tiny_adapter, same_weights):
+def _tied(model) -> bool:
+    return model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_two_loads_of_one_checkpoint_in_threads(tiny_adapter, tiny_checkpoint, same_weights):
     adapter = str(tiny_adapter("llama"))
     with ThreadPoolExecutor(2) as pool:
         first, second = pool.map(lambda _: loadstone.load(adapter, placement="cpu", progress=False), range(2))
     same_weights(first.model, second.model)
     assert first.report.parameters == second.report.parameters
+
+    # transformers patches process-wide state while building a model; overlapping loads used to
+    # leave PreTrainedModel.tie_weights a no-op, so GPT-2 came back untied, then and ever after.
+    gpt2 = str(tiny_checkpoint("gpt2"))
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: loadstone.load(gpt2, placement="cpu", progress=False).model, range(4)))
+    assert all(_tied(m) for m in models)
+    assert _tied(loadstone.load(gpt2, placement="cpu", progress=False).model)
 
 
 def _clean_env() -> dict[str, str]:

@@ -17,9 +17,18 @@ import gc
 import os
 import shutil
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Iterator
+
+# transformers 5 builds models under process-wide patches: ``from_pretrained`` replaces
+# ``PreTrainedModel.tie_weights`` and torch's init functions with no-ops and restores them
+# afterwards, and ``from_config``/``from_pretrained`` call ``torch.set_default_dtype``. Two
+# threads doing this at once leave each other's patches in place (seen here: every later GPT-2
+# load came back with untied embeddings). Model construction in this process therefore takes
+# this lock; concurrent loads still succeed, their construction steps take turns.
+TRANSFORMERS_GLOBAL_STATE = threading.RLock()
 
 
 def release_failed_load(exc: BaseException, *, allocated: bool = True) -> None:

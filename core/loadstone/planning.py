@@ -205,7 +205,9 @@ def build_skeleton(auto_class: Any, config: Any, dtype: str, request: LoadReques
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": request.trust_remote_code}
     if request.attn_implementation:
         kwargs["attn_implementation"] = request.attn_implementation
-    with torch.device("meta"):
+    from .faults import TRANSFORMERS_GLOBAL_STATE
+
+    with TRANSFORMERS_GLOBAL_STATE, torch.device("meta"):  # see faults.py: from_config patches globals
         return auto_class.from_config(copy.deepcopy(config), **kwargs)
 
 

@@ -66,7 +66,10 @@ class TransformersWeightLoader:
 
         kwargs = self.kwargs(plan)
         kwargs["config"] = copy.deepcopy(plan.config)
-        with transformers_progress(self.progress):
+        from .faults import TRANSFORMERS_GLOBAL_STATE
+
+        # The lock: from_pretrained patches process-wide state (see faults.py).
+        with TRANSFORMERS_GLOBAL_STATE, transformers_progress(self.progress):
             try:
                 model, info = plan.auto_class.from_pretrained(str(plan.sources.base.path), **kwargs)
             except LoadstoneError:
