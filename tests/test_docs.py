@@ -239,13 +239,19 @@ def test_example_plugin_is_listed_with_its_distribution(example_site: Path, exam
 # ------------------------------------------------------------------ running examples
 
 
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("demo-cache") / "demo"
+
+
 @contextlib.contextmanager
 def example_sandbox(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path | None]:
     """Temporary cwd, example environment, a fresh plugin manager; everything restored afterwards."""
     saved_env, saved_path, saved_cwd = dict(os.environ), list(sys.path), os.getcwd()
     site = request.getfixturevalue("example_site") if block.doc in NEEDS_EXAMPLE_PLUGIN else None
     os.environ.update(EXAMPLE_ENV)
-    os.environ["LOADSTONE_DEMO_DIR"] = str(tmp_path / "demo-cache")
+    # One demo checkpoint for the whole session: `loadstone demo` builds it once.
+    os.environ["LOADSTONE_DEMO_DIR"] = str(request.getfixturevalue("demo_dir"))
     for name in ("LOADSTONE_PLUGINS", "LOADSTONE_DISABLE_PLUGINS", "LOADSTONE_STRICT_PLUGINS"):
         os.environ.pop(name, None)
     if site is not None:
