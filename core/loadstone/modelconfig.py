@@ -33,8 +33,34 @@ def read_raw_config(folder: Path) -> dict[str, Any]:
     return raw
 
 
+_transformers_ready = False
+
+
+def import_transformers() -> None:
+    """Import transformers and the lazy attributes loadstone uses, once, under the model-building lock.
+
+    transformers resolves ``from transformers import X`` through a lazy module that is not
+    thread-safe on first use: threads starting loads at the same moment in a fresh process saw
+    ``ImportError: cannot import name 'CONFIG_MAPPING'``.
+    """
+    global _transformers_ready
+    if _transformers_ready:
+        return
+    from .faults import TRANSFORMERS_GLOBAL_STATE
+
+    with TRANSFORMERS_GLOBAL_STATE:
+        if not _transformers_ready:
+            import transformers
+            import transformers.integrations.accelerate  # noqa: F401  (placement)
+
+            for name in ("CONFIG_MAPPING", "AutoConfig", "PreTrainedModel", *TASKS.values()):
+                getattr(transformers, name)
+            _transformers_ready = True
+
+
 def load_config(folder: Path, request: LoadRequest) -> Any:
     """``AutoConfig`` for the folder, refusing remote code unless it was allowed."""
+    import_transformers()
     raw = read_raw_config(folder)
     path = folder / CONFIG
     model_type = raw.get("model_type")
