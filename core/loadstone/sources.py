@@ -56,7 +56,8 @@ def resolve_reference(reference: str, ctx: ResolveContext, plugins: PluginManage
             raise plugins.hook_error(reg.plugin, "resolve", exc, f"resolver {reg.name!r}") from exc
         tried.append(reg.name)
         if found is not None:
-            found.resolver, found.distribution = reg.name, f"{reg.distribution} {reg.version}".strip()  # in-process plugins have no version
+            # .strip(): in-process plugins have no version
+            found.resolver, found.distribution = reg.name, f"{reg.distribution} {reg.version}".strip()
             return found
     raise ResolutionError(
         f"no resolver recognised the reference {reference!r}.", field="reference", found=reference,
