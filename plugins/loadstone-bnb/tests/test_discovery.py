@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
 import loadstone
+import loadstone_bnb
 from loadstone_bnb import BitsAndBytesBackend
 
 LIST_PLUGINS = """
@@ -23,18 +27,20 @@ print(json.dumps({"rc": rc, "plugins": json.loads(out.getvalue()),
 
 
 @pytest.fixture(scope="module")
-def listing() -> dict:
+def listing() -> dict:  # one subprocess shared by the listing tests
     done = subprocess.run([sys.executable, "-c", LIST_PLUGINS], capture_output=True, text=True, timeout=120,
                           check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_listing_plugins_does_not_import_bitsandbytes(listing):
     assert listing["rc"] == 0
     assert "loadstone_bnb" in listing["imported"]  # the plugin really was loaded ...
     assert "bitsandbytes" not in listing["imported"]  # ... without its heavy dependency
 
 
+@pytest.mark.slow
 def test_importing_the_package_imports_neither_torch_nor_bitsandbytes():
     code = "import sys, loadstone_bnb; print(sorted(m for m in ('torch', 'bitsandbytes') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -86,3 +92,37 @@ def test_disabled_plugin_is_named_when_its_method_is_asked_for(plugin_manager):
     with pytest.raises(loadstone.ComponentNotFoundError) as info:
         plugin_manager(disable=["bnb"]).quantization_backend("nf4")
     assert "loadstone-bnb" in info.value.fix
+
+
+PLAN_WITHOUT_BITSANDBYTES = """
+import json, sys
+import loadstone
+(entry,) = [c for p in loadstone.PluginManager().describe() for c in p["components"] if c["name"] == "bitsandbytes"]
+try:
+    loadstone.plan(sys.argv[1], quantization="nf4", placement="cpu")
+    error = None
+except loadstone.QuantizationError as exc:
+    error = {"message": exc.message, "fix": exc.fix}
+print(json.dumps({"listed": entry, "error": error}))
+"""
+
+
+@pytest.mark.slow
+def test_missing_bitsandbytes_names_the_pip_command(tmp_path, tiny_checkpoint):
+    # A real environment without bitsandbytes: the venv's packages minus bitsandbytes, seen through
+    # symlinks by an interpreter started without site (-S); loadstone and this plugin come from source.
+    view = tmp_path / "site-packages"
+    view.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.lower().startswith("bitsandbytes"):
+            (view / entry.name).symlink_to(entry)
+    path = [str(view), str(Path(loadstone.__file__).parents[1]), str(Path(loadstone_bnb.__file__).parents[1])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    done = subprocess.run([sys.executable, "-S", "-c", PLAN_WITHOUT_BITSANDBYTES, str(tiny_checkpoint("llama"))],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["listed"]["available"] is False
+    assert found["listed"]["problems"] == ["bitsandbytes is not installed (pip install 'bitsandbytes>=0.46')"]
+    assert "cannot run here: bitsandbytes is not installed" in found["error"]["message"]
+    assert found["error"]["fix"] == "bitsandbytes is not installed (pip install 'bitsandbytes>=0.46')"
