@@ -96,6 +96,26 @@ class RankPlacement(PlacementStrategy):
         return {"": "cpu"}
 
 
+def _entry_for(name: str, spec: dict[str, Any]) -> str | None:
+    return next((p for p in sorted(spec, key=len, reverse=True) if p == "" or name == p or name.startswith(p + ".")),
+                None)
+
+
+def _check_tied_weights_together(model: Any, spec: dict[str, Any]) -> None:
+    """Tied weights (GPT-2's lm_head and wte) are one tensor: a map that splits them makes accelerate
+    crash while dispatching, or serve a disk copy that was never written."""
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        entries = [_entry_for(target, spec), _entry_for(source, spec)]
+        if None in entries or spec[entries[0]] == spec[entries[1]]:
+            continue
+        where = [f"{name} -> {device_label(spec[entry])} (entry {entry!r})"
+                 for name, entry in zip((target, source), entries)]
+        raise PlacementError(
+            f"the device map puts tied weights on different devices: {target} is {source} (one tensor).",
+            field="placement", expected="both on the same device", found="; ".join(where),
+            fix=f"map {target.rpartition('.')[0]!r} and {source.rpartition('.')[0]!r} to the same device")
+
+
 class ExplicitPlacement(PlacementStrategy):
     name = "explicit"
     description = "a device map given as a dict (module prefix -> device); checked against the model"
@@ -109,6 +129,7 @@ class ExplicitPlacement(PlacementStrategy):
                 f"the device map names modules the model does not have: {', '.join(unknown[:6])}.",
                 field="placement", expected="module names such as " + ", ".join(sorted(n for n in names if n.count(".") == 1)[:4]),
                 found=", ".join(unknown[:6]), fix="fix the names (print(model) shows them) or use \"\" for everything")
+        _check_tied_weights_together(ctx.model, spec)
         for key, device in spec.items():
             if device not in ("cpu", "disk"):
                 # Name the entry as the user wrote it: "device map entry 'lm_head' -> cuda:1".
