@@ -136,3 +136,16 @@ def test_explicit_map_that_leaves_a_module_out_is_refused(checkpoints):
     with pytest.raises(loadstone.PlacementError) as info:
         loadstone.plan(str(checkpoints["llama"]), placement={"model": "cpu"})
     assert "lm_head" in str(info.value)
+
+
+@pytest.mark.parametrize("device_map", [
+    {"transformer": "cpu", "lm_head": "disk"},
+    {"transformer.wte": "disk", "transformer.wpe": "cpu", "transformer.drop": "cpu", "transformer.h": "cpu",
+     "transformer.ln_f": "cpu", "lm_head": "cpu"},
+])
+def test_explicit_map_splitting_tied_weights_is_refused(device_map, checkpoints, tmp_path):
+    # accelerate would crash while dispatching, or serve lm_head from a disk copy never written
+    with pytest.raises(loadstone.PlacementError) as info:
+        loadstone.load(str(checkpoints["gpt2"]), placement=device_map, offload_folder=str(tmp_path), progress=False)
+    assert "lm_head.weight" in str(info.value) and "transformer.wte.weight" in str(info.value)
+    assert "'lm_head' and 'transformer.wte'" in info.value.fix
