@@ -81,7 +81,7 @@ class Registration:
     version: str
 
     def owner(self) -> str:
-        return f"plugin {self.plugin!r} from {self.distribution} {self.version}"
+        return f"plugin {self.plugin!r} from {f'{self.distribution} {self.version}'.strip()}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "plugin": self.plugin,
@@ -157,13 +157,17 @@ class PluginManager:
         self.disable = set(disable) if disable is not None else set(_env_list("LOADSTONE_DISABLE_PLUGINS") or [])
         self.strict = _env_flag("LOADSTONE_STRICT_PLUGINS") if strict is None else strict
         self._extra = list(extra_plugins)
+        self._lock = threading.RLock()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Start from nothing: a fresh pluggy manager, no records, no components."""
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
         self._records: list[PluginRecord] = []
         self._registry: dict[str, dict[str, Registration]] = {k: {} for k in REGISTRATION_HOOKS}
         self._method_index: dict[str, Registration] = {}
         self._discovered = False
-        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ discovery
 
@@ -199,19 +203,25 @@ class PluginManager:
         with self._lock:
             if self._discovered:
                 return self
-            for ep, dist, version, builtin in self._entry_points():
-                record = PluginRecord(ep.name, ep.value, dist, version, builtin)
-                self._records.append(record)
-                verdict = self._selected(record)
-                if verdict != "loaded":
-                    record.status = verdict
-                    log.debug("plugin %s (%s) %s", record.name, dist, verdict)
-                    continue
-                self._load(record, ep.load)
-            for name, obj in self._extra:
-                record = PluginRecord(name, repr(obj), "<in-process>", "", False)
-                self._records.append(record)
-                self._load(record, lambda obj=obj: obj)
+            try:
+                for ep, dist, version, builtin in self._entry_points():
+                    record = PluginRecord(ep.name, ep.value, dist, version, builtin)
+                    self._records.append(record)
+                    verdict = self._selected(record)
+                    if verdict != "loaded":
+                        record.status = verdict
+                        log.debug("plugin %s (%s) %s", record.name, dist, verdict)
+                        continue
+                    self._load(record, ep.load)
+                for name, obj in self._extra:
+                    record = PluginRecord(name, repr(obj), "<in-process>", "", False)
+                    self._records.append(record)
+                    self._load(record, lambda obj=obj: obj)
+            except BaseException:
+                # All or nothing (a conflict, strict mode): the next call retries from scratch
+                # instead of re-registering into a half-filled manager.
+                self._forget()
+                raise
             self._discovered = True
             return self
 
@@ -298,7 +308,7 @@ class PluginManager:
             raise PluginConflictError(
                 f"two plugins register the {kind} component {name!r}"
                 + (f" (methods {', '.join(component.methods)})" if kind == "quantization" else "")
-                + f": {other.owner()} and plugin {record.name!r} from {record.distribution} {record.version}.",
+                + f": {other.owner()} and {reg.owner()}.",
                 field=f"{kind} name", found=name,
                 fix=f"uninstall one of {other.distribution} and {record.distribution}, or disable one "
                     f"with LOADSTONE_DISABLE_PLUGINS={record.name}",
