@@ -72,12 +72,21 @@ class HubResolver(Resolver):
             path = snapshot_download(repo_id, revision=revision, cache_dir=ctx.cache_dir,
                                      local_files_only=ctx.offline, token=ctx.token, allow_patterns=_HUB_PATTERNS)
         except LocalEntryNotFoundError as exc:
+            if ctx.offline:
+                fix = (f"download it first (`hf download {repo_id} --revision {revision}`), or leave offline mode "
+                       f"(HF_HUB_OFFLINE=1 / offline=True / --offline)")
+            else:
+                fix = (f"check the id and the network, or download it first "
+                       f"(`hf download {repo_id} --revision {revision}`)")
+            if ctx.cache_dir:
+                fix += f"; cache folder: {ctx.cache_dir}"
+            if not match.group("rev"):
+                # "models/llama" may be a mistyped local folder rather than a Hub id.
+                fix += f"; if you meant a local folder: {Path(reference).resolve()} does not exist"
             raise ResolutionError(
                 f"{repo_id} at revision {revision!r} is not in the local Hugging Face cache and downloads are "
                 f"{'disabled (offline mode)' if ctx.offline else 'unavailable'}.", field="reference",
-                found=f"{repo_id}@{revision}", expected="a cached snapshot",
-                fix=f"download it first (`hf download {repo_id} --revision {revision}`) or unset HF_HUB_OFFLINE"
-                    + (f"; cache folder: {ctx.cache_dir}" if ctx.cache_dir else "")) from exc
+                found=f"{repo_id}@{revision}", expected="a cached snapshot", fix=fix) from exc
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
             raise ResolutionError(f"the Hub has no {repo_id} at revision {revision!r}.", field="reference",
                                   found=f"{repo_id}@{revision}",
