@@ -72,8 +72,15 @@ def test_missing_revision_offline_is_a_clear_resolution_error(hub):
     err = info.value
     assert "org/tiny" in err.message and "'v3'" in err.message and "offline" in err.message
     assert err.found == "org/tiny@v3" and "hf download org/tiny --revision v3" in err.fix and str(hub) in err.fix
-    with pytest.raises(loadstone.ResolutionError, match="org/absent"):
-        loadstone.plan("org/absent", cache_dir=str(hub), offline=True)
+    assert "leave offline mode" in err.fix and "local folder" not in err.fix  # pinned: clearly a Hub id
+
+
+def test_a_mistyped_local_path_is_not_only_explained_as_a_hub_id(hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(loadstone.ResolutionError) as info:
+        loadstone.plan("models/llama-typo", cache_dir=str(hub), offline=True)
+    assert "models/llama-typo" in info.value.message
+    assert f"if you meant a local folder: {tmp_path / 'models' / 'llama-typo'} does not exist" in info.value.fix
 
 
 def test_adapter_whose_base_is_a_hub_id_resolves_through_the_cache(hub, sharded_llama, tmp_path):
