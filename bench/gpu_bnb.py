@@ -10,6 +10,7 @@ and peak GPU memory are that loader's own. Writes OUTDIR/gpu_bnb.json and prints
 loadstone/transformers ratios.
 
 Rows:
+  transformers_bf16 / loadstone_bf16  the unquantized baseline, same placement
   transformers_*  from_pretrained(..., quantization_config=BitsAndBytesConfig(...), device_map="cuda")
   loadstone_*     loadstone.load(..., quantization=..., placement="cuda:0", trainable=False): the same
                   work as the transformers row (no training preparation), plus planning and the report
@@ -31,8 +32,10 @@ CKPT = "/tmp/llama8b-shape"  # the same path and shape as shared/anchors/gpu_loa
 SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
 SMALL_CKPT = "/tmp/loadstone-bench-small-llama"
-MODES = ["transformers_nf4", "loadstone_nf4", "transformers_int8", "loadstone_int8", "loadstone_nf4_train"]
-PAIRS = [("nf4", "transformers_nf4", "loadstone_nf4"), ("int8", "transformers_int8", "loadstone_int8")]
+MODES = ["transformers_bf16", "loadstone_bf16", "transformers_nf4", "loadstone_nf4", "transformers_int8",
+         "loadstone_int8", "loadstone_nf4_train"]
+PAIRS = [("bf16", "transformers_bf16", "loadstone_bf16"), ("nf4", "transformers_nf4", "loadstone_nf4"),
+         ("int8", "transformers_int8", "loadstone_int8")]
 
 
 def make_checkpoint(small: bool) -> str:
@@ -86,14 +89,16 @@ def child(mode: str, ckpt: str, small: bool) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    method = "int8" if mode.endswith("int8") else "nf4"
+    method = "int8" if mode.endswith("int8") else ("none" if mode.endswith("bf16") else "nf4")
     out: dict = {"mode": mode, "method": method}
     if mode.startswith("transformers"):
         if method == "nf4":
             config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=torch.bfloat16)
-        else:
+        elif method == "int8":
             config = BitsAndBytesConfig(load_in_8bit=True)
+        else:  # the unquantized baseline: no quantization_config at all
+            config = None
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, quantization_config=config,
                                                      device_map="cuda" if cuda else "cpu")

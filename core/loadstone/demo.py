@@ -73,7 +73,8 @@ def one_training_step(model: Any) -> dict[str, Any]:
 
     torch.manual_seed(1)
     vocab = model.config.vocab_size if hasattr(model, "config") else DEMO_SHAPE["vocab_size"]
-    ids = torch.randint(0, vocab, (2, 32))
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    ids = torch.randint(0, vocab, (2, 32)).to(device)
     model.train()
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
