@@ -5,6 +5,21 @@ import torch
 
 import loadstone
 
+
+@pytest.fixture(scope="module")
+def manager():
+    """The environment's plugins; loadstone-bnb added in-process where its entry point is not
+    installed (the GPU machine runs from a source tree on PYTHONPATH)."""
+    import loadstone_bnb.plugin
+
+    found = loadstone.PluginManager()
+    try:
+        found.quantization_backend("nf4")
+        return found
+    except loadstone.ComponentNotFoundError:
+        return loadstone.PluginManager(extra_plugins=[("bnb", loadstone_bnb.plugin)])
+
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)"),
@@ -12,13 +27,14 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
-def test_quantized_on_gpu_matches_unquantized_and_plan(tiny_checkpoint, method):
+def test_quantized_on_gpu_matches_unquantized_and_plan(tiny_checkpoint, manager, method):
     import bitsandbytes as bnb
 
     from loadstone_bnb import measured_bytes
 
     folder = tiny_checkpoint("llama", dtype="bfloat16", hidden_size=256, intermediate_size=512)
-    result = loadstone.load(str(folder), quantization=method, placement="cuda:0", trainable=False, progress=False)
+    result = loadstone.load(str(folder), quantization=method, placement="cuda:0", trainable=False, progress=False,
+                            plugins=manager)
     layer = result.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt if method == "int8" else bnb.nn.Linear4bit)
     assert layer.weight.device.type == "cuda"
@@ -33,10 +49,11 @@ def test_quantized_on_gpu_matches_unquantized_and_plan(tiny_checkpoint, method):
     assert ((a - b).norm() / b.norm()).item() < (0.03 if method == "int8" else 0.25)
 
 
-def test_qlora_step_on_gpu_trains_only_the_adapter(tiny_adapter):
+def test_qlora_step_on_gpu_trains_only_the_adapter(tiny_adapter, manager):
     from loadstone.demo import one_training_step
 
     adapter = tiny_adapter("llama", checkpoint_kwargs={"dtype": "bfloat16"})
-    result = loadstone.load(str(adapter), quantization="nf4", placement="cuda:0", progress=False)
+    result = loadstone.load(str(adapter), quantization="nf4", placement="cuda:0", progress=False,
+                            plugins=manager)
     step = one_training_step(result.model)
     assert step["all_gradients_on_adapter"], step
