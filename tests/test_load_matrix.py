@@ -149,3 +149,14 @@ def test_explicit_map_splitting_tied_weights_is_refused(device_map, checkpoints,
         loadstone.load(str(checkpoints["gpt2"]), placement=device_map, offload_folder=str(tmp_path), progress=False)
     assert "lm_head.weight" in str(info.value) and "transformer.wte.weight" in str(info.value)
     assert "'lm_head' and 'transformer.wte'" in info.value.fix
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_explicit_dtype_equals_from_pretrained_in_that_dtype(dtype, checkpoints, same_weights):
+    import torch
+    import transformers
+
+    result = loadstone.load(str(checkpoints["llama"]), placement="cpu", dtype=dtype, progress=False)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoints["llama"]), dtype=getattr(torch, dtype))
+    same_weights(result.model, reference)
+    assert result.report.decision("dtype").by == "user"

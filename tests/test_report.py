@@ -97,3 +97,13 @@ def test_sources_checkpoint_and_training_sections(adapter_load, sharded_llama):
     assert data["quantization"]["method"] == "none" and data["quantization"]["pre_quantized"] is False
     text = adapter_load.report.render()
     assert "parameters" in text and "trainable" in text and "peak host RSS" in text and "decisions" in text
+
+
+def test_training_preparation_is_reported(llama_lora):
+    from loadstone.demo import one_training_step
+
+    result = loadstone.load(str(llama_lora), placement="cpu", gradient_checkpointing=True, progress=False)
+    assert result.model.get_base_model().is_gradient_checkpointing
+    assert "gradient checkpointing enabled (use_reentrant=False)" in result.report.training["notes"]
+    step = one_training_step(result.model)
+    assert step["all_gradients_on_adapter"] and not step["base_parameters_with_gradients"]
