@@ -91,12 +91,8 @@ def _decide(request, plugins, sources, config, inventory, report) -> Plan:
     report.decide(decision)
     import torch
 
-    try:
+    with plugins.guard(qreg, "plan", "adjust_dtype"):
         adjusted = qreg.component.adjust_dtype(getattr(torch, dtype), qctx)
-    except LoadstoneError:
-        raise
-    except Exception as exc:
-        raise plugins.hook_error(qreg.plugin, "plan", exc, f"{qreg.name}.adjust_dtype") from exc
     adjusted = str(adjusted).replace("torch.", "")
     if adjusted != dtype:
         report.decide(Decision.from_registration("dtype", adjusted, qreg, f"{qreg.name} adjusted {dtype}"))
@@ -109,14 +105,11 @@ def _decide(request, plugins, sources, config, inventory, report) -> Plan:
     spec = request.placement
     preg = plugins.placement_strategy("explicit" if isinstance(spec, dict) else spec)
     pctx = PlacementContext(spec, skeleton, sizes, request.max_memory, request.offload_folder, qctx, request)
-    try:
+    with plugins.guard(preg, "plan", "place"):
         device_map = preg.component.place(pctx)
+    with plugins.guard(qreg, "plan", "check_placement"):
         device_map = qreg.component.check_placement(dict(device_map), qctx)
-        qctx.device_map = dict(device_map)
-    except LoadstoneError:
-        raise
-    except Exception as exc:
-        raise plugins.hook_error(preg.plugin, "plan", exc, f"placement {preg.name!r}") from exc
+    qctx.device_map = dict(device_map)
     _check_devices_present(device_map, request, preg, report)
     report.decide(Decision.from_registration("placement", preg.name if not isinstance(spec, str) or spec == preg.name
                                              else f"{preg.name} ({spec})", preg, "; ".join(pctx.notes)))
@@ -132,8 +125,12 @@ def _decide(request, plugins, sources, config, inventory, report) -> Plan:
     report.model = {"model_type": config.model_type, "architecture": type(skeleton).__name__,
                     "auto_class": auto_class.__name__, "task": task}
     report.dtype = dtype
+    with plugins.guard(qreg, "plan", "describe"):
+        described = qreg.component.describe(qctx)
+    with plugins.guard(qreg, "plan", "transformers_config"):
+        quantization_config = qreg.component.transformers_config(qctx)
     report.quantization = {"backend": qreg.name, "plugin": qreg.plugin, "distribution": qreg.distribution,
-                           "version": qreg.version, **qreg.component.describe(qctx)}
+                           "version": qreg.version, **described}
     report.placement = {"strategy": preg.name, "plugin": preg.plugin, "distribution": preg.distribution,
                         "version": preg.version, "device_map": {k: _label(v) for k, v in device_map.items()},
                         "bytes_per_device": per_device, "estimated_bytes": total,
@@ -144,7 +141,7 @@ def _decide(request, plugins, sources, config, inventory, report) -> Plan:
     report.request = request.to_dict()
     return Plan(request, sources, config, inventory, task, auto_class, dtype, qctx, qreg, preg, device_map,
                 per_device, n_params, fits, advice, report, frozenset(n for n, _ in skeleton.named_modules()),
-                skeleton)
+                skeleton, quantization_config)
 
 
 def _check_devices_present(device_map, request, preg, report) -> None:
@@ -274,12 +271,8 @@ def _prepare(model: Any, the_plan: Plan, plugins: PluginManager) -> list[str]:
         model.eval()
         return notes + ["trainable=False: inference only"]
     reg = the_plan.quantization_backend
-    try:
+    with plugins.guard(reg, "prepare", "prepare_for_training"):
         notes += reg.component.prepare_for_training(model, the_plan.quantization)
-    except LoadstoneError:
-        raise
-    except Exception as exc:
-        raise plugins.hook_error(reg.plugin, "prepare", exc, f"{reg.name}.prepare_for_training") from exc
     return notes
 
 

@@ -137,6 +137,8 @@ class Plan:
     report: LoadReport
     module_names: frozenset[str] = field(default_factory=frozenset, repr=False)
     skeleton: Any = field(default=None, repr=False)
+    #: what the quantization backend's ``transformers_config`` returned (handed to the weight loader)
+    quantization_config: Any = field(default=None, repr=False)
 
     @property
     def torch_dtype(self) -> Any:
@@ -166,30 +168,34 @@ def choose_quantization(request: LoadRequest, config: Any, plugins: PluginManage
                 f"plugin loads that format (loading it as plain weights would be silently wrong).",
                 file=f"{folder}/config.json", field="quantization_config.quant_method", found=quant_method,
                 fix=error.fix) from None
-        method = reg.component.checkpoint_method(qconfig)
+        with plugins.guard(reg, "plan", "checkpoint_method"):
+            method = reg.component.checkpoint_method(qconfig)
         if request.quantization not in (None, method):
             raise QuantizationError(
                 f"the checkpoint is already quantized ({method}, {quant_method}); it cannot be re-quantized "
                 f"as {request.quantization!r}.", file=f"{folder}/config.json", field="quantization",
                 expected=f"no quantization argument, or {method!r}", found=request.quantization,
                 fix="drop the quantization argument to load it as it is, or load the original unquantized checkpoint")
-        _check_environment(reg, method)
+        _check_environment(reg, method, plugins)
         ctx = QuantizationContext(method, {}, qconfig, config, request=request)
-        ctx.options = reg.component.normalize_options(method, request.quantization_options)
+        with plugins.guard(reg, "plan", "normalize_options"):
+            ctx.options = reg.component.normalize_options(method, request.quantization_options)
         return reg, ctx, Decision.from_registration("quantization", method, reg,
                                                     f"pre-quantized checkpoint ({quant_method})")
     method = request.quantization or "none"
     reg = plugins.quantization_backend(method)
-    _check_environment(reg, method)
+    _check_environment(reg, method, plugins)
     ctx = QuantizationContext(method, {}, None, config, request=request)
-    ctx.options = reg.component.normalize_options(method, request.quantization_options)
+    with plugins.guard(reg, "plan", "normalize_options"):
+        ctx.options = reg.component.normalize_options(method, request.quantization_options)
     return reg, ctx, Decision.from_registration("quantization", method, reg,
                                                 "requested" if request.quantization else "default")
 
 
-def _check_environment(reg: Registration, method: str) -> None:
+def _check_environment(reg: Registration, method: str, plugins: PluginManager) -> None:
     # Pre-quantized checkpoints need their backend's libraries as much as quantize-on-load does.
-    problems = reg.component.environment_problems()
+    with plugins.guard(reg, "plan", "environment_problems"):
+        problems = reg.component.environment_problems()
     if problems:
         raise QuantizationError(
             f"quantization method {method!r} ({reg.owner()}) cannot run here: {'; '.join(problems)}.",
@@ -217,17 +223,13 @@ def tensor_bytes(model: Any, reg: Registration, qctx: QuantizationContext,
     modules = dict(model.named_modules())
     sizes: dict[str, float] = {}
     backend = reg.component
-    try:
+    with plugins.guard(reg, "plan", "parameter_bytes"):
         for kind in ("parameters", "buffers"):
             for name, tensor in getattr(model, f"named_{kind}")():
                 if name in tied:
                     continue
                 module_name, _, leaf = name.rpartition(".")
                 sizes[name] = float(backend.parameter_bytes(module_name, leaf, tensor, modules[module_name], qctx))
-    except LoadstoneError:
-        raise
-    except Exception as exc:
-        raise plugins.hook_error(reg.plugin, "plan", exc, f"{reg.name}.parameter_bytes") from exc
     return sizes
 
 

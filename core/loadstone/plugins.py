@@ -16,13 +16,14 @@ Policy (see docs/plugins.md):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import logging
 import os
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
@@ -355,7 +356,9 @@ class PluginManager:
     def backend_for_checkpoint(self, quantization_config: dict) -> Registration | None:
         self.discover()
         for reg in self._registry["quantization"].values():
-            if reg.component.claims_checkpoint(quantization_config):
+            with self.guard(reg, "plan", "claims_checkpoint"):
+                claimed = reg.component.claims_checkpoint(quantization_config)
+            if claimed:
                 return reg
         return None
 
@@ -400,6 +403,17 @@ class PluginManager:
                     continue
                 raise self.hook_error(impl.plugin_name, stage, exc, hook_name) from exc
 
+    @contextlib.contextmanager
+    def guard(self, reg: Registration, stage: str, what: str) -> Iterator[None]:
+        """Run a component method: a deliberate :class:`LoadstoneError` passes through as it is;
+        anything else becomes a :class:`PluginHookError` naming the plugin, distribution and stage."""
+        try:
+            yield
+        except LoadstoneError:
+            raise
+        except Exception as exc:
+            raise self.hook_error(reg.plugin, stage, exc, f"{reg.kind} {reg.name!r}: {what}") from exc
+
     def hook_error(self, plugin_name: str, stage: str, exc: BaseException, what: str) -> LoadstoneError:
         if isinstance(exc, PluginHookError):
             return exc
@@ -429,10 +443,18 @@ class PluginManager:
                 entry: dict[str, Any] = {"kind": reg.kind, "name": reg.name,
                                          "description": getattr(comp, "description", "")}
                 if reg.kind == "quantization":
-                    problems = comp.environment_problems()
+                    # A listing must survive a buggy component: show its crash as a problem.
+                    try:
+                        problems = list(comp.environment_problems())
+                    except Exception as exc:
+                        problems = [f"environment_problems() raised {type(exc).__name__}: {exc}"]
+                    try:
+                        options = dict(comp.option_help())
+                    except Exception as exc:
+                        options, problems = {}, problems + [f"option_help() raised {type(exc).__name__}: {exc}"]
                     entry.update(methods=list(comp.methods), checkpoint_formats=list(comp.checkpoint_formats),
                                  requirements=list(comp.requirements), available=not problems,
-                                 problems=problems, options=comp.option_help())
+                                 problems=problems, options=options)
                 elif reg.kind == "resolver":
                     entry["priority"] = comp.priority
                 details.append(entry)

@@ -48,12 +48,8 @@ def resolve_reference(reference: str, ctx: ResolveContext, plugins: PluginManage
     """Ask resolvers in priority order; the first non-None answer wins."""
     tried = []
     for reg in plugins.resolvers():
-        try:
+        with plugins.guard(reg, "resolve", "resolve"):
             found = reg.component.resolve(reference, ctx)
-        except LoadstoneError:
-            raise
-        except Exception as exc:
-            raise plugins.hook_error(reg.plugin, "resolve", exc, f"resolver {reg.name!r}") from exc
         tried.append(reg.name)
         if found is not None:
             # .strip(): in-process plugins have no version

@@ -42,7 +42,7 @@ class TransformersWeightLoader:
 
     def kwargs(self, plan: Any) -> dict[str, Any]:
         request = plan.request
-        quant_config = plan.quantization_backend.component.transformers_config(plan.quantization)
+        quant_config = plan.quantization_config
         kwargs: dict[str, Any] = {
             "config": plan.config,
             "dtype": plan.torch_dtype,
