@@ -86,6 +86,10 @@ def test_before_load_can_change_the_request(sharded_llama):
     assert result.plan.device_map == {"": "cpu"}
     assert result.report.request["placement"] == "cpu" and result.report.dtype == "bfloat16"
     assert {p.dtype for p in result.model.parameters()} == {__import__("torch").bfloat16}
+    # the report says which plugin changed which field, from what
+    changed = result.report.decision("request.placement")
+    assert changed.choice == "cpu" and changed.plugin == "p0" and "'cuda:3'" in changed.reason
+    assert result.report.decision("request.dtype").choice == "bfloat16"
 
 
 class BadPatch:

@@ -27,7 +27,7 @@ from .planning import (
     present_devices,
     tensor_bytes,
 )
-from .plugins import PluginManager, get_plugin_manager
+from .plugins import PluginManager, RequestChange, get_plugin_manager
 from .report import Decision, LoadReport
 from .request import LoadRequest
 from .sources import resolve_sources
@@ -56,8 +56,15 @@ def _request(reference: Any, kwargs: dict[str, Any]) -> LoadRequest:
     return LoadRequest(reference, **kwargs)
 
 
-def _run_plan(request: LoadRequest, plugins: PluginManager, clock: StageClock, kind: str) -> Plan:
+def _run_plan(request: LoadRequest, plugins: PluginManager, clock: StageClock, kind: str,
+              changes: list[RequestChange]) -> Plan:
     report = LoadReport(kind=kind, reference=request.reference, loadstone_version=__version__)
+    final = request.to_dict()  # normalised by request.validate() since the hooks ran
+    for change in changes:  # what loadstone_before_load implementations changed, and who
+        record = change.record
+        report.decide(Decision(f"request.{change.field}", final[change.field], f"plugin {change.plugin}",
+                               f"loadstone_before_load changed it from {change.old!r}", change.plugin,
+                               record.distribution if record else None, record.version if record else None))
     with clock.stage("resolve"):
         sources = resolve_sources(request, plugins)
         report.sources = sources.to_dict()
@@ -182,9 +189,9 @@ def plan(reference: Any, *, plugins: PluginManager | None = None, **kwargs: Any)
     plugins = plugins or get_plugin_manager()
     clock = StageClock()
     try:
-        plugins.call("loadstone_before_load", "before_load", request=request)
+        changes = plugins.call("loadstone_before_load", "before_load", request=request)
         request.validate()
-        result = _run_plan(request, plugins, clock, "plan")
+        result = _run_plan(request, plugins, clock, "plan", changes)
         result.skeleton = None
         return result
     except BaseException as exc:
@@ -225,9 +232,9 @@ def load(reference: Any, *, plugins: PluginManager | None = None, weight_loader:
     reset_device_peaks()
     try:
         with RssSampler() as rss, offload_guard(request.offload_folder):
-            plugins.call("loadstone_before_load", "before_load", request=request)
+            changes = plugins.call("loadstone_before_load", "before_load", request=request)
             request.validate()
-            the_plan = _run_plan(request, plugins, clock, "load")
+            the_plan = _run_plan(request, plugins, clock, "load", changes)
             if not the_plan.fits:
                 raise PlacementError("the model does not fit the memory budget: " + "; ".join(the_plan.advice),
                                      field="placement", found=the_plan.bytes_per_device,

@@ -90,6 +90,17 @@ class Registration:
 
 
 @dataclass
+class RequestChange:
+    """A request field a ``loadstone_before_load`` implementation changed."""
+
+    plugin: str
+    record: "PluginRecord | None"
+    field: str
+    old: Any
+    new: Any
+
+
+@dataclass
 class PluginRecord:
     """One discovered entry point and what became of it."""
 
@@ -385,16 +396,21 @@ class PluginManager:
 
     # ------------------------------------------------------------------ lifecycle hooks
 
-    def call(self, hook_name: str, stage: str, /, **kwargs: Any) -> None:
+    def call(self, hook_name: str, stage: str, /, **kwargs: Any) -> list[RequestChange]:
         """Call every implementation of a lifecycle hook; a failure names the plugin.
 
         ``hook_name`` and ``stage`` are positional-only because ``loadstone_load_failed`` itself
-        takes a ``stage`` argument, which arrives in ``kwargs``.
+        takes a ``stage`` argument, which arrives in ``kwargs``. Returns the request fields each
+        implementation changed (only ``loadstone_before_load`` may), so the report can say who
+        changed what.
         """
         self.discover()
         hook = getattr(self._pm.hook, hook_name)
+        request = kwargs.get("request") if hook_name == "loadstone_before_load" else None
+        changes: list[RequestChange] = []
         # pluggy calls implementations last-registered first; keep that order.
         for impl in reversed(hook.get_hookimpls()):
+            before = request.to_dict() if request is not None else None
             try:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
             except Exception as exc:
@@ -402,6 +418,11 @@ class PluginManager:
                     log.warning("plugin %s raised in loadstone_load_failed: %s", impl.plugin_name, exc)
                     continue
                 raise self.hook_error(impl.plugin_name, stage, exc, hook_name) from exc
+            if before is not None:
+                after = request.to_dict()
+                changes += [RequestChange(impl.plugin_name, self.owner_of(impl.plugin_name), key, before[key], after[key])
+                            for key in after if after[key] != before.get(key)]
+        return changes
 
     @contextlib.contextmanager
     def guard(self, reg: Registration, stage: str, what: str) -> Iterator[None]:
