@@ -94,3 +94,8 @@ def test_listing_survives_a_crashing_backend(plugin_manager):
     (component,) = listed["flaky-plugin"]["components"]
     assert component["available"] is False
     assert "RuntimeError: boom in environment_problems" in component["problems"][0]
+
+
+def test_gradient_checkpointing_needs_a_trainable_load(tiny_checkpoint):
+    with pytest.raises(loadstone.OptionError, match="trainable=False"):
+        loadstone.plan(str(tiny_checkpoint("llama")), gradient_checkpointing=True, trainable=False)

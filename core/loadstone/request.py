@@ -108,6 +108,10 @@ class LoadRequest:
                 raise OptionError(f"adapter name {name!r} is not a valid identifier.", field="adapters",
                                   expected="letters, digits, '-' and '_'", found=name,
                                   fix="rename it, e.g. name=path")
+        if self.gradient_checkpointing and not self.trainable:
+            raise OptionError("gradient_checkpointing only applies to trainable loads; this one has trainable=False.",
+                              field="gradient_checkpointing", expected="trainable=True", found="trainable=False",
+                              fix="drop gradient_checkpointing (CLI: --gradient-checkpointing) or --frozen")
         if not isinstance(self.quantization_options, dict):
             raise OptionError("quantization_options must be a dict.", field="quantization_options",
                               found=repr(self.quantization_options))
