@@ -66,13 +66,15 @@ def _run_plan(request: LoadRequest, plugins: PluginManager, clock: StageClock, k
                                f"loadstone_before_load changed it from {change.old!r}", change.plugin,
                                record.distribution if record else None, record.version if record else None))
     with clock.stage("resolve"):
-        sources = resolve_sources(request, plugins)
+        # A plan needs configs and headers only: resolvers may fetch headers instead of weights.
+        sources = resolve_sources(request, plugins, weights=kind != "plan")
         report.sources = sources.to_dict()
         for d in sources.decisions:
             report.decide(d)
     with clock.stage("inspect"):
         # Weight headers first: the cheapest check, and it needs neither torch nor transformers.
-        inventory = inspect_checkpoint(sources.base.path, allow_pickle=request.allow_pickle)
+        inventory = inspect_checkpoint(sources.base.path, allow_pickle=request.allow_pickle,
+                                       remote_headers=sources.base.remote_headers)
         config = load_config(sources.base.path, request)
         for adapter in sources.adapters:
             if adapter.weights.suffix == ".safetensors":

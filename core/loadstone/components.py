@@ -25,6 +25,7 @@ __all__ = [
     "QuantizationBackend",
     "QuantizationContext",
     "PlacementStrategy",
+    "RemoteHeader",
     "Resolver",
     "ResolveContext",
     "ResolvedSource",
@@ -213,7 +214,13 @@ class PlacementStrategy(ABC):
 
 @dataclass
 class ResolveContext:
-    """What a resolver may use: revision, cache folder, offline flag, token and the request."""
+    """What a resolver may use: revision, cache folder, offline flag, token and the request.
+
+    ``weights`` is ``False`` when only configs and headers are needed (a plan); a resolver may
+    then return a source whose weight files are absent, with their headers fetched remotely
+    (:attr:`ResolvedSource.remote_headers`). Resolvers that ignore it return full folders, which
+    stays correct.
+    """
 
     revision: str | None = None
     cache_dir: str | None = None
@@ -221,6 +228,23 @@ class ResolveContext:
     token: str | bool | None = None
     relative_to: Path | None = None
     request: "LoadRequest | None" = None
+    weights: bool = True
+
+
+@dataclass(frozen=True)
+class RemoteHeader:
+    """A safetensors file's header read without downloading the file (HTTP range requests).
+
+    ``size`` is the whole file's size in bytes; ``header_length`` the length its 8-byte prefix
+    declares (``None`` when the file is shorter than 8 bytes); ``header`` the JSON header bytes
+    that were fetched (empty when the declared length was implausible, so the kernel reports it
+    exactly as for a local file); ``url`` where it was read, for messages.
+    """
+
+    size: int
+    header_length: int | None
+    header: bytes
+    url: str = ""
 
 
 @dataclass
@@ -229,7 +253,9 @@ class ResolvedSource:
 
     ``kind`` is free text describing the source (``"local"``, ``"hub"``, ``"catalog"``);
     ``revision``/``commit`` are set for versioned sources. ``resolver``/``distribution`` are
-    filled in by the kernel.
+    filled in by the kernel. ``remote_headers`` (file name in ``path`` -> :class:`RemoteHeader`)
+    stand in for weight files that were not downloaded; only when ``ResolveContext.weights`` was
+    ``False``.
     """
 
     reference: str
@@ -241,6 +267,7 @@ class ResolvedSource:
     extra: dict[str, Any] = field(default_factory=dict)
     resolver: str | None = None
     distribution: str | None = None
+    remote_headers: dict[str, RemoteHeader] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -253,6 +280,7 @@ class ResolvedSource:
             "resolver": self.resolver,
             "distribution": self.distribution,
             **({"extra": self.extra} if self.extra else {}),
+            **({"remote_headers": sorted(self.remote_headers)} if self.remote_headers is not None else {}),
         }
 
 

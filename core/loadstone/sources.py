@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .components import ResolveContext, ResolvedSource
 from .errors import AdapterError, LoadstoneError, ResolutionError
+from .jsonfile import read_json_object
 from .plugins import PluginManager
 from .report import Decision
 from .request import LoadRequest
@@ -69,21 +69,11 @@ def read_adapter(name: str, source: ResolvedSource) -> AdapterSource:
     """Read and check an adapter folder's config (never importing anything it names)."""
     folder = source.path
     cfg_path = folder / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise AdapterError(
-            f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}.", file=cfg_path,
-            field=ADAPTER_CONFIG, expected="a folder written by peft's save_pretrained", found="no such file",
-            fix="point at the folder holding adapter_config.json and adapter_model.safetensors")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise AdapterError(f"{ADAPTER_CONFIG} is not valid JSON.", file=cfg_path, field="(whole file)",
-                           expected="a JSON object", found=str(exc)[:120],
-                           fix="re-save the adapter with peft's save_pretrained") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{ADAPTER_CONFIG} is not a JSON object.", file=cfg_path, field="(whole file)",
-                           expected="a JSON object", found=type(config).__name__,
-                           fix="re-save the adapter with peft's save_pretrained")
+    config = read_json_object(
+        cfg_path, AdapterError, missing=f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}.",
+        expected="a folder written by peft's save_pretrained",
+        missing_fix="point at the folder holding adapter_config.json and adapter_model.safetensors",
+        repair_fix="re-save the adapter with peft's save_pretrained")
     if "peft_type" not in config:
         looks_like_model = "model_type" in config or "architectures" in config
         raise AdapterError(
@@ -108,9 +98,11 @@ def read_adapter(name: str, source: ResolvedSource) -> AdapterSource:
     return AdapterSource(name, source, config, weights)
 
 
-def resolve_sources(request: LoadRequest, plugins: PluginManager) -> Sources:
+def resolve_sources(request: LoadRequest, plugins: PluginManager, *, weights: bool = True) -> Sources:
+    """Resolve the reference, its adapters and its base. ``weights=False`` (a plan) lets resolvers
+    skip downloading weight files when they can supply their headers another way."""
     ctx = ResolveContext(revision=request.revision, cache_dir=request.cache_dir, offline=request.offline,
-                         token=request.token, request=request)
+                         token=request.token, request=request, weights=weights)
     main = resolve_reference(request.reference, ctx, plugins)
     decisions = [_resolved_by("source", main, plugins, f"resolved {request.reference!r}")]
     adapters: list[AdapterSource] = []
@@ -118,7 +110,8 @@ def resolve_sources(request: LoadRequest, plugins: PluginManager) -> Sources:
         adapters.append(read_adapter("default", main))
     for name, ref in request.adapters.items():
         source = resolve_reference(ref, ResolveContext(cache_dir=request.cache_dir, offline=request.offline,
-                                                        token=request.token, request=request), plugins)
+                                                        token=request.token, request=request, weights=weights),
+                                   plugins)
         if any(a.name == name for a in adapters):
             raise AdapterError(f"two adapters are named {name!r}.", field="adapters", found=name,
                                fix="name the extra adapter differently: adapters={'other': path}")
@@ -139,10 +132,11 @@ def resolve_sources(request: LoadRequest, plugins: PluginManager) -> Sources:
                            fix="drop base=, or pass the adapter folder as the reference")
     if request.base is not None:
         base = resolve_reference(request.base, ResolveContext(cache_dir=request.cache_dir, offline=request.offline,
-                                                              token=request.token, request=request), plugins)
+                                                              token=request.token, request=request,
+                                                              weights=weights), plugins)
         decisions.append(Decision("base", request.base, "user", "explicit base= overrides the adapter's base"))
     elif adapters and adapters[0].source is main:
-        base = _adapter_base(adapters[0], request, plugins)
+        base = _adapter_base(adapters[0], request, plugins, weights)
         decisions.append(Decision("base", adapters[0].config.get("base_model_name_or_path"), "kernel",
                                   "adapter_config.json base_model_name_or_path"))
     else:
@@ -164,7 +158,8 @@ def _resolved_by(topic: str, found: ResolvedSource, plugins: PluginManager, reas
     return Decision.from_registration(topic, found.kind, reg, reason)
 
 
-def _adapter_base(adapter: AdapterSource, request: LoadRequest, plugins: PluginManager) -> ResolvedSource:
+def _adapter_base(adapter: AdapterSource, request: LoadRequest, plugins: PluginManager,
+                  weights: bool) -> ResolvedSource:
     cfg_path = adapter.source.path / ADAPTER_CONFIG
     base_ref = adapter.config.get("base_model_name_or_path")
     if not base_ref:
@@ -174,7 +169,7 @@ def _adapter_base(adapter: AdapterSource, request: LoadRequest, plugins: PluginM
             fix="pass base=PATH (CLI: --base PATH) to name the base model")
     ctx = ResolveContext(revision=adapter.config.get("revision") or None, cache_dir=request.cache_dir,
                          offline=request.offline, token=request.token, relative_to=adapter.source.path,
-                         request=request)
+                         request=request, weights=weights)
     try:
         return resolve_reference(str(base_ref), ctx, plugins)
     except ResolutionError as exc:
