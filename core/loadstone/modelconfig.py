@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointInventory
 from .errors import ConfigError
+from .jsonfile import read_json_object
 from .report import Decision
 from .request import PEFT_TASKS, TASKS, LoadRequest
 from .sources import Sources
@@ -16,21 +16,11 @@ CONFIG = "config.json"
 
 
 def read_raw_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{folder} has no {CONFIG}.", file=path, field=CONFIG,
-                          expected="the config.json written by save_pretrained", found="no such file",
-                          fix="point at the model folder (the one holding config.json and the weights)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"{CONFIG} is not valid JSON.", file=path, field="(whole file)",
-                          expected="a JSON object", found=str(exc)[:160],
-                          fix="repair or re-download config.json") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{CONFIG} is not a JSON object.", file=path, field="(whole file)",
-                          expected="a JSON object", found=type(raw).__name__, fix="repair or re-download config.json")
-    return raw
+    return read_json_object(
+        folder / CONFIG, ConfigError, missing=f"{folder} has no {CONFIG}.",
+        expected="the config.json written by save_pretrained",
+        missing_fix="point at the model folder (the one holding config.json and the weights)",
+        repair_fix="repair or re-download config.json")
 
 
 _transformers_ready = False

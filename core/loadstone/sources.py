@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .components import ResolveContext, ResolvedSource
 from .errors import AdapterError, LoadstoneError, ResolutionError
+from .jsonfile import read_json_object
 from .plugins import PluginManager
 from .report import Decision
 from .request import LoadRequest
@@ -69,21 +69,11 @@ def read_adapter(name: str, source: ResolvedSource) -> AdapterSource:
     """Read and check an adapter folder's config (never importing anything it names)."""
     folder = source.path
     cfg_path = folder / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise AdapterError(
-            f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}.", file=cfg_path,
-            field=ADAPTER_CONFIG, expected="a folder written by peft's save_pretrained", found="no such file",
-            fix="point at the folder holding adapter_config.json and adapter_model.safetensors")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise AdapterError(f"{ADAPTER_CONFIG} is not valid JSON.", file=cfg_path, field="(whole file)",
-                           expected="a JSON object", found=str(exc)[:120],
-                           fix="re-save the adapter with peft's save_pretrained") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{ADAPTER_CONFIG} is not a JSON object.", file=cfg_path, field="(whole file)",
-                           expected="a JSON object", found=type(config).__name__,
-                           fix="re-save the adapter with peft's save_pretrained")
+    config = read_json_object(
+        cfg_path, AdapterError, missing=f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}.",
+        expected="a folder written by peft's save_pretrained",
+        missing_fix="point at the folder holding adapter_config.json and adapter_model.safetensors",
+        repair_fix="re-save the adapter with peft's save_pretrained")
     if "peft_type" not in config:
         looks_like_model = "model_type" in config or "architectures" in config
         raise AdapterError(
