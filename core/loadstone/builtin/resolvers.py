@@ -12,6 +12,8 @@ from ..hookspecs import hookimpl
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(@(?P<rev>[\w./-]+))?$")
 # Files a base model or adapter needs; tokenizers are not loadstone's job.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+# What a plan downloads: config, shard index, adapter and quantization configs (weights: headers only).
+_PLAN_PATTERNS = ["*.json"]
 
 
 def _looks_like_path(reference: str) -> bool:
@@ -69,6 +71,8 @@ class HubResolver(Resolver):
         )
 
         try:
+            if not ctx.weights and not ctx.offline:
+                return self._headers_only(reference, repo_id, revision, ctx)
             path = snapshot_download(repo_id, revision=revision, cache_dir=ctx.cache_dir,
                                      local_files_only=ctx.offline, token=ctx.token, allow_patterns=_HUB_PATTERNS)
         except LocalEntryNotFoundError as exc:
@@ -83,9 +87,12 @@ class HubResolver(Resolver):
             if not match.group("rev"):
                 # "models/llama" may be a mistyped local folder rather than a Hub id.
                 fix += f"; if you meant a local folder: {Path(reference).resolve()} does not exist"
+            # huggingface_hub >= 2 tells a snapshot with files missing (e.g. a plan's: configs only) apart.
+            partly = type(exc).__name__ == "IncompleteSnapshotError"
             raise ResolutionError(
-                f"{repo_id} at revision {revision!r} is not in the local Hugging Face cache and downloads are "
-                f"{'disabled (offline mode)' if ctx.offline else 'unavailable'}.", field="reference",
+                f"{repo_id} at revision {revision!r} is {'only partly' if partly else 'not'} in the local Hugging "
+                f"Face cache and downloads are {'disabled (offline mode)' if ctx.offline else 'unavailable'}"
+                + (" (a plan downloads configs and weight headers only)." if partly else "."), field="reference",
                 found=f"{repo_id}@{revision}", expected="a cached snapshot", fix=fix) from exc
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
             raise ResolutionError(f"the Hub has no {repo_id} at revision {revision!r}.", field="reference",
@@ -97,6 +104,41 @@ class HubResolver(Resolver):
                                   "with HF_HUB_OFFLINE=1") from exc
         path = Path(path)
         return ResolvedSource(reference, path, "hub", repo_id=repo_id, revision=revision, commit=path.name)
+
+    def _headers_only(self, reference: str, repo_id: str, revision: str, ctx: ResolveContext) -> ResolvedSource:
+        """For a plan: a complete cached snapshot if there is one, else configs plus remote headers.
+
+        A plan needs configs and weight headers only: for a 70B model that is a few hundred kB to
+        fetch instead of 140 GB.
+        """
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        from .hub_headers import ADAPTER_CONFIG, fetch_remote_headers, snapshot_has_weights
+
+        def download(patterns: list[str], local_files_only: bool = False, at: str = revision) -> Path:
+            return Path(snapshot_download(repo_id, revision=at, cache_dir=ctx.cache_dir, token=ctx.token,
+                                          local_files_only=local_files_only, allow_patterns=patterns))
+
+        try:
+            # No network at all when the cache already holds it. An earlier plan may have left a
+            # snapshot with configs only; huggingface_hub refuses it (IncompleteSnapshotError) when
+            # it cached the repo's file list, snapshot_has_weights() when it did not.
+            cached = download(_HUB_PATTERNS, local_files_only=True)
+            if snapshot_has_weights(cached):
+                return ResolvedSource(reference, cached, "hub", repo_id=repo_id, revision=revision,
+                                      commit=cached.name)
+        except LocalEntryNotFoundError:
+            pass
+        path = download(_PLAN_PATTERNS)
+        commit = path.name  # later requests use the commit, so every file comes from the same one
+        if (path / ADAPTER_CONFIG).is_file():
+            # An adapter's weights are small and its validation reads them: download it whole.
+            path = download(_HUB_PATTERNS, at=commit)
+            return ResolvedSource(reference, path, "hub", repo_id=repo_id, revision=revision, commit=commit)
+        headers = fetch_remote_headers(repo_id, commit, path, ctx.token)
+        return ResolvedSource(reference, path, "hub", repo_id=repo_id, revision=revision, commit=commit,
+                              remote_headers=headers)
 
 
 @hookimpl
