@@ -436,7 +436,7 @@ def test_every_hook_is_named_by_a_test(hook: str) -> None:
 
 COMPONENTS = [loadstone.QuantizationBackend, loadstone.PlacementStrategy, loadstone.Resolver]
 VALUE_OBJECTS = [loadstone.QuantizationContext, loadstone.PlacementContext, loadstone.ResolveContext,
-                 loadstone.ResolvedSource]
+                 loadstone.ResolvedSource, loadstone.RemoteHeader]
 
 
 def _public_members(cls) -> list[str]:

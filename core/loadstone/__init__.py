@@ -19,6 +19,7 @@ from .components import (  # noqa: E402  (cheap, no torch)
     PlacementStrategy,
     QuantizationBackend,
     QuantizationContext,
+    RemoteHeader,
     ResolveContext,
     ResolvedSource,
     Resolver,
@@ -45,7 +46,7 @@ _LAZY = {
 __all__ = [
     "__version__", "load", "plan", "LoadResult", "Plan", "LoadRequest", "LoadReport", "Decision",
     "QuantizationBackend", "QuantizationContext", "PlacementStrategy", "PlacementContext", "Resolver",
-    "ResolveContext", "ResolvedSource", "PluginManager", "get_plugin_manager", "reset_plugin_manager",
+    "ResolveContext", "ResolvedSource", "RemoteHeader", "PluginManager", "get_plugin_manager", "reset_plugin_manager",
     "hookimpl", "requirement_problems", "count_parameters", "WeightLoader", "TransformersWeightLoader",
     *_error_names,
 ]
