@@ -84,19 +84,19 @@ def _run_plan(request: LoadRequest, plugins: PluginManager, clock: StageClock, k
             report.decide(Decision("remote code", "trusted", "user", "trust_remote_code=True"))
             report.notes.append("trust_remote_code is ON: code shipped with the checkpoint may run")
     with clock.stage("plan"):
-        plan = _decide(request, plugins, sources, config, inventory, report)
+        plan = _decide(request, plugins, sources, config, inventory, report, loading=kind == "load")
     report.stages = dict(clock.timings)
     plugins.call("loadstone_after_plan", "plan", plan=plan, request=request)
     return plan
 
 
-def _decide(request, plugins, sources, config, inventory, report) -> Plan:
+def _decide(request, plugins, sources, config, inventory, report, *, loading: bool) -> Plan:
     task, decision = choose_task(request, sources)
     report.decide(decision)
     auto_class = auto_class_for(task, config, sources.base.path)
     dtype, decision = choose_dtype(request, config, inventory)
     report.decide(decision)
-    qreg, qctx, decision = choose_quantization(request, config, plugins, sources.base.path)
+    qreg, qctx, decision = choose_quantization(request, config, plugins, sources.base.path, loading)
     report.decide(decision)
     import torch
 

@@ -70,7 +70,9 @@ class QuantizationContext:
     the checkpoint's ``quantization_config`` dict when it is pre-quantized, else ``None``.
     ``device_map`` is ``None`` while sizes are estimated and placement is checked; the kernel sets
     it to the final device map before :meth:`QuantizationBackend.transformers_config` runs, so a
-    backend can configure offloading for the layout actually used.
+    backend can configure offloading for the layout actually used. ``loading`` is ``False`` when
+    the kernel only plans (``loadstone.plan``): skip work only a real load needs, such as
+    importing the quantization library to probe the device.
     """
 
     method: str
@@ -80,6 +82,7 @@ class QuantizationContext:
     dtype: "torch.dtype | None" = None
     request: "LoadRequest | None" = None
     device_map: dict[str, Any] | None = None
+    loading: bool = True
 
     @property
     def pre_quantized(self) -> bool:

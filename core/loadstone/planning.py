@@ -154,7 +154,7 @@ class Plan:
 
 
 def choose_quantization(request: LoadRequest, config: Any, plugins: PluginManager,
-                        folder: Any) -> tuple[Registration, QuantizationContext, Decision]:
+                        folder: Any, loading: bool = True) -> tuple[Registration, QuantizationContext, Decision]:
     qconfig = getattr(config, "quantization_config", None)
     if qconfig is not None and not isinstance(qconfig, dict):
         qconfig = qconfig.to_dict()
@@ -177,7 +177,7 @@ def choose_quantization(request: LoadRequest, config: Any, plugins: PluginManage
                 expected=f"no quantization argument, or {method!r}", found=request.quantization,
                 fix="drop the quantization argument to load it as it is, or load the original unquantized checkpoint")
         _check_environment(reg, method, plugins)
-        ctx = QuantizationContext(method, {}, qconfig, config, request=request)
+        ctx = QuantizationContext(method, {}, qconfig, config, request=request, loading=loading)
         with plugins.guard(reg, "plan", "normalize_options"):
             ctx.options = reg.component.normalize_options(method, request.quantization_options)
         return reg, ctx, Decision.from_registration("quantization", method, reg,
@@ -185,7 +185,7 @@ def choose_quantization(request: LoadRequest, config: Any, plugins: PluginManage
     method = request.quantization or "none"
     reg = plugins.quantization_backend(method)
     _check_environment(reg, method, plugins)
-    ctx = QuantizationContext(method, {}, None, config, request=request)
+    ctx = QuantizationContext(method, {}, None, config, request=request, loading=loading)
     with plugins.guard(reg, "plan", "normalize_options"):
         ctx.options = reg.component.normalize_options(method, request.quantization_options)
     return reg, ctx, Decision.from_registration("quantization", method, reg,

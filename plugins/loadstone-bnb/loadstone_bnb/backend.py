@@ -121,9 +121,16 @@ class BitsAndBytesBackend(QuantizationBackend):
 
     def check_placement(self, device_map: dict[str, Any], ctx: QuantizationContext) -> dict[str, Any]:
         settings = self.settings(ctx)
-        bnb = import_bitsandbytes()
-        supported = set(getattr(bnb, "supported_torch_devices", {"cuda", "cpu"}))
-        version = getattr(bnb, "__version__", "?")
+        kinds = {device_type(d) for d in device_map.values()} - {"disk"}
+        if kinds <= {"cuda"} and not ctx.loading:
+            # Every bitsandbytes release runs on CUDA, and importing it costs seconds (it sets up
+            # torch.compile), which would dominate a plan. A load imports it here, so that a
+            # broken install is a clear error before any weight is read.
+            supported, version = {"cuda"}, "(any)"
+        else:
+            bnb = import_bitsandbytes()
+            supported = set(getattr(bnb, "supported_torch_devices", {"cuda", "cpu"}))
+            version = getattr(bnb, "__version__", "?")
         for name, device in device_map.items():
             kind = device_type(device)
             if kind != "disk" and kind not in supported:

@@ -126,3 +126,20 @@ def test_missing_bitsandbytes_names_the_pip_command(tmp_path, tiny_checkpoint):
     assert found["listed"]["problems"] == ["bitsandbytes is not installed (pip install 'bitsandbytes>=0.46')"]
     assert "cannot run here: bitsandbytes is not installed" in found["error"]["message"]
     assert found["error"]["fix"] == "bitsandbytes is not installed (pip install 'bitsandbytes>=0.46')"
+
+
+PLAN_FOR_A_GPU = """
+import json, sys
+import loadstone
+plan = loadstone.plan(sys.argv[1], quantization="nf4", placement="auto", max_memory={"cuda:0": "80GiB"})
+print(json.dumps({"map": {k: str(v) for k, v in plan.device_map.items()}, "bnb": "bitsandbytes" in sys.modules}))
+"""
+
+
+def test_planning_for_a_gpu_does_not_import_bitsandbytes(tiny_checkpoint):
+    # importing bitsandbytes sets up torch.compile and costs seconds: a plan must not pay for it
+    done = subprocess.run([sys.executable, "-c", PLAN_FOR_A_GPU, str(tiny_checkpoint("llama"))],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"map": {"": "0"}, "bnb": False}
