@@ -108,7 +108,6 @@ def _decide(request, plugins, sources, config, inventory, report, *, loading: bo
         dtype = adjusted
     qctx.dtype = getattr(torch, dtype)
     skeleton = build_skeleton(auto_class, config, dtype, request)
-    report.notes.extend(check_weights_fit_model(skeleton, inventory, config, sources.base.path))
     sizes = tensor_bytes(skeleton, qreg, qctx, plugins)
 
     spec = request.placement
@@ -131,6 +130,9 @@ def _decide(request, plugins, sources, config, inventory, report, *, loading: bo
     for adapter in sources.adapters:
         adapter_info[adapter.name] = validate_adapter(adapter, skeleton, allow_pickle=request.allow_pickle)
     n_params = sum(p.numel() for p in skeleton.parameters())
+    module_names = frozenset(n for n, _ in skeleton.named_modules())
+    # last use of the skeleton's parameters: the check may retype them in place (see validation.py)
+    report.notes.extend(check_weights_fit_model(skeleton, inventory, config, sources.base.path, in_place=True))
     report.model = {"model_type": config.model_type, "architecture": type(skeleton).__name__,
                     "auto_class": auto_class.__name__, "task": task}
     report.dtype = dtype
@@ -149,8 +151,7 @@ def _decide(request, plugins, sources, config, inventory, report, *, loading: bo
     report.fit = {"fits": fits, "advice": advice}
     report.request = request.to_dict()
     return Plan(request, sources, config, inventory, task, auto_class, dtype, qctx, qreg, preg, device_map,
-                per_device, n_params, fits, advice, report, frozenset(n for n, _ in skeleton.named_modules()),
-                skeleton, quantization_config)
+                per_device, n_params, fits, advice, report, module_names, skeleton, quantization_config)
 
 
 def _check_devices_present(device_map, request, preg, report) -> None:

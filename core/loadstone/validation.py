@@ -72,10 +72,13 @@ def _run_transformers_pass(model: Any, inventory: CheckpointInventory) -> Any:
 
 
 def check_weights_fit_model(skeleton: Any, inventory: CheckpointInventory, config: Any,
-                            folder: Path) -> list[str]:
+                            folder: Path, *, in_place: bool = False) -> list[str]:
     """Raise :class:`WeightsMismatchError` unless the checkpoint has exactly the architecture's tensors.
 
-    :param skeleton: the model on the meta device (not modified; a copy is used).
+    :param skeleton: the model on the meta device. The check runs transformers' loading pass, which
+        replaces its (meta) parameters with ones shaped and typed as the checkpoint's; it works on a
+        copy unless ``in_place`` (the caller's last use of the skeleton: deep-copying a 70B
+        skeleton costs a large part of a plan).
     :return: notes for the load report (tied weights, new or dropped task heads, skipped checks).
     """
     if getattr(config, "quantization_config", None):
@@ -83,7 +86,7 @@ def check_weights_fit_model(skeleton: Any, inventory: CheckpointInventory, confi
                 "tensors and quantization state are the quantization backend's to interpret)"]
     if not inventory.tensors:
         return ["tensor names and shapes are checked after loading (no tensor list was readable beforehand)"]
-    model = copy.deepcopy(skeleton)  # the pass assigns (meta) parameters; the plan's skeleton stays pristine
+    model = skeleton if in_place else copy.deepcopy(skeleton)
     try:
         info = _run_transformers_pass(model, inventory)
     except Exception as exc:  # a transformers internal changed: fall back to the post-load check, say so
