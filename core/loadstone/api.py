@@ -13,7 +13,7 @@ from typing import Any
 from . import __version__
 from .adapters import attach_adapters, validate_adapter
 from .checkpoint import inspect_checkpoint, read_safetensors_header
-from .errors import LoadstoneError, PlacementError
+from .errors import PlacementError
 from .faults import offload_guard, release_failed_load
 from .modelconfig import auto_class_for, choose_dtype, choose_task, load_config
 from .planning import (

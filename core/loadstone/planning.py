@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import CheckpointInventory, inspect_checkpoint
+from .checkpoint import CheckpointInventory
 from .components import QuantizationContext
-from .errors import ComponentNotFoundError, LoadstoneError, PlacementError, QuantizationError
-from .modelconfig import auto_class_for, choose_dtype, choose_task, load_config
+from .errors import ComponentNotFoundError, PlacementError, QuantizationError
 from .plugins import PluginManager, Registration
 from .report import Decision, LoadReport
 from .request import LoadRequest

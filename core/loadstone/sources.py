@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .components import ResolveContext, ResolvedSource
-from .errors import AdapterError, LoadstoneError, ResolutionError
+from .errors import AdapterError, ResolutionError
 from .jsonfile import read_json_object
 from .plugins import PluginManager
 from .report import Decision

@@ -152,7 +152,7 @@ class BitsAndBytesBackend(QuantizationBackend):
                 f"the device map offloads {shown} to cpu/disk, but this checkpoint is pre-quantized "
                 f"({settings.method}): its packed weights can only be loaded into bitsandbytes layers on the "
                 f"compute device.", field="placement", expected="everything on accelerators, or everything on "
-                f"the cpu", found=devices, fix="give the accelerator more memory (max_memory), use placement='cpu', "
+                "the cpu", found=devices, fix="give the accelerator more memory (max_memory), use placement='cpu', "
                 "or load the original unquantized checkpoint with cpu_offload=True")
         if not settings.cpu_offload:
             raise PlacementError(
