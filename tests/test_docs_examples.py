@@ -8,17 +8,12 @@
   else (pipes, redirections, other programs) runs in bash with the venv's bin first on PATH.
 * A block fenced with ``file=PATH`` (```python file=docs/examples/x.py) is an excerpt: it is not
   run, and PATH must contain its text verbatim, so tutorials cannot drift from the real code.
-* References are complete: every hook, component method and value-object field in docs/hooks.md,
-  every ``loadstone.__all__`` name in docs/api.md, every CLI command and option in docs/cli.md;
-  and every hook is named by at least one test.
 * The example plugin is installed as a real distribution and used through its entry points.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
 import io
 import json
 import os
@@ -35,110 +30,21 @@ from typing import Iterator, NamedTuple
 import pytest
 
 import loadstone
-from loadstone import hookspecs
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs"
-EXAMPLE = DOCS / "examples" / "loadstone-example-plugin"
-EXAMPLE_DIST = "loadstone-example-plugin"
-BIN = Path(sys.executable).parent
-# Documents whose examples assume the example plugin is installed (the tutorial's readers did).
-NEEDS_EXAMPLE_PLUGIN = {"docs/plugin-tutorial.md", "docs/examples/loadstone-example-plugin/README.md"}
-# Environment every example runs in: no network, no GPU, no user cache.
-EXAMPLE_ENV = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TRANSFORMERS_VERBOSITY": "error"}
-
-
-# ------------------------------------------------------------------ reading the documents
-
-
-class Block(NamedTuple):
-    doc: str  # path relative to the repository root
-    line: int  # line number of the first line of code (1-based)
-    lang: str
-    flags: tuple[str, ...]
-    text: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.doc}:{self.line}"
-
-    def flag(self, name: str) -> str | None:
-        for flag in self.flags:
-            key, _, value = flag.partition("=")
-            if key == name:
-                return value
-        return None
-
-
-def documents() -> list[Path]:
-    return sorted(DOCS.glob("*.md")) + [ROOT / "README.md", EXAMPLE / "README.md"]
-
-
-_FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
-
-
-def blocks(path: Path) -> Iterator[Block]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rel = path.relative_to(ROOT).as_posix()
-    i = 0
-    while i < len(lines):
-        match = _FENCE.match(lines[i])
-        if not match:
-            i += 1
-            continue
-        fence, indent = match.group("fence"), len(match.group("indent"))
-        info = match.group("info").split()
-        body, j = [], i + 1
-        while j < len(lines) and not (lines[j].strip().startswith(fence) and lines[j].strip().strip(fence[0]) == ""):
-            body.append(lines[j][indent:] if lines[j][:indent].strip() == "" else lines[j])
-            j += 1
-        yield Block(rel, i + 2, info[0] if info else "", tuple(info[1:]), "\n".join(body) + "\n")
-        i = j + 1
-
-
-def all_blocks() -> list[Block]:
-    return [b for path in documents() if path.is_file() for b in blocks(path)]
-
-
-def runnable(lang: str) -> list:
-    found = [b for b in all_blocks() if b.lang == lang and "notest" not in b.flags and b.flag("file") is None]
-    return [pytest.param(b, id=b.id) for b in found]
-
-
-def section(text: str, heading_pattern: str) -> str | None:
-    """The text under the first heading matching ``heading_pattern``, up to the next heading of
-    the same or a higher level (fenced code is part of the section)."""
-    lines = text.splitlines()
-    in_fence = False
-    start = level = None
-    for n, line in enumerate(lines):
-        if _FENCE.match(line):
-            in_fence = not in_fence
-        if in_fence or not line.startswith("#"):
-            continue
-        depth = len(line) - len(line.lstrip("#"))
-        if start is None and re.search(heading_pattern, line):
-            start, level = n, depth
-        elif start is not None and depth <= level:
-            return "\n".join(lines[start:n])
-    return "\n".join(lines[start:]) if start is not None else None
-
-
-def sections(text: str, heading_pattern: str) -> str:
-    """Every section whose heading matches, concatenated."""
-    out, rest = [], text
-    while (found := section(rest, heading_pattern)) is not None:
-        out.append(found)
-        rest = rest[rest.index(found) + len(found):]
-    return "\n".join(out)
-
-
-def signature_text(obj) -> str:
-    """``inspect.signature`` as the docs write it: string annotations without their quotes."""
-    return str(inspect.signature(obj)).replace("'", "").replace('"', "")
-
-
-# ------------------------------------------------------------------ the example plugin, installed
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package (--import-mode=importlib)
+from docs_support import (  # noqa: E402
+    BIN,
+    Block,
+    EXAMPLE,
+    EXAMPLE_DIST,
+    EXAMPLE_ENV,
+    NEEDS_EXAMPLE_PLUGIN,
+    ROOT,
+    all_blocks,
+    documents,
+    runnable,
+    _FENCE,
+)
 
 
 @pytest.fixture(scope="session")
@@ -366,137 +272,6 @@ def test_fences_are_closed_and_labelled() -> None:
     unlabelled = [b.id for b in all_blocks() if not b.lang]
     assert not unlabelled, f"code blocks without a language (write ```text for plain output): {unlabelled}"
 
-
-# Written by other work streams; a link to them may precede them.
-PENDING_DOCS = {"docs/benchmarks.md"}
-
-
-def _anchors(path: Path) -> set[str]:
-    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    out, in_fence = set(), False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if _FENCE.match(line):
-            in_fence = not in_fence
-        elif not in_fence and line.startswith("#"):
-            out.add(re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-"))
-    return out
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.relative_to(ROOT).as_posix()) for p in documents()])
-def test_relative_links_and_anchors_resolve(path: Path) -> None:
-    text = re.sub(r"(?ms)^ {0,3}(`{3,}|~{3,}).*?^ {0,3}\1", "", path.read_text(encoding="utf-8"))
-    broken, pending = [], []
-    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", text):
-        if re.match(r"^[a-z]+:", target):
-            continue  # http(s), mailto
-        file = (path.parent / target).resolve() if target else path
-        rel = file.relative_to(ROOT).as_posix() if file.is_relative_to(ROOT) else str(file)
-        if not file.exists():
-            (pending if rel in PENDING_DOCS else broken).append(target)
-        elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
-            broken.append(f"{target}#{anchor}")
-    if pending:
-        warnings.warn(f"{path.relative_to(ROOT)} links to documents not written yet: {pending}")
-    assert not broken, f"{path.relative_to(ROOT)}: broken links {broken}"
-
-
-# ------------------------------------------------------------------ references are complete
-
-
-HOOKS = sorted(name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction)
-               if name.startswith("loadstone_") and hasattr(getattr(hookspecs, name), "loadstone_spec"))
-
-
-def test_hookspecs_are_found() -> None:
-    assert "loadstone_register_resolvers" in HOOKS and "loadstone_after_load" in HOOKS
-
-
-@pytest.mark.parametrize("hook", HOOKS)
-def test_every_hook_has_a_section_with_its_signature(hook: str) -> None:
-    text = (DOCS / "hooks.md").read_text(encoding="utf-8")
-    body = section(text, rf"^#+ .*`?{hook}`?")
-    assert body is not None, f"docs/hooks.md has no section whose heading names {hook}"
-    signature = f"{hook}{signature_text(getattr(hookspecs, hook))}"
-    assert signature in body, f"docs/hooks.md, section {hook}: the exact signature {signature} is missing"
-    assert "```python" in body, f"docs/hooks.md, section {hook}: add a runnable example"
-
-
-def _test_sources() -> dict[Path, str]:
-    files = [*ROOT.glob("tests/**/*.py"), *ROOT.glob("plugins/*/tests/**/*.py"),
-             *ROOT.glob("docs/examples/*/tests/**/*.py")]
-    return {f: f.read_text(encoding="utf-8") for f in files if f.resolve() != Path(__file__).resolve()}
-
-
-@pytest.mark.parametrize("hook", HOOKS)
-def test_every_hook_is_named_by_a_test(hook: str) -> None:
-    found = [f for f, text in _test_sources().items() if re.search(rf"\b{hook}\b", text)]
-    assert found, (f"no test names {hook} (searched tests/, plugins/*/tests/, docs/examples/*/tests/; "
-                   f"tests/test_docs.py itself does not count): add one that implements or calls it")
-
-
-COMPONENTS = [loadstone.QuantizationBackend, loadstone.PlacementStrategy, loadstone.Resolver]
-VALUE_OBJECTS = [loadstone.QuantizationContext, loadstone.PlacementContext, loadstone.ResolveContext,
-                 loadstone.ResolvedSource, loadstone.RemoteHeader]
-
-
-def _public_members(cls) -> list[str]:
-    return sorted(n for n, v in vars(cls).items()
-                  if not n.startswith("_") and (callable(v) or isinstance(v, property)))
-
-
-@pytest.mark.parametrize("cls", COMPONENTS, ids=lambda c: c.__name__)
-def test_every_component_method_is_documented(cls) -> None:
-    body = section((DOCS / "hooks.md").read_text(encoding="utf-8"), rf"^#+ .*`?{cls.__name__}`?")
-    assert body is not None, f"docs/hooks.md has no section whose heading names {cls.__name__}"
-    for name in _public_members(cls):
-        signature = f"{name}{signature_text(getattr(cls, name))}"
-        assert signature in body, f"docs/hooks.md, section {cls.__name__}: {signature} is missing"
-    for name in ("name", "description", "methods", "checkpoint_formats", "requirements", "priority"):
-        if name in getattr(cls, "__annotations__", {}):
-            assert f"`{name}`" in body, f"docs/hooks.md, section {cls.__name__}: class attribute {name} is missing"
-
-
-@pytest.mark.parametrize("cls", VALUE_OBJECTS, ids=lambda c: c.__name__)
-def test_every_value_object_field_is_documented(cls) -> None:
-    body = section((DOCS / "hooks.md").read_text(encoding="utf-8"), rf"^#+ .*`?{cls.__name__}`?")
-    assert body is not None, f"docs/hooks.md has no section whose heading names {cls.__name__}"
-    names = [f.name for f in dataclasses.fields(cls)] + _public_members(cls)
-    missing = [n for n in names if not re.search(rf"`{n}\b", body)]
-    assert not missing, f"docs/hooks.md, section {cls.__name__}: undocumented {missing}"
-
-
-@pytest.mark.parametrize("name", sorted(loadstone.__all__))
-def test_every_public_name_is_documented(name: str) -> None:
-    text = (DOCS / "api.md").read_text(encoding="utf-8")
-    body = section(text, rf"^#+ .*`{re.escape(name)}\b")
-    assert body is not None, f"docs/api.md has no section whose heading names `{name}`"
-    obj = getattr(loadstone, name)
-    if inspect.isfunction(obj):
-        signature = f"{name}{signature_text(obj)}"
-        assert signature in body, f"docs/api.md, section {name}: the exact signature {signature} is missing"
-
-
-def _cli_commands() -> dict[str, list[str]]:
-    from loadstone.cli import build_parser
-
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    commands = {"loadstone": [s for a in parser._actions for s in a.option_strings]}
-    for name, sub in subparsers.choices.items():
-        commands[f"loadstone {name}"] = [s for a in sub._actions for s in a.option_strings]
-    return commands
-
-
-@pytest.mark.parametrize("command", sorted(_cli_commands()))
-def test_every_cli_command_and_option_is_documented(command: str) -> None:
-    text = (DOCS / "cli.md").read_text(encoding="utf-8")
-    body = sections(text, rf"^#+ .*`{command}`")
-    assert body, f"docs/cli.md has no section whose heading names `{command}`"
-    missing = [o for o in _cli_commands()[command] if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", body)]
-    assert not missing, f"docs/cli.md, `{command}`: options not documented in its section(s): {missing}"
-
-
-# ------------------------------------------------------------------ the example plugin: background results
 
 
 def test_example_plugin_resolves_places_and_audits_through_entry_points(example_runs) -> None:
