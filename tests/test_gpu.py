@@ -50,3 +50,26 @@ def test_budget_splits_gpu_and_cpu_and_plan_equals_load(tiny_checkpoint):
         want = plan.device_map[key]
         # accelerate keeps CPU-offloaded weights in a hook's weights map and leaves meta tensors behind
         assert param.device.type in (("cuda",) if want == 0 else ("cpu", "meta")), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_qlora_rank_placement_under_torchrun_with_nccl(tiny_adapter, tmp_path):
+    """The DDP QLoRA layout: one NF4 copy per process on cuda:$LOCAL_RANK, gradients all-reduced."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    adapter = tiny_adapter("llama", checkpoint_kwargs={"dtype": "bfloat16"})
+    worker = Path(__file__).parent / "fixtures" / "rank_worker.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_"))}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(worker), str(adapter), str(tmp_path), "nccl", "nf4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["device_map"] == {"": str(rank)} and seen["device"] == f"cuda:{rank}"
+        assert f"-> cuda:{rank}" in seen["placement_reason"]
+        assert seen["grads_differ"] and seen["all_reduce_is_sum"] and seen["same_base_weights"]
