@@ -124,7 +124,7 @@ def _decide(request, plugins, sources, config, inventory, report, *, loading: bo
     per_device = bytes_by_device(sizes, device_map)
     budget = pctx.memory_budget() if any(v not in ("disk",) for v in device_map.values()) else {}
     total = int(sum(sizes.values()))
-    fits, advice = check_fit(per_device, device_map, budget, request, total, plugins)
+    fits, advice = check_fit(per_device, device_map, budget, request, plugins)
 
     adapter_info = {}
     for adapter in sources.adapters:

@@ -246,7 +246,7 @@ def bytes_by_device(sizes: dict[str, float], device_map: dict[str, Any]) -> dict
 
 
 def check_fit(plan_bytes: dict[str, int], device_map: dict[str, Any], budget: dict[str | int, int],
-              request: LoadRequest, total: int, plugins: PluginManager) -> tuple[bool, list[str]]:
+              request: LoadRequest, plugins: PluginManager) -> tuple[bool, list[str]]:
     advice: list[str] = []
     fits = True
     if "disk" in plan_bytes and not request.offload_folder:
@@ -254,7 +254,7 @@ def check_fit(plan_bytes: dict[str, int], device_map: dict[str, Any], budget: di
         advice.append(f"{format_size(plan_bytes['disk'])} would be offloaded to disk, but no offload folder was "
                       f"given: pass offload_folder=PATH (CLI: --offload-folder)")
     for dev, nbytes in plan_bytes.items():
-        key = 0 if dev == "cuda" else (int(dev[5:]) if dev.startswith("cuda:") else dev)
+        key = normalize_device(dev)
         if dev != "disk" and key in budget and nbytes > budget[key]:
             fits = False
             advice.append(f"{dev} needs {format_size(nbytes)} but has {format_size(budget[key])}: raise "

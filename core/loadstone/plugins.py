@@ -209,13 +209,10 @@ class PluginManager:
             log.debug("component %s %s of plugin %s disabled", kind, name, record.name)
             return None
         reg = Registration(kind, name, component, record.name, record.distribution, record.version)
-        clashes = [r for r in list(self._registry[kind].values()) + pending if r.kind == kind and r.name == name]
-        if kind == "quantization":
-            taken = {m: r for m, r in self._method_index.items()}
-            for other in pending:
-                if other.kind == "quantization":
-                    taken.update({m: other for m in other.component.methods})
-            clashes += [taken[m] for m in component.methods if m in taken]
+        # Same name, or (backends) a method another backend already provides.
+        methods = set(getattr(component, "methods", ()) if kind == "quantization" else ())
+        clashes = [r for r in [*self._registry[kind].values(), *pending]
+                   if r.kind == kind and (r.name == name or methods & set(getattr(r.component, "methods", ())))]
         if clashes:
             other = clashes[0]
             raise PluginConflictError(
