@@ -248,6 +248,9 @@ def load(reference: Any, *, plugins: PluginManager | None = None, weight_loader:
             with clock.stage("load_weights"):
                 model = loader.load(the_plan)
                 report.decide(Decision("weight loader", loader.name, "kernel"))
+                qreg = the_plan.quantization_backend
+                with plugins.guard(qreg, "load_weights", "finish_model"):
+                    report.notes.extend(qreg.component.finish_model(model, the_plan.quantization))
             plugins.call("loadstone_model_loaded", "load_weights", model=model, plan=the_plan, request=request)
             with clock.stage("prepare"):
                 notes = _prepare(model, the_plan, plugins)

@@ -173,6 +173,15 @@ class QuantizationBackend(ABC):
     def transformers_config(self, ctx: QuantizationContext) -> Any:
         """The ``quantization_config`` object handed to ``from_pretrained`` (or ``None``)."""
 
+    def finish_model(self, model: Any, ctx: QuantizationContext) -> list[str]:
+        """Finish the loaded model before anything else sees it (every engine calls it once, right
+        after the last weight is in place, for trainable and frozen loads alike).
+
+        The place to set per-module runtime flags, or to convert what needs the whole model.
+        Returns short notes for the load report. The default does nothing.
+        """
+        return []
+
     def prepare_for_training(self, model: Any, ctx: QuantizationContext) -> list[str]:
         """Prepare an already frozen base model for adapter training.
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from loadstone import PlacementError, QuantizationBackend, QuantizationContext, QuantizationError
 
-from . import memory, options
+from . import cpu_kernel, memory, options
 from .options import BnbSettings
 
 PIP_FIX = "pip install -U 'bitsandbytes>=0.46'"
@@ -194,6 +194,13 @@ class BitsAndBytesBackend(QuantizationBackend):
                                   bnb_4bit_use_double_quant=settings.double_quant,
                                   bnb_4bit_quant_storage=getattr(torch, settings.quant_storage), **common)
 
+    def finish_model(self, model: Any, ctx: QuantizationContext) -> list[str]:
+        settings = self.settings(ctx)
+        if not settings.four_bit:
+            return []
+        trainable = bool(ctx.request is None or ctx.request.trainable)
+        return cpu_kernel.configure(model, trainable=trainable)
+
     def prepare_for_training(self, model: Any, ctx: QuantizationContext) -> list[str]:
         import torch
 
@@ -221,6 +228,9 @@ class BitsAndBytesBackend(QuantizationBackend):
         details["settings"] = settings.to_dict()
         if settings.four_bit and settings.compute_dtype is None and ctx.dtype is not None:
             details["settings"]["compute_dtype"] = str(ctx.dtype).replace("torch.", "")
+        if settings.four_bit and any(device_type(d) == "cpu" for d in (ctx.device_map or {}).values()):
+            trainable = bool(ctx.request is None or ctx.request.trainable)
+            details["cpu_kernel"] = cpu_kernel.policy(trainable, cpu_kernel.packed_kernel_available())
         details["bits_per_quantized_parameter"] = round(
             memory.bits_per_parameter(settings.method, double_quant=settings.double_quant), 3)
         try:

@@ -53,10 +53,17 @@ def bits_per_parameter(method: str, *, double_quant: bool = True) -> float:
 
 def measured_bytes(model: Any) -> int:
     """Bytes a loaded model really holds: parameters, buffers, 4-bit ``quant_state`` tensors and
-    int8 scales, each storage counted once (tied weights and aliases share storage)."""
+    int8 scales, each storage counted once (tied weights and aliases share storage).
+
+    A 4-bit layer that bitsandbytes repacked for its CPU inference kernel after a forward (see
+    :mod:`loadstone_bnb.cpu_kernel`) is counted in the layout it was loaded in, so the figure does
+    not depend on whether a forward ran."""
     import torch
 
+    from .cpu_kernel import canonical_state_bytes
+
     seen: dict[tuple[str, int], int] = {}
+    repacked = 0
 
     def add(tensor: Any) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
@@ -65,7 +72,12 @@ def measured_bytes(model: Any) -> int:
         seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
 
     def add_quant_state(state: Any) -> None:
+        nonlocal repacked
         if state is None:
+            return
+        canonical = canonical_state_bytes(state)
+        if canonical is not None:
+            repacked += canonical
             return
         for name in ("absmax", "code", "offset"):
             add(getattr(state, name, None))
@@ -75,4 +87,4 @@ def measured_bytes(model: Any) -> int:
         add(tensor)
         add_quant_state(getattr(tensor, "quant_state", None))
         add(getattr(tensor, "SCB", None))
-    return sum(seen.values())
+    return sum(seen.values()) + repacked
