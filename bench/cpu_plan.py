@@ -69,7 +69,7 @@ def child(mode: str, folder: str) -> dict:
 
     out: dict = {"mode": mode}
     if mode.startswith("loadstone"):
-        from loadstone.modelconfig import import_transformers
+        from loadstone.stages.inspect import import_transformers
 
         import_transformers()
         quantization = "nf4" if mode.endswith("nf4") else None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import loadstone
-from loadstone import hookspecs
+from loadstone.contract import hookspecs
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package (--import-mode=importlib)
 from docs_support import (  # noqa: E402

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loadstone import CheckpointError
-from loadstone.checkpoint import SAFETENSORS_DTYPE_BITS, inspect_checkpoint, read_safetensors_header
+from loadstone.safetensors_header import SAFETENSORS_DTYPE_BITS, read_safetensors_header
+from loadstone.stages.inspect import inspect_checkpoint
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

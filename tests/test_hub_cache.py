@@ -108,7 +108,7 @@ def test_hf_hub_offline_in_a_fresh_interpreter(hub, python_subprocess):
     """HF_HUB_OFFLINE=1 and HF_HUB_CACHE as huggingface_hub itself reads them at import time. The
     resolve stage alone is run, so the check needs neither torch nor transformers."""
     code = ("import json, loadstone\n"
-            "from loadstone.sources import resolve_sources\n"
+            "from loadstone.stages.resolve import resolve_sources\n"
             "def resolve(ref):\n"
             "    try:\n"
             "        return resolve_sources(loadstone.LoadRequest(ref), loadstone.get_plugin_manager()).to_dict()\n"

@@ -156,7 +156,7 @@ def test_hf_endpoint_in_a_fresh_interpreter(hub, sharded_llama, tmp_path, python
     """HF_ENDPOINT as huggingface_hub itself reads it at import time. The resolve stage alone runs,
     so the check needs neither torch nor transformers."""
     code = ("import json, loadstone\n"
-            "from loadstone.sources import resolve_sources\n"
+            "from loadstone.stages.resolve import resolve_sources\n"
             "base = resolve_sources(loadstone.LoadRequest('org/tiny'), loadstone.get_plugin_manager(),\n"
             "                       weights=False).base\n"
             "print(json.dumps({n: h.size for n, h in base.remote_headers.items()}))\n")

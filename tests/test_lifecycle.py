@@ -189,7 +189,7 @@ def test_audit_log_plugin(llama_lora, sharded_llama, tmp_path):
     loaded = entries[0]["report"]
     assert loaded["sources"]["adapters"][0]["name"] == "default"
     assert {d["topic"] for d in loaded["decisions"]} >= {"source", "base", "task", "dtype", "quantization",
-                                                         "placement", "weight loader"}
+                                                         "placement", "engine"}
     failed = entries[1]
     assert failed["stage"] == "plan" and failed["reference"] == str(sharded_llama)
     assert failed["error"]["error"] == "PlacementError" and "max_memory" in failed["error"]["fix"]

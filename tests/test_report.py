@@ -8,7 +8,7 @@ import pytest
 
 import loadstone
 
-PLUGIN_LABELS = ("backend ", "strategy ", "resolver ")
+PLUGIN_LABELS = ("backend ", "strategy ", "resolver ", "engine ")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def test_every_plugin_decision_names_plugin_distribution_and_version(adapter_loa
     data = adapter_load.report.to_dict()
     _assert_decisions_name_their_plugin(data)
     topics = {d["topic"]: d for d in data["decisions"]}
-    assert {"source", "base", "base source", "task", "dtype", "quantization", "placement", "weight loader"} <= set(topics)
+    assert {"source", "base", "base source", "task", "dtype", "quantization", "placement", "engine"} <= set(topics)
+    assert (topics["engine"]["choice"], topics["engine"]["plugin"]) == ("loadstone", "builtin-engines")
     assert (topics["source"]["by"], topics["source"]["plugin"], topics["source"]["distribution"],
             topics["source"]["version"]) == ("resolver local", "builtin-resolvers", "loadstone", loadstone.__version__)
     assert topics["placement"]["plugin"] == "builtin-placement"

@@ -11,49 +11,58 @@ only when a load or plan needs them.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .components import (  # noqa: E402  (cheap, no torch)
-    PlacementStrategy,
+from .contract import STAGES  # noqa: E402  (cheap, no torch)
+from .contract import VERSION as CONTRACT_VERSION  # noqa: E402
+from .contract.checkpoint import CheckpointInventory, RemoteHeader, TensorInfo  # noqa: E402
+from .contract.engines import Engine, EngineContext  # noqa: E402
+from .contract.errors import *  # noqa: E402,F401,F403
+from .contract.errors import __all__ as _error_names  # noqa: E402
+from .contract.hookspecs import hookimpl  # noqa: E402
+from .contract.placement import PlacementContext, PlacementStrategy, map_entry  # noqa: E402
+from .contract.plan import Plan  # noqa: E402
+from .contract.quantization import (  # noqa: E402
     QuantizationBackend,
     QuantizationContext,
-    RemoteHeader,
-    ResolveContext,
-    ResolvedSource,
-    Resolver,
     requirement_problems,
+    set_module_tensor,
 )
-from .errors import *  # noqa: E402,F401,F403
-from .errors import __all__ as _error_names  # noqa: E402
-from .hookspecs import hookimpl  # noqa: E402
+from .contract.report import Decision, LoadReport  # noqa: E402
+from .contract.request import LoadRequest  # noqa: E402
+from .contract.sources import ResolveContext, ResolvedSource, Resolver  # noqa: E402
+from .contract.tensors import TensorGroup, TensorMap  # noqa: E402
 from .plugins import PluginManager, get_plugin_manager, reset_plugin_manager  # noqa: E402
-from .report import Decision, LoadReport  # noqa: E402
-from .request import LoadRequest  # noqa: E402
 
 _LAZY = {
     "load": "loadstone.api",
     "plan": "loadstone.api",
     "LoadResult": "loadstone.api",
     "count_parameters": "loadstone.api",
-    "Plan": "loadstone.planning",
-    "PlacementContext": "loadstone.planning",
-    "WeightLoader": "loadstone.weights",
-    "TransformersWeightLoader": "loadstone.weights",
 }
+# Contract 1 names, kept for one minor release (see loadstone.legacy).
+_DEPRECATED = {"WeightLoader": "loadstone.legacy", "TransformersWeightLoader": "loadstone.legacy"}
 
 __all__ = [
-    "__version__", "load", "plan", "LoadResult", "Plan", "LoadRequest", "LoadReport", "Decision",
-    "QuantizationBackend", "QuantizationContext", "PlacementStrategy", "PlacementContext", "Resolver",
-    "ResolveContext", "ResolvedSource", "RemoteHeader", "PluginManager", "get_plugin_manager", "reset_plugin_manager",
-    "hookimpl", "requirement_problems", "count_parameters", "WeightLoader", "TransformersWeightLoader",
+    "__version__", "CONTRACT_VERSION", "STAGES", "load", "plan", "LoadResult", "Plan", "LoadRequest", "LoadReport",
+    "Decision", "QuantizationBackend", "QuantizationContext", "PlacementStrategy", "PlacementContext", "Resolver",
+    "ResolveContext", "ResolvedSource", "RemoteHeader", "Engine", "EngineContext", "TensorMap", "TensorGroup",
+    "TensorInfo", "CheckpointInventory", "PluginManager", "get_plugin_manager", "reset_plugin_manager", "hookimpl",
+    "requirement_problems", "set_module_tensor", "map_entry", "count_parameters",
     *_error_names,
 ]
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
+    if module is None and name in _DEPRECATED:
+        from .legacy import DEPRECATION
+
+        warnings.warn(DEPRECATION.format(what=f"loadstone.{name}"), DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_DEPRECATED[name]), name)
     if module is None:
         raise AttributeError(f"module 'loadstone' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)

@@ -9,7 +9,7 @@ import sys
 import traceback
 from typing import Any, NoReturn, Sequence
 
-from .errors import LoadstoneError, OptionError
+from .contract.errors import LoadstoneError, OptionError
 
 EPILOG_LOAD = """examples:
   loadstone load ./my-model

@@ -89,7 +89,7 @@ def one_training_step(model: Any) -> dict[str, Any]:
 def run_demo(*, cache_dir: str | None = None, rebuild: bool = False, quantize: bool = True,
              as_json: bool = False, progress: bool | None = None) -> int:
     import loadstone
-    from loadstone.errors import ComponentNotFoundError
+    from loadstone import ComponentNotFoundError
 
     root = demo_dir(cache_dir)
     if rebuild and root.exists():

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import LoadstoneError
+from .contract.errors import LoadstoneError
 
 
 def read_json_object(path: Path, error: type[LoadstoneError], *, missing: str, expected: str,

@@ -25,24 +25,21 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
-from . import hookspecs
-from .errors import (
+from .contract import hookspecs
+from .contract.errors import (
     ComponentNotFoundError,
     LoadstoneError,
     PluginConflictError,
     PluginHookError,
     PluginLoadError,
 )
-from .plugin_records import (  # noqa: F401  (re-exported: loadstone.plugins is where users look)
+from .contract.records import PluginLoadWarning, PluginRecord, Registration, RequestChange
+from .plugin_policy import (  # noqa: F401  (re-exported: loadstone.plugins is where users look)
     BUILTIN_ENTRY_POINTS,
     ENTRY_POINT_GROUP,
     KERNEL_DISTRIBUTION,
     KNOWN_PROVIDERS,
     REGISTRATION_HOOKS,
-    PluginLoadWarning,
-    PluginRecord,
-    Registration,
-    RequestChange,
     _canonical,
     _env_flag,
     _env_list,
@@ -239,7 +236,7 @@ class PluginManager:
     def _missing(self, kind: str, name: str, available: list[str], field_name: str) -> ComponentNotFoundError:
         provider = KNOWN_PROVIDERS.get(kind, {}).get(name)
         what = {"quantization": "quantization method", "placement": "placement strategy",
-                "resolver": "resolver"}[kind]
+                "resolver": "resolver", "engine": "engine"}[kind]
         fix = f"choose one of: {', '.join(sorted(available)) or '(none installed)'}"
         if name in self.disable:
             fix = f"it is disabled by LOADSTONE_DISABLE_PLUGINS ({', '.join(sorted(self.disable))}); remove it, or " + fix
@@ -284,6 +281,19 @@ class PluginManager:
             if reg.component.matches(spec):
                 return reg
         raise self._missing("placement", spec, list(regs), "placement")
+
+    def engine(self, name: str) -> Registration:
+        """The engine registered as ``name``; :class:`ComponentNotFoundError` if none."""
+        self.discover()
+        reg = self._registry["engine"].get(name)
+        if reg is None:
+            raise self._missing("engine", name, [*self._registry["engine"], "auto"], "engine")
+        return reg
+
+    def engines(self) -> list[Registration]:
+        """Every engine, in the order ``engine="auto"`` tries them (ascending preference, then name)."""
+        self.discover()
+        return sorted(self._registry["engine"].values(), key=lambda r: (r.component.preference, r.name))
 
     def resolvers(self) -> list[Registration]:
         self.discover()
@@ -376,6 +386,8 @@ class PluginManager:
                                  problems=problems, options=options)
                 elif reg.kind == "resolver":
                     entry["priority"] = comp.priority
+                elif reg.kind == "engine":
+                    entry["preference"] = comp.preference
                 details.append(entry)
             item["components"] = details
             out.append(item)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import CheckpointError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .components import RemoteHeader
+from .contract.checkpoint import RemoteHeader, TensorInfo
+from .contract.errors import CheckpointError
 
 # Same limit the safetensors library enforces; a larger header is refused before parsing it.
 MAX_HEADER_BYTES = 100_000_000
@@ -28,23 +25,14 @@ SAFETENSORS_DTYPE_BITS = {
 }
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 
+#: safetensors dtype code -> torch dtype name (codes torch has no dtype for are absent)
+TORCH_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                     "U16": "uint16", "U32": "uint32", "U64": "uint64", "C64": "complex64",
+                     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+                     "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu"}
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
 
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -16,12 +16,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from ..checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX
-from ..components import RemoteHeader
+from ..contract.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, RemoteHeader
+from ..contract.sources import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..safetensors_header import MAX_HEADER_BYTES
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def snapshot_has_weights(folder: Path) -> bool:

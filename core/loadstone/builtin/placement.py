@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..components import PlacementStrategy, is_device_spec
-from ..errors import PlacementError
-from ..hookspecs import hookimpl
-from ..planning import PlacementContext
-from ..units import device_label, normalize_device
+from ..contract.errors import PlacementError
+from ..contract.hookspecs import hookimpl
+from ..contract.placement import PlacementContext, PlacementStrategy, map_entry
+from ..contract.units import device_label, is_device_spec, normalize_device
 
 
 class AutoPlacement(PlacementStrategy):
@@ -96,16 +95,11 @@ class RankPlacement(PlacementStrategy):
         return {"": "cpu"}
 
 
-def _entry_for(name: str, spec: dict[str, Any]) -> str | None:
-    return next((p for p in sorted(spec, key=len, reverse=True) if p == "" or name == p or name.startswith(p + ".")),
-                None)
-
-
 def _check_tied_weights_together(model: Any, spec: dict[str, Any]) -> None:
     """Tied weights (GPT-2's lm_head and wte) are one tensor: a map that splits them makes accelerate
     crash while dispatching, or serve a disk copy that was never written."""
     for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
-        entries = [_entry_for(target, spec), _entry_for(source, spec)]
+        entries = [map_entry(target, spec), map_entry(source, spec)]
         if None in entries or spec[entries[0]] == spec[entries[1]]:
             continue
         where = [f"{name} -> {device_label(spec[entry])} (entry {entry!r})"

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..components import QuantizationBackend, QuantizationContext
-from ..hookspecs import hookimpl
+from ..contract.hookspecs import hookimpl
+from ..contract.quantization import QuantizationBackend
 
 
 class NoQuantization(QuantizationBackend):
+    """Every default of the base class: tensors loaded as they are, in the load dtype."""
+
     name = "none"
     methods = ("none",)
     description = "no quantization: parameters in the chosen dtype"
-
-    def transformers_config(self, ctx: QuantizationContext) -> Any:
-        return None
-
-    def prepare_for_training(self, model: Any, ctx: QuantizationContext) -> list[str]:
-        notes = []
-        if ctx.request is not None and ctx.request.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            notes.append("gradient checkpointing enabled (use_reentrant=False)")
-        return notes
 
 
 @hookimpl

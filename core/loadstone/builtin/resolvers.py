@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..components import ResolveContext, ResolvedSource, Resolver
-from ..errors import ResolutionError
-from ..hookspecs import hookimpl
+from ..contract.errors import ResolutionError
+from ..contract.hookspecs import hookimpl
+from ..contract.sources import ResolveContext, ResolvedSource, Resolver
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(@(?P<rev>[\w./-]+))?$")
 # Files a base model or adapter needs; tokenizers are not loadstone's job.

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from loadstone import PlacementError, QuantizationBackend, QuantizationContext, QuantizationError
 
-from . import cpu_kernel, memory, options
+from . import cpu_kernel, memory, native, options
 from .options import BnbSettings
 
 PIP_FIX = "pip install -U 'bitsandbytes>=0.46'"
@@ -65,8 +65,9 @@ class BitsAndBytesBackend(QuantizationBackend):
     def option_help(self) -> dict[str, str]:
         return dict(options.OPTION_HELP)
 
-    def normalize_options(self, method: str, opts: Mapping[str, Any]) -> dict[str, Any]:
-        return options.normalize(method, super().normalize_options(method, opts))
+    def normalize_options(self, method: str, opts: Mapping[str, Any],
+                          ctx: QuantizationContext | None = None) -> dict[str, Any]:
+        return options.normalize(method, super().normalize_options(method, opts, ctx))
 
     def settings(self, ctx: QuantizationContext) -> BnbSettings:
         """What this load does: options over defaults, or the pre-quantized checkpoint's own settings."""
@@ -95,6 +96,15 @@ class BitsAndBytesBackend(QuantizationBackend):
         if upcast and isinstance(tensor, torch.nn.Parameter) and tensor.dtype in (torch.float16, torch.bfloat16):
             element_size = 4
         return numel * element_size
+
+    def converts_tensor(self, module_name: str, param_name: str, module: Any, ctx: QuantizationContext) -> bool:
+        return param_name == "weight" and self.quantizes(module_name, module, self.settings(ctx), ctx)
+
+    def transient_bytes(self, module_name: str, param_name: str, tensor: Any, module: Any,
+                        ctx: QuantizationContext) -> float:
+        if ctx.pre_quantized:  # packed tensors are taken as they are: nothing full-precision in flight
+            return 0.0
+        return super().transient_bytes(module_name, param_name, tensor, module, ctx)
 
     def quantizes(self, module_name: str, module: Any, settings: BnbSettings, ctx: QuantizationContext) -> bool:
         """Whether transformers swaps this module for a bitsandbytes layer, decided by transformers'
@@ -173,14 +183,25 @@ class BitsAndBytesBackend(QuantizationBackend):
         return device_map
 
     # -- loading -----------------------------------------------------------------
+    def native_problems(self, ctx: QuantizationContext) -> list[str]:
+        if self.settings(ctx).cpu_offload and offloaded_modules(ctx.device_map or {}):
+            return ["cpu_offload keeps the offloaded modules unquantized, which only the transformers engine does"]
+        return []
+
     def transformers_config(self, ctx: QuantizationContext) -> Any:
         if ctx.pre_quantized:
             # transformers reads the checkpoint's own quantization_config; a second one would be
             # ignored (with a warning), and the packed weights fix every setting anyway.
             return None
+        return self.bitsandbytes_config(ctx)
+
+    def bitsandbytes_config(self, ctx: QuantizationContext) -> Any:
+        """The ``transformers.BitsAndBytesConfig`` of this load (the checkpoint's own when pre-quantized)."""
         import torch
         from transformers import BitsAndBytesConfig
 
+        if ctx.pre_quantized:
+            return BitsAndBytesConfig.from_dict(dict(ctx.checkpoint_config or {}))
         settings = self.settings(ctx)
         # Only a map that really offloads may enable it: with it on, transformers leaves every
         # cpu-placed module unquantized, which for an all-CPU map would be the whole model.
@@ -194,7 +215,19 @@ class BitsAndBytesBackend(QuantizationBackend):
                                   bnb_4bit_use_double_quant=settings.double_quant,
                                   bnb_4bit_quant_storage=getattr(torch, settings.quant_storage), **common)
 
+    def convert_skeleton(self, model: Any, ctx: QuantizationContext) -> None:
+        native.convert_skeleton(model, self.bitsandbytes_config(ctx), ctx)
+
+    def accepts_tensor(self, module_name: str, name: str, module: Any, ctx: QuantizationContext) -> bool:
+        settings = self.settings(ctx)
+        return (ctx.pre_quantized and name in native.state_names(settings)
+                and self.quantizes(module_name, module, settings, ctx))
+
+    def load_tensor(self, module_name: str, module: Any, name: str, tensor: Any, ctx: QuantizationContext) -> None:
+        native.load_tensor(module_name, module, name, tensor, ctx, self.settings(ctx))
+
     def finish_model(self, model: Any, ctx: QuantizationContext) -> list[str]:
+        native.finish(model, ctx)
         settings = self.settings(ctx)
         if not settings.four_bit:
             return []
@@ -211,15 +244,12 @@ class BitsAndBytesBackend(QuantizationBackend):
 
             halves = sum(1 for p in model.parameters()
                          if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ != "Params4bit")
-            # Checkpointing is enabled below, the same way for both paths.
+            # The kernel enables gradient checkpointing afterwards, the same way for every backend.
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
             notes.append(f"k-bit training preparation (peft.prepare_model_for_kbit_training): {halves} fp16/bf16 "
                          f"parameters (norms, embeddings, kept modules) cast to float32")
         else:
             notes.append("upcast=False: non-quantized parameters keep the load dtype")
-        if ctx.request is not None and ctx.request.gradient_checkpointing:
-            enable_checkpointing(model)
-            notes.append("gradient checkpointing enabled (use_reentrant=False)")
         return notes
 
     def describe(self, ctx: QuantizationContext) -> dict[str, Any]:
@@ -238,17 +268,6 @@ class BitsAndBytesBackend(QuantizationBackend):
         except importlib.metadata.PackageNotFoundError:  # pragma: no cover - the kernel checked requirements
             details["bitsandbytes_version"] = None
         return details
-
-
-def enable_checkpointing(model: Any) -> None:
-    """Non-reentrant activation checkpointing. Unlike the reentrant kind it propagates gradients to
-    the adapters without making the input embeddings require grad (peft's workaround)."""
-    kwargs = {"use_reentrant": False}
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x renamed it
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:  # pragma: no cover - older transformers 5 releases
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _out_features(module: Any) -> int:

@@ -61,6 +61,7 @@ class LoadRequest:
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     progress: bool | None = None
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +113,11 @@ class LoadRequest:
             raise OptionError("gradient_checkpointing only applies to trainable loads; this one has trainable=False.",
                               field="gradient_checkpointing", expected="trainable=True", found="trainable=False",
                               fix="drop gradient_checkpointing (CLI: --gradient-checkpointing) or --frozen")
+        if not isinstance(self.engine, str) or not self.engine.strip():
+            raise OptionError("engine must be an engine's name, or 'auto'.", field="engine", found=repr(self.engine),
+                              fix="pass engine='auto' (default), 'loadstone' or 'transformers' (`loadstone plugins` "
+                                  "lists the engines)")
+        self.engine = self.engine.strip().lower()
         if not isinstance(self.quantization_options, dict):
             raise OptionError("quantization_options must be a dict.", field="quantization_options",
                               found=repr(self.quantization_options))

@@ -2,46 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .components import ResolveContext, ResolvedSource
-from .errors import AdapterError, ResolutionError
-from .jsonfile import read_json_object
-from .plugins import PluginManager
-from .report import Decision
-from .request import LoadRequest
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-@dataclass
-class AdapterSource:
-    name: str
-    source: ResolvedSource
-    config: dict[str, Any]
-    weights: Path
-
-    @property
-    def peft_type(self) -> str:
-        return str(self.config.get("peft_type"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source.to_dict(), "peft_type": self.peft_type,
-                "r": self.config.get("r"), "target_modules": self.config.get("target_modules"),
-                "base_model_name_or_path": self.config.get("base_model_name_or_path")}
-
-
-@dataclass
-class Sources:
-    base: ResolvedSource
-    adapters: list[AdapterSource] = field(default_factory=list)
-    decisions: list[Decision] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"base": self.base.to_dict(), "adapters": [a.to_dict() for a in self.adapters]}
+from ..contract.errors import AdapterError, ResolutionError
+from ..contract.report import Decision
+from ..contract.request import LoadRequest
+from ..contract.sources import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource, ResolveContext, ResolvedSource, Sources
+from ..jsonfile import read_json_object
+from ..plugins import PluginManager
 
 
 def resolve_reference(reference: str, ctx: ResolveContext, plugins: PluginManager) -> ResolvedSource:

@@ -5,8 +5,8 @@ implements some of these hooks, decorated with :data:`loadstone.hookimpl`. Hooks
 groups:
 
 * **registration hooks** (called once, when plugins are discovered) hand the plugin a
-  ``register`` callback to add components: quantization backends, placement strategies and
-  source resolvers. The kernel records which plugin and distribution registered each one.
+  ``register`` callback to add components: quantization backends, placement strategies,
+  source resolvers and weight-loading engines. The kernel records which plugin and distribution registered each one.
 * **lifecycle hooks** (called on every load) let integrations observe or patch a load, e.g. for
   audit logging.
 
@@ -63,6 +63,19 @@ def loadstone_register_resolvers(register):
     :param register: callable taking one :class:`loadstone.Resolver` instance. Resolvers are
         asked in ascending ``priority`` (ties by name) and the first non-``None`` answer wins.
     :return: ignored.
+    """
+
+
+@hookspec
+def loadstone_register_engines(register):
+    """Register weight-loading engines.
+
+    :param register: callable taking one :class:`loadstone.Engine` instance. Its ``name`` becomes
+        a value of ``engine=`` (CLI ``--engine``); ``engine="auto"`` tries engines in ascending
+        ``preference`` and takes the first whose ``problems(plan)`` is empty.
+    :return: ignored.
+
+    Names must be unique across plugins.
     """
 
 
@@ -126,8 +139,9 @@ def loadstone_load_failed(request, stage, error):
     """Called when a load (or a plan) fails, before the error reaches the caller.
 
     :param request: the :class:`loadstone.LoadRequest`.
-    :param stage: name of the stage that failed (``"before_load"``, ``"resolve"``, ``"inspect"``,
-        ``"plan"``, ``"load_weights"``, ``"prepare"``, ``"adapters"``, ``"report"``).
+    :param stage: name of the stage that failed, one of :data:`loadstone.STAGES`
+        (``"before_load"``, ``"resolve"``, ``"inspect"``, ``"plan"``, ``"load_weights"``,
+        ``"prepare"``, ``"adapters"``, ``"report"``).
     :param error: the exception that will be raised (any exception, ``KeyboardInterrupt`` included).
     :return: ignored. Exceptions raised here are logged and otherwise ignored, so that the
         original error is what the caller sees.

@@ -12,6 +12,7 @@ _UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+_DEVICE_RE = re.compile(r"^(cpu|meta|mps|cuda|xpu|npu|hpu|mlu)(:\d+)?$")
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
@@ -61,6 +62,11 @@ def normalize_device(device: Any) -> str | int:
     return text
 
 
+def is_device_spec(spec: str) -> bool:
+    """``cuda:1``, ``mps``, ``cpu`` ... (used by the built-in single-device strategy)."""
+    return bool(_DEVICE_RE.match(spec))
+
+
 def device_label(device: Any) -> str:
     """Inverse of :func:`normalize_device` for display: ``0`` -> ``"cuda:0"``."""
     return f"cuda:{device}" if isinstance(device, int) else str(device)
@@ -78,8 +84,6 @@ def parse_max_memory(value: Mapping[Any, Any] | None) -> dict[str | int, int] | 
 def _memory_device(key: Any) -> str | int:
     """A ``max_memory`` key, refused here when it is no device name at all (``gpu7``), rather than
     deep inside accelerate's placement code."""
-    from .components import is_device_spec
-
     device = normalize_device(key)
     if isinstance(device, int) or device == "disk" or is_device_spec(device):
         return device

@@ -24,6 +24,7 @@ __all__ = [
     "AdapterError",
     "QuantizationError",
     "PlacementError",
+    "EngineError",
     "OptionError",
 ]
 
@@ -148,6 +149,11 @@ class QuantizationError(LoadstoneError):
 
 class PlacementError(LoadstoneError):
     """The model cannot be placed as requested."""
+
+
+class EngineError(LoadstoneError):
+    """No engine can run the plan, or the engine asked for cannot (disk offload, pickle weights, a
+    quantization backend it cannot drive ...)."""
 
 
 class OptionError(LoadstoneError, ValueError):

@@ -1,16 +1,14 @@
-"""Reading ``config.json`` safely and choosing the task, Auto class and dtype."""
+"""Reading ``config.json`` safely: refusing remote code unless allowed, typed errors for
+everything transformers cannot read."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointInventory
-from .errors import ConfigError
-from .jsonfile import read_json_object
-from .report import Decision
-from .request import PEFT_TASKS, TASKS, LoadRequest
-from .sources import Sources
+from ...contract.errors import ConfigError
+from ...contract.request import TASKS, LoadRequest
+from ...jsonfile import read_json_object
 
 CONFIG = "config.json"
 
@@ -36,7 +34,7 @@ def import_transformers() -> None:
     global _transformers_ready
     if _transformers_ready:
         return
-    from .faults import TRANSFORMERS_GLOBAL_STATE
+    from ...faults import TRANSFORMERS_GLOBAL_STATE
 
     with TRANSFORMERS_GLOBAL_STATE:
         if not _transformers_ready:
@@ -83,39 +81,3 @@ def load_config(folder: Path, request: LoadRequest) -> Any:
                           fix="compare config.json with one written by save_pretrained") from exc
 
 
-def choose_task(request: LoadRequest, sources: Sources) -> tuple[str, Decision]:
-    if request.task:
-        return request.task, Decision("task", request.task, "user")
-    for adapter in sources.adapters:
-        peft_task = adapter.config.get("task_type")
-        if peft_task in PEFT_TASKS:
-            task = PEFT_TASKS[peft_task]
-            return task, Decision("task", task, "kernel", f"adapter {adapter.name!r} task_type {peft_task}")
-    return "causal-lm", Decision("task", "causal-lm", "kernel", "default")
-
-
-def auto_class_for(task: str, config: Any, folder: Path) -> Any:
-    import transformers
-
-    name = TASKS[task]
-    cls = getattr(transformers, name)
-    if name != "AutoModel" and type(config) not in cls._model_mapping:
-        supported = [t for t, n in TASKS.items() if type(config) in getattr(transformers, n)._model_mapping]
-        raise ConfigError(
-            f"{type(config).__name__} ({config.model_type}) has no {name} head in transformers.",
-            file=folder / CONFIG, field="model_type", expected=f"a model with a {task} head",
-            found=config.model_type, fix=f"pass task= one of: {', '.join(supported) or 'feature-extraction'}")
-    return cls
-
-
-def choose_dtype(request: LoadRequest, config: Any, inventory: CheckpointInventory) -> tuple[str, Decision]:
-    if request.dtype != "auto":
-        return request.dtype, Decision("dtype", request.dtype, "user")
-    declared = getattr(config, "dtype", None)
-    declared = str(declared).replace("torch.", "") if declared is not None else None
-    if declared in {"bfloat16", "float16", "float32"}:
-        return declared, Decision("dtype", declared, "kernel", "config.json dtype (checkpoint's own)")
-    stored = inventory.dominant_float_dtype()
-    if stored in {"bfloat16", "float16", "float32"}:
-        return stored, Decision("dtype", stored, "kernel", "dtype of most bytes in the safetensors headers")
-    return "float32", Decision("dtype", "float32", "kernel", "checkpoint declares no dtype")

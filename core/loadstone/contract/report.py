@@ -27,7 +27,8 @@ class Decision:
 
     @classmethod
     def from_registration(cls, topic: str, choice: Any, reg: Any, reason: str = "") -> "Decision":
-        label = {"quantization": "backend", "placement": "strategy", "resolver": "resolver"}.get(reg.kind, reg.kind)
+        label = {"quantization": "backend", "placement": "strategy", "resolver": "resolver",
+                 "engine": "engine"}.get(reg.kind, reg.kind)
         return cls(topic, choice, f"{label} {reg.name}", reason, reg.plugin, reg.distribution, reg.version)
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,6 +49,7 @@ class LoadReport:
     dtype: str | None = None
     quantization: dict[str, Any] = field(default_factory=dict)
     placement: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
     adapters: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)

@@ -12,74 +12,26 @@ the fix. See docs/validation.md for the full list.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-from .errors import CheckpointError, UnsafeCheckpointError
-from .safetensors_header import (  # noqa: F401  (re-exported: the names plugins and tests import from here)
-    MAX_HEADER_BYTES,
-    SAFETENSORS_DTYPE_BITS,
-    DuplicateKey,
+from ...contract.checkpoint import (
+    PICKLE_INDEX,
+    PICKLE_SINGLE,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    CheckpointInventory,
+    RemoteHeader,
     TensorInfo,
+)
+from ...contract.errors import CheckpointError, UnsafeCheckpointError
+from ...safetensors_header import (
+    DuplicateKey,
     no_duplicates,
     read_safetensors_header,
     remote_safetensors_header,
     unreadable,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .components import RemoteHeader
-
-FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-PICKLE_SINGLE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-
-
-@dataclass
-class CheckpointInventory:
-    """What a checkpoint folder holds, read from headers only.
-
-    ``remote_sizes`` maps the files whose headers were fetched remotely (not present in
-    ``folder``) to their sizes; empty when every header was read from a local file.
-    """
-
-    folder: Path
-    format: str  # "safetensors" | "pickle"
-    files: list[Path]
-    tensors: dict[str, TensorInfo] = field(default_factory=dict)
-    index_file: Path | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    remote_sizes: dict[Path, int] = field(default_factory=dict)
-
-    @property
-    def headers(self) -> str:
-        """``"remote"`` when the weight headers were fetched without the files, else ``"local"``."""
-        return "remote" if self.remote_sizes else "local"
-
-    @property
-    def total_bytes(self) -> int:
-        # Remote files are not in the folder: stat() would fail (or find a stale partial download).
-        return sum(self.remote_sizes[f] if f in self.remote_sizes else f.stat().st_size for f in self.files)
-
-    def dominant_float_dtype(self) -> str | None:
-        """The floating dtype holding most bytes (``"bfloat16"``...), ``None`` if unknown."""
-        per: dict[str, int] = {}
-        for t in self.tensors.values():
-            if t.dtype in FLOAT_DTYPES:
-                per[t.dtype] = per.get(t.dtype, 0) + t.nbytes
-        return FLOAT_DTYPES[max(per, key=per.get)] if per else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "folder": str(self.folder), "format": self.format,
-            "files": [f.name for f in self.files], "tensors": len(self.tensors),
-            "bytes": self.total_bytes, "index": self.index_file.name if self.index_file else None,
-            "headers": self.headers,
-        }
 
 
 def _hub_blobs(folder: Path) -> Path | None:
@@ -142,10 +94,11 @@ def read_index(folder: Path, index: Path) -> dict[str, str]:
 class _HeaderSource:
     """Reads a weight file's header from the folder, or from what a resolver fetched remotely."""
 
-    def __init__(self, folder: Path, remote: Mapping[str, "RemoteHeader"] | None):
+    def __init__(self, folder: Path, remote: Mapping[str, RemoteHeader] | None):
         # Keyed like the paths _inside() builds (folder / name), so index entries find them.
         self.remote = {folder / name: header for name, header in (remote or {}).items()}
         self.remote_sizes: dict[Path, int] = {}
+        self.stats: dict[Path, tuple[int, int]] = {}
 
     def present(self, path: Path) -> bool:
         return path in self.remote or _is_file(path)
@@ -153,20 +106,27 @@ class _HeaderSource:
     def read(self, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         remote = self.remote.get(path)
         if remote is None:
-            return read_safetensors_header(path)
+            found = read_safetensors_header(path)
+            try:
+                st = path.stat()
+                self.stats[path] = (st.st_size, st.st_mtime_ns)
+            except OSError:  # gone since the header was read: the reader will say so
+                pass
+            return found
         self.remote_sizes[path] = remote.size
         return remote_safetensors_header(path, remote)
 
     def inventory(self, folder: Path, files: list[Path], tensors: dict[str, TensorInfo], index: Path | None,
                   metadata: dict[str, str]) -> CheckpointInventory:
-        return CheckpointInventory(folder, "safetensors", files, tensors, index, metadata, dict(self.remote_sizes))
+        return CheckpointInventory(folder, "safetensors", files, tensors, index, metadata, dict(self.remote_sizes),
+                                   dict(self.stats))
 
 
 def inspect_checkpoint(folder: Path, *, allow_pickle: bool = False,
-                       remote_headers: Mapping[str, "RemoteHeader"] | None = None) -> CheckpointInventory:
+                       remote_headers: Mapping[str, RemoteHeader] | None = None) -> CheckpointInventory:
     """Find and validate the weight files of a model folder (headers only).
 
-    ``remote_headers`` (file name in the folder -> :class:`~loadstone.components.RemoteHeader`)
+    ``remote_headers`` (file name in the folder -> :class:`~loadstone.RemoteHeader`)
     stand in for weight files a resolver did not download; they are validated like local files.
     """
     folder = Path(folder)

@@ -1,14 +1,15 @@
-"""Adapters: check them against the base skeleton before loading, then attach them with peft."""
+"""Stage 6, adapters: attach them with peft (and, during the plan stage, check them against the
+base skeleton before any weight is read)."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from .checkpoint import read_safetensors_header
-from .errors import AdapterError, UnsafeCheckpointError
-from .request import LoadRequest
-from .sources import ADAPTER_CONFIG, AdapterSource
+from ..contract.errors import AdapterError, UnsafeCheckpointError
+from ..contract.request import LoadRequest
+from ..contract.sources import ADAPTER_CONFIG, AdapterSource
+from ..safetensors_header import read_safetensors_header
 
 _PREFIX = "base_model.model."
 _LORA_LEAVES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "eA", "lora_embedding_B": "eB"}

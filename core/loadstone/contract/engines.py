@@ -1,0 +1,66 @@
+"""The engine component type: an :class:`Engine` turns a :class:`~loadstone.Plan` into a loaded
+model. Built-ins: ``loadstone`` (native: skeleton on the meta device, the backend's modules
+swapped in, tensors read from safetensors straight to their planned device and converted there)
+and ``transformers`` (``from_pretrained`` with the plan's device map, dtype and quantization
+config). ``engine="auto"`` picks, in ascending :attr:`Engine.preference`, the first engine with
+no :meth:`Engine.problems` for the plan.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import Plan
+
+__all__ = ["Engine", "EngineContext"]
+
+
+@dataclass
+class EngineContext:
+    """What the kernel hands an engine besides the plan.
+
+    :ivar backend: the plan's quantization backend, every method call guarded: an exception
+        other than a :class:`~loadstone.LoadstoneError` becomes a
+        :class:`~loadstone.PluginHookError` naming the backend's plugin.
+    :ivar progress: show a progress bar (a terminal, or the user asked).
+    :ivar notes: explanations for the report (use :meth:`note`).
+    """
+
+    backend: Any
+    progress: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+class Engine(ABC):
+    """Loads a planned model: the weights of ``plan.sources.base`` into ``plan.device_map``.
+
+    Whatever the engine, the kernel then checks that no tensor was left on the meta device,
+    every tensor sits on its planned device in its planned dtype and tied weights are still tied,
+    and it applies freezing, training preparation and gradient checkpointing itself.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: ``engine="auto"`` tries engines in ascending preference (built-ins: loadstone 100,
+    #: transformers 900)
+    preference: ClassVar[int] = 500
+
+    def problems(self, plan: "Plan") -> list[str]:
+        """Why this engine cannot run ``plan`` (disk offload, pickle weights, a backend it cannot
+        drive ...); empty if it can. Asked at plan time, so a refusal comes before any weight is
+        read. Default: none."""
+        return []
+
+    @abstractmethod
+    def load(self, plan: "Plan", ctx: EngineContext) -> Any:
+        """Return the base ``PreTrainedModel`` with every weight placed as ``plan.device_map`` says.
+
+        Build it with ``plan.build_skeleton()`` (a fresh meta-device model) and the quantization
+        backend (``ctx.backend.convert_skeleton``, ``load_tensor``), or with any loader that
+        honours the plan. The kernel calls the backend's ``finish_model`` afterwards."""

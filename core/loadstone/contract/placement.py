@@ -1,0 +1,173 @@
+"""The placement component type: :class:`PlacementStrategy` turns a model skeleton and a memory
+budget into a device map, given a :class:`PlacementContext`.
+
+Importing this module stays cheap (no torch, no transformers): the context's helpers import
+accelerate's placement code when they run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .quantization import QuantizationContext
+    from .request import LoadRequest
+
+__all__ = ["PlacementStrategy", "PlacementContext", "map_entry"]
+
+
+def map_entry(name: str, device_map: dict[str, Any]) -> str | None:
+    """The device-map key that places ``name`` (a module or tensor name): the longest prefix
+    that equals it or ends at a dot before it, ``""`` for the whole model; ``None`` if none does."""
+    best = None
+    for key in device_map:
+        if key == "" or name == key or name.startswith(key + "."):
+            if best is None or len(key) > len(best):
+                best = key
+    return best
+
+
+@dataclass
+class PlacementContext:
+    """Everything a placement strategy needs to produce a device map.
+
+    :ivar spec: the user's ``placement`` value (a string, or a dict for explicit maps).
+    :ivar model: the model skeleton on the meta device (quantized modules not yet swapped in).
+    :ivar tensor_bytes: full parameter/buffer name -> bytes after quantization (tied weights once).
+    :ivar quantization: the :class:`QuantizationContext` of this load.
+    :ivar request: the request being run; ``max_memory`` and ``offload_folder`` read from it.
+    :ivar transient_bytes: full tensor name -> bytes in flight while that tensor is loaded
+        (the full-precision copy a quantizing backend converts); the peak a device must hold
+        is its resting bytes plus the largest of these placed on it.
+    """
+
+    spec: Any
+    model: Any
+    tensor_bytes: dict[str, float]
+    quantization: "QuantizationContext"
+    request: "LoadRequest"
+    transient_bytes: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_memory(self) -> dict[str | int, int] | None:
+        """The user's budget (device -> bytes), or ``None``."""
+        return self.request.max_memory
+
+    @property
+    def offload_folder(self) -> str | None:
+        """Where disk-offloaded weights may go, or ``None`` (no disk offload)."""
+        return self.request.offload_folder
+
+    def note(self, text: str) -> None:
+        """Explain a choice; notes become the reason of the placement decision in the report."""
+        self.notes.append(text)
+
+    @property
+    def no_split_module_classes(self) -> list[str]:
+        """Classes a device map must not split (the model's ``_no_split_modules``: decoder layers)."""
+        return list(getattr(self.model, "_no_split_modules", None) or [])
+
+    # ------------------------------------------------------------------ helpers for strategies
+
+    def decoder_layers(self) -> list[str]:
+        """Names of the repeated blocks (instances of ``no_split_module_classes``), in model order:
+        ``["model.layers.0", "model.layers.1", ...]``. Nested blocks are not listed twice."""
+        classes = set(self.no_split_module_classes)
+        found: list[str] = []
+        for name, module in self.model.named_modules():
+            if type(module).__name__ in classes and not any(name.startswith(p + ".") for p in found):
+                found.append(name)
+        return found
+
+    def tied_groups(self) -> list[set[str]]:
+        """Parameter names that are one tensor (GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``):
+        a device map must keep each group on one device."""
+        groups: list[set[str]] = []
+        for target, source in (getattr(self.model, "all_tied_weights_keys", None) or {}).items():
+            group = next((g for g in groups if target in g or source in g), None)
+            if group is None:
+                groups.append({target, source})
+            else:
+                group |= {target, source}
+        return groups
+
+    def module_bytes(self, prefix: str) -> int:
+        """Bytes after quantization of every tensor under module ``prefix`` (``""``: the model)."""
+        return int(sum(n for name, n in self.tensor_bytes.items()
+                       if prefix == "" or name == prefix or name.startswith(prefix + ".")))
+
+    def bytes_by_device(self, device_map: dict[str, Any]) -> dict[str, int]:
+        """Resting bytes each device of ``device_map`` would hold (labels such as ``"cuda:0"``)."""
+        out: dict[str, float] = {}
+        for name, nbytes in self.tensor_bytes.items():
+            key = map_entry(name, device_map)
+            if key is not None:
+                label = _label(device_map[key])
+                out[label] = out.get(label, 0.0) + nbytes
+        return {k: int(round(v)) for k, v in out.items()}
+
+    def memory_budget(self) -> dict[str | int, int]:
+        """The user's ``max_memory``, or what accelerate detects as free on each device."""
+        from transformers.integrations.accelerate import get_max_memory
+
+        return {k: int(v) for k, v in get_max_memory(dict(self.max_memory) if self.max_memory else None).items()}
+
+    def infer_device_map(self, *, balanced: bool = True, max_memory: dict | None = None) -> dict[str, Any]:
+        """accelerate's placement algorithm (as transformers runs it), fed with loadstone's sizes."""
+        from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
+
+        budget = max_memory if max_memory is not None else (dict(self.max_memory) if self.max_memory else None)
+        oracle = _SizeOracle(self.tensor_bytes)
+        if balanced:
+            budget = get_balanced_memory(self.model, max_memory=budget,
+                                         no_split_module_classes=self.no_split_module_classes, hf_quantizer=oracle)
+        else:
+            budget = self.memory_budget() if budget is None else budget
+        return dict(infer_auto_device_map(self.model, max_memory=budget,
+                                          no_split_module_classes=self.no_split_module_classes, hf_quantizer=oracle))
+
+
+def _label(device: Any) -> str:
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+class _SizeOracle:
+    """Quacks like the one method of transformers' HfQuantizer that its sizing code calls, so
+    accelerate's algorithm sees loadstone's per-tensor estimate instead of dtype sizes."""
+
+    def __init__(self, tensor_bytes: dict[str, float]):
+        self.tensor_bytes = tensor_bytes
+
+    def param_element_size(self, model: Any, name: str, param: Any) -> float:
+        numel = param.numel()
+        return self.tensor_bytes.get(name, numel * param.element_size()) / numel if numel else 0.0
+
+
+class PlacementStrategy(ABC):
+    """Turns a model skeleton on the meta device plus a memory budget into a device map.
+
+    ``name`` is what users pass as ``placement=``. Override :meth:`matches` to accept a family
+    of specs (the built-in ``device`` strategy accepts ``cuda:0``, ``mps`` ...).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def matches(self, spec: str) -> bool:
+        """Whether this strategy handles the placement spec ``spec``."""
+        return spec == self.name
+
+    @abstractmethod
+    def place(self, ctx: PlacementContext) -> dict[str, Any]:
+        """Return a device map: module name prefix -> device (``"cpu"``, ``"disk"``, ``"cuda:0"``, int).
+
+        ``ctx`` gives the meta model, per-module byte sizes after quantization, the memory budget,
+        the offload folder, helpers (:meth:`PlacementContext.decoder_layers`,
+        :meth:`PlacementContext.tied_groups`, :meth:`PlacementContext.module_bytes`) and
+        :meth:`PlacementContext.infer_device_map`, accelerate's algorithm fed with loadstone's
+        size estimate.
+        """
+

@@ -1,0 +1,98 @@
+"""Reading one tensor's bytes from a safetensors file with ``pread`` into its final storage.
+
+Not memory-mapped: a file truncated or replaced while a load reads it would kill the process
+with SIGBUS through a mapping; ``pread`` returns short instead, which becomes a
+:class:`~loadstone.CheckpointError` naming the file. Each file is checked against what the plan
+read from its header (size) when it is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..contract.checkpoint import CheckpointInventory, TensorInfo
+from ..contract.errors import CheckpointError
+from ..safetensors_header import TORCH_DTYPE_NAMES
+
+
+class SafetensorsReader:
+    """Reads tensors of one checkpoint by name; thread-safe (``pread`` takes explicit offsets)."""
+
+    def __init__(self, inventory: CheckpointInventory):
+        self.inventory = inventory
+        self._files: dict[Path, tuple[int, int]] = {}  # path -> (fd, data section start)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._files.values():
+                os.close(fd)
+            self._files.clear()
+
+    def _open(self, path: Path) -> tuple[int, int]:
+        with self._lock:
+            opened = self._files.get(path)
+            if opened is not None:
+                return opened
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise CheckpointError(f"{path.name} cannot be opened for reading: {exc.strerror or exc}.", file=path,
+                                      field="file", expected="the file the plan read", found=type(exc).__name__,
+                                      fix="check that the checkpoint was not moved or deleted during the load") from None
+            try:
+                header_len = int.from_bytes(os.pread(fd, 8, 0), "little")
+                st = os.fstat(fd)
+            except OSError as exc:
+                os.close(fd)
+                raise CheckpointError(f"{path.name} cannot be read: {exc.strerror or exc}.", file=path, field="file",
+                                      fix="check the disk and that the file was not replaced") from None
+            expected = self.inventory.file_stats.get(path)
+            if expected is not None and (st.st_size, st.st_mtime_ns) != expected:
+                os.close(fd)
+                raise CheckpointError(
+                    f"{path.name} changed since its header was read (size {expected[0]} -> {st.st_size} bytes, "
+                    f"modified again): the plan no longer describes it.", file=path, field="file size and mtime",
+                    expected=f"{expected[0]} bytes, unchanged", found=f"{st.st_size} bytes",
+                    fix="do not rewrite a checkpoint while it loads; load again once the copy or download finished")
+            opened = (fd, 8 + header_len)
+            self._files[path] = opened
+            return opened
+
+    def read(self, info: TensorInfo) -> Any:
+        """The tensor as stored (its checkpoint dtype and shape), in new CPU memory."""
+        import torch
+
+        fd, data_start = self._open(info.file)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy()) if info.nbytes else memoryview(b"")
+        done = 0
+        while done < info.nbytes:
+            try:
+                n = os.preadv(fd, [view[done:]], data_start + info.start + done)
+            except OSError as exc:
+                raise CheckpointError(f"{info.file.name}: reading tensor {info.name!r} failed: {exc.strerror or exc}.",
+                                      file=info.file, field=f"header[{info.name!r}]", found=type(exc).__name__,
+                                      fix="check the disk; re-download the file if it is damaged") from None
+            if n == 0:
+                raise CheckpointError(
+                    f"{info.file.name} ended while tensor {info.name!r} was read: the file was truncated during "
+                    f"the load.", file=info.file, field="file size",
+                    expected=f"at least {data_start + info.end} bytes", found=f"{data_start + info.start + done} bytes",
+                    fix="do not rewrite a checkpoint while it loads; re-download or re-save it")
+            done += n
+        name = TORCH_DTYPE_NAMES.get(info.dtype)
+        if name is None or not hasattr(torch, name):
+            raise CheckpointError(f"{info.file.name}: tensor {info.name!r} has dtype {info.dtype}, which this torch "
+                                  f"cannot hold.", file=info.file, field=f"header[{info.name!r}].dtype",
+                                  found=info.dtype, fix="upgrade torch, or convert the checkpoint")
+        return buffer.view(getattr(torch, name)).reshape(info.shape)

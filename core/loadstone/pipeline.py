@@ -1,0 +1,102 @@
+"""Runs the stages in order (see :mod:`loadstone.stages`), times each one, and keeps the failure
+policy: hooks hear about every failure, and a failed load releases what it allocated."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from . import __version__
+from .contract.errors import PlacementError
+from .contract.plan import Plan
+from .contract.records import Registration, RequestChange
+from .contract.report import Decision, LoadReport
+from .contract.request import LoadRequest
+from .faults import offload_guard, release_failed_load
+from .plugins import PluginManager
+from .stages.adapters import attach_adapters
+from .stages.inspect import inspect
+from .stages.load_weights import load_weights
+from .stages.plan import plan_load
+from .stages.prepare import prepare
+from .stages.report import count_parameters
+from .stages.resolve import resolve_sources
+from .telemetry import RssSampler, StageClock, device_peaks, reset_device_peaks
+
+
+def run_plan(request: LoadRequest, plugins: PluginManager, clock: StageClock, kind: str,
+             changes: list[RequestChange], engine: Registration | None = None) -> Plan:
+    """Stages resolve, inspect and plan; ``kind`` is ``"plan"`` or ``"load"`` (a load's plan may do
+    work a bare plan skips, such as importing the quantization library)."""
+    report = LoadReport(kind=kind, reference=request.reference, loadstone_version=__version__)
+    final = request.to_dict()  # normalised by request.validate() since the hooks ran
+    for change in changes:  # what loadstone_before_load implementations changed, and who
+        record = change.record
+        report.decide(Decision(f"request.{change.field}", final[change.field], f"plugin {change.plugin}",
+                               f"loadstone_before_load changed it from {change.old!r}", change.plugin,
+                               record.distribution if record else None, record.version if record else None))
+    with clock.stage("resolve"):
+        # A plan needs configs and headers only: resolvers may fetch headers instead of weights.
+        sources = resolve_sources(request, plugins, weights=kind != "plan")
+        report.sources = sources.to_dict()
+        for d in sources.decisions:
+            report.decide(d)
+    with clock.stage("inspect"):
+        found = inspect(request, sources, report)
+    with clock.stage("plan"):
+        plan = plan_load(request, plugins, sources, found, report, loading=kind == "load", engine=engine)
+    report.stages = dict(clock.timings)
+    plugins.call("loadstone_after_plan", "plan", plan=plan, request=request)
+    return plan
+
+
+def plan(request: LoadRequest, plugins: PluginManager) -> Plan:
+    clock = StageClock()
+    try:
+        changes = plugins.call("loadstone_before_load", "before_load", request=request)
+        request.validate()
+        return run_plan(request, plugins, clock, "plan", changes)
+    except BaseException as exc:
+        plugins.call("loadstone_load_failed", clock.current or "before_load", request=request,
+                     stage=clock.current or "before_load", error=exc)
+        raise
+
+
+def load(request: LoadRequest, plugins: PluginManager,
+         engine: Registration | None = None) -> tuple[Any, LoadReport, Plan]:
+    """Every stage; ``engine`` overrides the plan's engine choice (the deprecated ``weight_loader``)."""
+    clock = StageClock()
+    model = None
+    reset_device_peaks()
+    try:
+        with RssSampler() as rss, offload_guard(request.offload_folder):
+            changes = plugins.call("loadstone_before_load", "before_load", request=request)
+            request.validate()
+            the_plan = run_plan(request, plugins, clock, "load", changes, engine)
+            if not the_plan.fits:
+                raise PlacementError("the model does not fit the memory budget: " + "; ".join(the_plan.advice),
+                                     field="placement", found=the_plan.peak_bytes_per_device,
+                                     fix=the_plan.advice[0] if the_plan.advice else None)
+            report = the_plan.report
+            progress = request.progress if request.progress is not None else sys.stderr.isatty()
+            with clock.stage("load_weights"):
+                model = load_weights(the_plan, plugins, report, progress=progress)
+            plugins.call("loadstone_model_loaded", "load_weights", model=model, plan=the_plan, request=request)
+            with clock.stage("prepare"):
+                report.training = {"trainable": request.trainable, "notes": prepare(model, the_plan, plugins)}
+            with clock.stage("adapters"):
+                if the_plan.sources.adapters:
+                    model, report.adapters = attach_adapters(model, the_plan.sources.adapters, request)
+            with clock.stage("report"):
+                report.parameters = count_parameters(model)
+        report.stages = dict(clock.timings)
+        report.memory = {"peak_host_rss_bytes": rss.peak, "peak_device_bytes": device_peaks()}
+        return model, report, the_plan
+    except BaseException as exc:
+        # Release what this load allocated before the error reaches the caller (see faults.py).
+        allocated = model is not None or clock.current in ("load_weights", "prepare", "adapters", "report")
+        model = None
+        release_failed_load(exc, allocated=allocated)
+        stage = clock.current or "before_load"
+        plugins.call("loadstone_load_failed", stage, request=request, stage=stage, error=exc)
+        raise

@@ -1,0 +1,68 @@
+"""The plugin loading policy's constants: the entry-point group, the built-ins, which distribution
+provides which well-known component, and the environment variables. :mod:`loadstone.plugins`
+applies them."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+
+from .contract.engines import Engine
+from .contract.placement import PlacementStrategy
+from .contract.quantization import QuantizationBackend
+from .contract.sources import Resolver
+
+ENTRY_POINT_GROUP = "loadstone"
+KERNEL_DISTRIBUTION = "loadstone"
+
+# Built-ins, loaded exactly like third-party entry points (name, "module:attr" value).
+BUILTIN_ENTRY_POINTS = (
+    ("builtin-quantization", "loadstone.builtin.quantization"),
+    ("builtin-placement", "loadstone.builtin.placement"),
+    ("builtin-resolvers", "loadstone.builtin.resolvers"),
+    ("builtin-engines", "loadstone.builtin.engines"),
+)
+
+# Where components that are not installed come from, for error messages.
+KNOWN_PROVIDERS: dict[str, dict[str, str]] = {
+    "quantization": {
+        "nf4": "loadstone-bnb", "fp4": "loadstone-bnb", "int8": "loadstone-bnb",
+        "bitsandbytes": "loadstone-bnb", "gptq": "loadstone-gptq",
+    },
+    "placement": {"file": "loadstone-devicemap"},
+    "resolver": {},
+    "engine": {},
+}
+
+REGISTRATION_HOOKS = {
+    "quantization": ("loadstone_register_quantization_backends", QuantizationBackend),
+    "placement": ("loadstone_register_placement_strategies", PlacementStrategy),
+    "resolver": ("loadstone_register_resolvers", Resolver),
+    "engine": ("loadstone_register_engines", Engine),
+}
+
+
+def _env_list(name: str) -> list[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def _canonical(name: str) -> str:
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(name)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _kernel_version() -> str:
+    try:
+        return md.version(KERNEL_DISTRIBUTION)
+    except md.PackageNotFoundError:  # running from a source tree without installing
+        from . import __version__
+
+        return __version__

@@ -1,0 +1,116 @@
+"""Stage 4, load_weights: the chosen engine fills the model, the backend finishes it, and the
+kernel checks the result the same way for every engine and backend.
+
+The kernel's invariants: no tensor left on the meta device (unless accelerate serves it from an
+offload map), every tensor on its planned device and in its planned dtype (tensors the backend
+converts excepted), tied weights still one tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..contract.engines import EngineContext
+from ..contract.errors import WeightsMismatchError
+from ..contract.placement import map_entry
+from ..contract.plan import Plan
+from ..contract.records import Registration
+from ..contract.report import LoadReport
+from ..contract.units import device_label, normalize_device
+from ..plugins import PluginManager
+
+_SHOW = 6
+
+
+class GuardedComponent:
+    """A component whose every method call runs under ``PluginManager.guard`` (crashes name the plugin)."""
+
+    def __init__(self, reg: Registration, plugins: PluginManager, stage: str):
+        self._reg, self._plugins, self._stage = reg, plugins, stage
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._reg.component, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._plugins.guard(self._reg, self._stage, name):
+                return attr(*args, **kwargs)
+
+        return call
+
+
+def load_weights(plan: Plan, plugins: PluginManager, report: LoadReport, *, progress: bool) -> Any:
+    qreg, engine = plan.quantization_backend, plan.engine
+    assert engine is not None, "the plan stage chooses an engine"
+    plan.quantization.state = {}
+    ctx = EngineContext(GuardedComponent(qreg, plugins, "load_weights"), progress=progress)
+    with plugins.guard(engine, "load_weights", "load"):
+        model = engine.component.load(plan, ctx)
+    report.notes.extend(ctx.notes)
+    with plugins.guard(qreg, "load_weights", "finish_model"):
+        report.notes.extend(qreg.component.finish_model(model, plan.quantization))
+    plan.quantization.state = {}
+    check_loaded_model(model, plan)
+    return model
+
+
+def _served_by_hook(model: Any, name: str) -> bool:
+    """accelerate keeps offloaded (cpu/disk) tensors out of the module and serves them from a
+    weights map at forward time; such a tensor sits on meta legitimately."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    hook = getattr(module, "_hf_hook", None)
+    weights_map = getattr(hook, "weights_map", None)
+    return bool(getattr(hook, "offload", False)) and weights_map is not None
+
+
+def check_loaded_model(model: Any, plan: Plan) -> None:
+    """Raise :class:`WeightsMismatchError` unless the model is as the plan says."""
+    tensor_map = plan.tensor_map
+    converted = tensor_map.converted if tensor_map is not None else frozenset()
+    dtypes = tensor_map.dtypes if tensor_map is not None else {}
+    on_meta, misplaced, mistyped = [], [], []
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        if tensor.device.type == "meta":
+            if not _served_by_hook(model, name):
+                on_meta.append(name)
+            continue
+        key = map_entry(name, plan.device_map)
+        if key is not None:
+            planned = plan.device_map[key]
+            if planned != "disk" and device_label(normalize_device(planned)) != _device_of(tensor):
+                misplaced.append(f"{name} on {_device_of(tensor)}, planned {device_label(normalize_device(planned))}")
+        want = dtypes.get(name)
+        if want is not None and name not in converted and str(tensor.dtype).replace("torch.", "") != want:
+            mistyped.append(f"{name} is {str(tensor.dtype).replace('torch.', '')}, planned {want}")
+    untied = []
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        try:
+            a, b = model.get_parameter(target), model.get_parameter(source)
+        except AttributeError:
+            continue
+        if a is not b and a.data_ptr() != b.data_ptr():
+            untied.append(f"{target} / {source}")
+    problems = []
+    if on_meta:
+        problems.append(f"{len(on_meta)} left on the meta device (never loaded): {', '.join(on_meta[:_SHOW])}")
+    if misplaced:
+        problems.append(f"{len(misplaced)} not on their planned device: {'; '.join(misplaced[:_SHOW])}")
+    if mistyped:
+        problems.append(f"{len(mistyped)} not in their planned dtype: {'; '.join(mistyped[:_SHOW])}")
+    if untied:
+        problems.append(f"tied weights no longer tied: {', '.join(untied[:_SHOW])}")
+    if problems:
+        engine = plan.engine.name if plan.engine else "?"
+        raise WeightsMismatchError(
+            f"the model loaded by engine {engine!r} is not what the plan says: " + "; ".join(problems) + ".",
+            file=plan.sources.base.path, field="loaded tensors", expected="every tensor loaded, on its planned "
+            "device and dtype, tied weights tied", found="; ".join(problems),
+            fix=f"report it to the maintainers of the engine {engine!r} and of the quantization backend "
+                f"{plan.quantization_backend.name!r}; meanwhile try another engine (engine='transformers')")
+
+
+def _device_of(tensor: Any) -> str:
+    return device_label(normalize_device(str(tensor.device)))

@@ -1,0 +1,152 @@
+"""Stage 3, plan: decide task, dtype, quantization, placement and engine without reading weights.
+
+The model is built on the meta device (:mod:`.skeleton`), sizes come from the quantization
+backend's estimate (:mod:`.memory`), the device map from the placement strategy, the mapping of
+checkpoint tensors onto the model from the headers (:mod:`.tensormap`), and the engine from what
+each engine says it can run (:mod:`.engine`). ``load`` hands this very plan to the engine, so a
+plan always equals the real load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...contract.errors import LoadstoneError, PlacementError
+from ...contract.placement import PlacementContext
+from ...contract.plan import Plan
+from ...contract.quantization import QuantizationBackend
+from ...contract.records import Registration
+from ...contract.report import Decision, LoadReport
+from ...contract.request import LoadRequest
+from ...contract.sources import Sources
+from ...contract.units import device_label
+from ...plugins import PluginManager
+from ..adapters import validate_adapter
+from ..inspect import Inspection
+from .choices import auto_class_for, choose_dtype, choose_quantization, choose_task
+from .engine import choose_engine
+from .memory import bytes_by_device, check_fit, missing_devices, peak_by_device, present_devices, tensor_sizes
+from .skeleton import skeleton_factory
+from .tensormap import build_tensor_map
+
+__all__ = ["plan_load"]
+
+
+def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, found: Inspection,
+              report: LoadReport, *, loading: bool, engine: Registration | None = None) -> Plan:
+    config, inventory = found.config, found.inventory
+    task, decision = choose_task(request, sources)
+    report.decide(decision)
+    auto_class = auto_class_for(task, config, sources.base.path)
+    dtype, decision = choose_dtype(request, config, inventory)
+    report.decide(decision)
+    qreg, qctx, decision = choose_quantization(request, config, plugins, sources.base.path, loading)
+    report.decide(decision)
+    backend = qreg.component
+    import torch
+
+    with plugins.guard(qreg, "plan", "adjust_dtype"):
+        adjusted = backend.adjust_dtype(getattr(torch, dtype), qctx)
+    adjusted = str(adjusted).replace("torch.", "")
+    if adjusted != dtype:
+        report.decide(Decision.from_registration("dtype", adjusted, qreg, f"{qreg.name} adjusted {dtype}"))
+        dtype = adjusted
+    qctx.dtype = getattr(torch, dtype)
+    build = skeleton_factory(auto_class, config, dtype, request)
+    skeleton = build()
+    sizes, transient, converted = tensor_sizes(skeleton, qreg, qctx, plugins)
+
+    spec = request.placement
+    preg = plugins.placement_strategy("explicit" if isinstance(spec, dict) else spec)
+    pctx = PlacementContext(spec, skeleton, sizes, qctx, request, transient)
+    with plugins.guard(preg, "plan", "place"):
+        device_map = preg.component.place(pctx)
+    with plugins.guard(qreg, "plan", "check_placement"):
+        device_map = backend.check_placement(dict(device_map), qctx)
+    qctx.device_map = dict(device_map)
+    _check_devices_present(device_map, request, preg, report)
+    report.decide(Decision.from_registration("placement", preg.name if not isinstance(spec, str) or spec == preg.name
+                                             else f"{preg.name} ({spec})", preg, "; ".join(pctx.notes)))
+    per_device = bytes_by_device(sizes, device_map)
+    peaks = peak_by_device(per_device, transient, device_map)
+    budget = pctx.memory_budget() if any(v not in ("disk",) for v in device_map.values()) else {}
+    total = int(sum(sizes.values()))
+    fits, advice = check_fit(per_device, peaks, device_map, budget, request, plugins)
+
+    for adapter in sources.adapters:
+        validate_adapter(adapter, skeleton, allow_pickle=request.allow_pickle)
+    n_params = sum(p.numel() for p in skeleton.parameters())
+    module_names = frozenset(n for n, _ in skeleton.named_modules())
+    tensor_map, notes = _map_tensors(skeleton, found, sources, qreg, qctx, plugins, converted)
+    report.notes.extend(notes)
+    report.model = {"model_type": config.model_type, "architecture": type(skeleton).__name__,
+                    "auto_class": auto_class.__name__, "task": task}
+    report.dtype = dtype
+    with plugins.guard(qreg, "plan", "describe"):
+        described = backend.describe(qctx)
+    with plugins.guard(qreg, "plan", "transformers_config"):
+        quantization_config = backend.transformers_config(qctx)
+    report.quantization = {"backend": qreg.name, "plugin": qreg.plugin, "distribution": qreg.distribution,
+                           "version": qreg.version, **described}
+    report.placement = {"strategy": preg.name, "plugin": preg.plugin, "distribution": preg.distribution,
+                        "version": preg.version, "device_map": {k: device_label(v) for k, v in device_map.items()},
+                        "bytes_per_device": per_device, "peak_bytes_per_device": peaks, "estimated_bytes": total,
+                        "budget": {device_label(k): v for k, v in budget.items()},
+                        "offload_folder": request.offload_folder}
+    report.parameters = {"total": n_params}
+    report.fit = {"fits": fits, "advice": advice}
+    report.request = request.to_dict()
+    plan = Plan(request, sources, config, inventory, task, auto_class, dtype, qctx, qreg, preg, device_map,
+                per_device, n_params, fits, advice, report, module_names, quantization_config, tensor_map, peaks,
+                skeleton_factory=build)
+    choose_engine(plan, plugins, report, override=engine)
+    return plan
+
+
+def _map_tensors(skeleton: Any, found: Inspection, sources: Sources, qreg: Any, qctx: Any, plugins: PluginManager,
+                 converted: frozenset[str]) -> tuple[Any, list[str]]:
+    """The tensor map and its notes; ``None`` (with a note saying why) where it cannot be made."""
+    inventory, config = found.inventory, found.config
+    backend = qreg.component
+    if not inventory.tensors:
+        return None, ["tensor names and shapes are checked after loading (no tensor list was readable beforehand)"]
+    own = type(backend)
+    speaks_tensors = (own.accepts_tensor is not QuantizationBackend.accepts_tensor
+                      or own.converts_tensor is not QuantizationBackend.converts_tensor)
+    if qctx.pre_quantized and not speaks_tensors:
+        # A contract-1 backend: its packed tensors are its own to interpret, after loading.
+        return None, [f"tensor names and shapes of this pre-quantized checkpoint are checked after loading "
+                      f"({qreg.name} does not describe its packed tensors: accepts_tensor)"]
+
+    def accepts(module_name: str, rest: str, module: Any) -> bool:
+        with plugins.guard(qreg, "plan", "accepts_tensor"):
+            return bool(backend.accepts_tensor(module_name, rest, module, qctx))
+
+    try:
+        # The skeleton's last use: the map only reads it.
+        return build_tensor_map(skeleton, inventory, config, sources.base.path, dtype=qctx.dtype,
+                                converts=converted.__contains__, accepts=accepts)
+    except LoadstoneError:
+        raise
+    except Exception as exc:  # a transformers internal changed: fall back to the post-load check, say so
+        return None, [f"the pre-load tensor check could not run ({type(exc).__name__}: {exc}); tensors are "
+                      f"checked after loading instead"]
+
+
+def _check_devices_present(device_map, request, preg, report) -> None:
+    """A map onto devices this machine lacks (accelerate only warns "Device 0 is not available" when
+    max_memory names one) is a PlacementError for a load, before any weight is read; a plan keeps it,
+    since planning for a bigger machine is legitimate, and says so."""
+    absent = missing_devices(device_map.values())
+    if not absent:
+        return
+    budgeted = {device_label(k) for k in (request.max_memory or {})} & set(absent)
+    who = "max_memory gives a budget to" if budgeted else f"placement strategy {preg.name!r} ({preg.owner()}) uses"
+    message = f"{who} {', '.join(absent)}, which this machine does not have"
+    if report.kind == "plan":
+        report.notes.append(message + ": this plan is for a machine that has them; a load here would fail")
+        return
+    raise PlacementError(message + ".", field="max_memory" if budgeted else "placement", found=", ".join(absent),
+                         expected=f"devices present here: {present_devices()}",
+                         fix="drop those max_memory entries, or load where those devices exist" if budgeted
+                         else "choose another placement (e.g. 'cpu')")

@@ -1,0 +1,60 @@
+"""Which engine loads the plan: the one asked for, or with ``engine="auto"`` the most preferred
+engine that says it can run it. Asked at plan time, so a refusal comes before any weight is read."""
+
+from __future__ import annotations
+
+from ...contract.errors import EngineError
+from ...contract.plan import Plan
+from ...contract.records import Registration
+from ...contract.report import Decision, LoadReport
+from ...plugins import PluginManager
+
+
+def choose_engine(plan: Plan, plugins: PluginManager, report: LoadReport, *,
+                  override: Registration | None = None) -> None:
+    if override is not None:  # a contract-1 weight_loader passed to load(): it runs, whatever it is
+        plan.engine = override
+        report.decide(Decision.from_registration("engine", override.name, override, override.plugin))
+        report.engine = {"name": override.name, "plugin": override.plugin, "distribution": override.distribution,
+                         "version": override.version, "requested": "weight_loader", "not_able": {}}
+        return
+    engines = plugins.engines()
+    problems: dict[str, list[str]] = {}
+    for reg in engines:
+        with plugins.guard(reg, "plan", "problems"):
+            problems[reg.name] = [str(p) for p in reg.component.problems(plan)]
+    plan.engine_problems = problems
+    wanted = plan.request.engine
+    able = [r.name for r in engines if not problems[r.name]]
+    if wanted == "auto":
+        chosen = next((r for r in engines if not problems[r.name]), None)
+        if chosen is None:
+            raise EngineError("no installed engine can run this load: " + _reasons(problems) + ".", field="engine",
+                              found="auto", expected="an engine without problems for this plan",
+                              fix="change what the reasons name (placement, weights format, quantization), or "
+                                  "install an engine plugin that can")
+        passed = {name: p for name, p in problems.items() if p and _rank(engines, name) < _rank(engines, chosen.name)}
+        reason = "auto: the first engine (by preference) that can run this plan"
+        if passed:
+            reason += "; passed over " + _reasons(passed)
+    else:
+        chosen = plugins.engine(wanted)
+        if problems[chosen.name]:
+            raise EngineError(
+                f"engine {chosen.name!r} ({chosen.owner()}) cannot run this load: {'; '.join(problems[chosen.name])}.",
+                field="engine", found=chosen.name, expected=", ".join(able) or "an engine that can run it",
+                fix=f"use engine='auto' (CLI: --engine auto)" + (f", which picks {able[0]!r} here" if able else ""))
+        reason = "requested"
+    plan.engine = chosen
+    report.decide(Decision.from_registration("engine", chosen.name, chosen, reason))
+    report.engine = {"name": chosen.name, "plugin": chosen.plugin, "distribution": chosen.distribution,
+                     "version": chosen.version, "requested": wanted,
+                     "not_able": {name: p for name, p in problems.items() if p}}
+
+
+def _rank(engines: list, name: str) -> int:
+    return next(i for i, r in enumerate(engines) if r.name == name)
+
+
+def _reasons(problems: dict[str, list[str]]) -> str:
+    return "; ".join(f"{name}: {', '.join(p)}" for name, p in problems.items() if p)

@@ -1,0 +1,130 @@
+"""Bytes per tensor and per device, the peak while loading, and whether it fits the budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...contract.errors import ComponentNotFoundError, PlacementError
+from ...contract.placement import map_entry
+from ...contract.quantization import QuantizationContext
+from ...contract.records import Registration
+from ...contract.request import LoadRequest
+from ...contract.units import device_label, format_size, normalize_device
+from ...plugins import PluginManager
+
+
+def tensor_sizes(model: Any, reg: Registration, qctx: QuantizationContext,
+                 plugins: PluginManager) -> tuple[dict[str, float], dict[str, float], frozenset[str]]:
+    """Per tensor of the skeleton (tied weights once): resting bytes, transient bytes while it is
+    loaded, and the names the backend converts."""
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    modules = dict(model.named_modules())
+    sizes: dict[str, float] = {}
+    transient: dict[str, float] = {}
+    converted: set[str] = set()
+    backend = reg.component
+    for kind in ("parameters", "buffers"):
+        for name, tensor in getattr(model, f"named_{kind}")():
+            if name in tied:
+                continue
+            module_name, _, leaf = name.rpartition(".")
+            module = modules[module_name]
+            with plugins.guard(reg, "plan", "parameter_bytes"):
+                sizes[name] = float(backend.parameter_bytes(module_name, leaf, tensor, module, qctx))
+            with plugins.guard(reg, "plan", "converts_tensor"):
+                if backend.converts_tensor(module_name, leaf, module, qctx):
+                    converted.add(name)
+            with plugins.guard(reg, "plan", "transient_bytes"):
+                extra = float(backend.transient_bytes(module_name, leaf, tensor, module, qctx))
+            if extra:
+                transient[name] = extra
+    return sizes, transient, frozenset(converted)
+
+
+def bytes_by_device(sizes: dict[str, float], device_map: dict[str, Any]) -> dict[str, int]:
+    out: dict[str, float] = {}
+    for name, nbytes in sizes.items():
+        key = map_entry(name, device_map)
+        if key is None:
+            raise PlacementError(f"the device map does not place {name!r}.", field="placement",
+                                 found=sorted(device_map)[:8], fix="add an entry for it (or \"\" for everything)")
+        label = device_label(device_map[key])
+        out[label] = out.get(label, 0.0) + nbytes
+    return {k: int(round(v)) for k, v in out.items()}
+
+
+def peak_by_device(resting: dict[str, int], transient: dict[str, float], device_map: dict[str, Any]) -> dict[str, int]:
+    """Resting bytes plus the largest tensor in flight on each device (tensors load one at a time
+    per device, so the largest one sets the peak)."""
+    largest: dict[str, float] = {}
+    for name, nbytes in transient.items():
+        key = map_entry(name, device_map)
+        if key is not None:
+            label = device_label(device_map[key])
+            largest[label] = max(largest.get(label, 0.0), nbytes)
+    return {dev: int(round(n + largest.get(dev, 0.0))) for dev, n in resting.items()}
+
+
+def check_fit(plan_bytes: dict[str, int], peak_bytes: dict[str, int], device_map: dict[str, Any],
+              budget: dict[str | int, int], request: LoadRequest, plugins: PluginManager) -> tuple[bool, list[str]]:
+    advice: list[str] = []
+    fits = True
+    if "disk" in plan_bytes and not request.offload_folder:
+        fits = False
+        advice.append(f"{format_size(plan_bytes['disk'])} would be offloaded to disk, but no offload folder was "
+                      f"given: pass offload_folder=PATH (CLI: --offload-folder)")
+    for dev, nbytes in plan_bytes.items():
+        key = normalize_device(dev)
+        peak = peak_bytes.get(dev, nbytes)
+        if dev == "disk" or key not in budget:
+            continue
+        if nbytes > budget[key]:
+            fits = False
+            advice.append(f"{dev} needs {format_size(nbytes)} but has {format_size(budget[key])}: raise "
+                          f"max_memory[{dev!r}] or use placement='auto' to spread the model")
+        elif peak > budget[key]:
+            fits = False
+            advice.append(f"{dev} holds {format_size(nbytes)} at rest but peaks at {format_size(peak)} while a "
+                          f"full-precision tensor is converted, over its {format_size(budget[key])}: raise "
+                          f"max_memory[{dev!r}] by {format_size(peak - budget[key])} or spread the model")
+    if not fits and request.quantization in (None, "none"):
+        try:
+            plugins.quantization_backend("nf4")
+            advice.append("quantize on load: quantization='nf4' needs roughly 30% of the bf16 bytes")
+        except ComponentNotFoundError:
+            advice.append("4-bit quantization would need roughly 30% of the bf16 bytes: pip install loadstone-bnb")
+    if fits and any(v in ("cpu", "disk") for v in device_map.values()) and len(set(device_map.values())) > 1:
+        advice.append("parts of the model are offloaded (cpu/disk); loading and training will be slower")
+    return fits, advice
+
+
+def _accelerator_count(kind: str) -> int:
+    import torch
+
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        return 1 if torch.backends.mps.is_available() else 0
+    backend = getattr(torch, kind, None)
+    if backend is None or not backend.is_available():
+        return 0
+    return backend.device_count() if hasattr(backend, "device_count") else 1
+
+
+def missing_devices(devices: Any) -> list[str]:
+    """Labels of the accelerators among ``devices`` (map values or budget keys) this machine lacks."""
+    absent = []
+    for device in devices:
+        device = normalize_device(device)
+        if device in ("cpu", "disk", "meta"):
+            continue
+        kind, index = ("cuda", device) if isinstance(device, int) else (
+            device.partition(":")[0], int(device.partition(":")[2] or 0))
+        if index >= _accelerator_count(kind):
+            absent.append(device_label(device))
+    return sorted(set(absent))
+
+
+def present_devices() -> str:
+    n = _accelerator_count("cuda")
+    return "cpu, disk" + (f", cuda:0 .. cuda:{n - 1}" if n else "") + (", mps" if _accelerator_count("mps") else "")
