@@ -82,6 +82,9 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
                    help="explicit device map from a JSON file {module: device}; overrides --placement, "
                         "e.g. --device-map map.json holding {\"model\": \"cpu\", \"lm_head\": \"disk\"}")
     g.add_argument("--dtype", default="auto", help="auto (checkpoint's own, default), bfloat16, float16, float32")
+    g.add_argument("--engine", default="auto", metavar="NAME",
+                   help="weight-loading engine: auto (default: loadstone where it can run the load, else "
+                        "transformers), loadstone, transformers, or a plugin's engine")
     g.add_argument("--max-memory", action="append", default=[], type=_key_value, metavar="DEVICE=SIZE",
                    help="memory budget (repeatable), e.g. --max-memory cuda:0=20GiB --max-memory cpu=64GiB")
     g.add_argument("--offload-folder", metavar="DIR", help="allow disk offload into DIR, e.g. --offload-folder /tmp/offload")
@@ -169,6 +172,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "attn_implementation": args.attn_implementation,
         "gradient_checkpointing": args.gradient_checkpointing,
         "progress": False if getattr(args, "quiet", False) else None,
+        "engine": args.engine,
     }
     if args.offline:
         kwargs["offline"] = True

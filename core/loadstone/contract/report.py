@@ -95,6 +95,9 @@ class LoadReport:
         if q:
             rows.append(("quantization", f"{q.get('method')} by {q.get('backend')} ({q.get('distribution')} "
                                          f"{q.get('version')})" + (", pre-quantized" if q.get("pre_quantized") else "")))
+        e = self.engine
+        if e:
+            rows.append(("engine", f"{e.get('name')} ({e.get('distribution')} {e.get('version')})".replace(" )", ")")))
         p = self.placement
         if p:
             rows.append(("placement", f"{p.get('strategy')} ({p.get('distribution')} {p.get('version')})"))

@@ -9,5 +9,5 @@ from .backend import BitsAndBytesBackend
 from .memory import bits_per_parameter, measured_bytes
 from .options import OPTION_HELP, BnbSettings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["BitsAndBytesBackend", "BnbSettings", "OPTION_HELP", "bits_per_parameter", "measured_bytes", "__version__"]
