@@ -89,9 +89,9 @@ def test_every_hook_is_named_by_a_test(hook: str) -> None:
                    f"the docs tests themselves do not count): add one that implements or calls it")
 
 
-COMPONENTS = [loadstone.QuantizationBackend, loadstone.PlacementStrategy, loadstone.Resolver]
-VALUE_OBJECTS = [loadstone.QuantizationContext, loadstone.PlacementContext, loadstone.ResolveContext,
-                 loadstone.ResolvedSource, loadstone.RemoteHeader]
+COMPONENTS = [loadstone.QuantizationBackend, loadstone.PlacementStrategy, loadstone.Resolver, loadstone.Engine]
+VALUE_OBJECTS = [loadstone.QuantizationContext, loadstone.PlacementContext, loadstone.EngineContext,
+                 loadstone.ResolveContext, loadstone.ResolvedSource, loadstone.RemoteHeader]
 
 
 def _public_members(cls) -> list[str]:
@@ -106,7 +106,7 @@ def test_every_component_method_is_documented(cls) -> None:
     for name in _public_members(cls):
         signature = f"{name}{signature_text(getattr(cls, name))}"
         assert signature in body, f"docs/hooks.md, section {cls.__name__}: {signature} is missing"
-    for name in ("name", "description", "methods", "checkpoint_formats", "requirements", "priority"):
+    for name in ("name", "description", "methods", "checkpoint_formats", "requirements", "priority", "preference"):
         if name in getattr(cls, "__annotations__", {}):
             assert f"`{name}`" in body, f"docs/hooks.md, section {cls.__name__}: class attribute {name} is missing"
 

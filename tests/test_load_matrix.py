@@ -1,5 +1,7 @@
-"""Every tiny architecture through every built-in placement that runs on a CPU machine, compared
-bit for bit (and dtype for dtype) with what transformers' own ``from_pretrained`` loads."""
+"""Every tiny architecture through every built-in placement that runs on a CPU machine and both
+built-in engines, compared bit for bit (and dtype for dtype) with what transformers' own
+``from_pretrained`` loads. The native engine does not offload to disk: there the cell checks
+that it refuses at plan time, and that ``engine="auto"`` falls back to transformers."""
 
 from __future__ import annotations
 
@@ -70,12 +72,24 @@ def _kwargs(placement: str, folder: Path, tmp_path: Path) -> dict[str, Any]:
     return {"placement": placement}
 
 
+@pytest.mark.parametrize("engine", ["loadstone", "transformers"])
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_load_equals_from_pretrained(arch, placement, checkpoints, references, tmp_path, same_weights, placed_as):
+def test_load_equals_from_pretrained(arch, placement, engine, checkpoints, references, tmp_path, same_weights,
+                                     placed_as):
     folder = checkpoints[arch]
     kwargs = _kwargs(placement, folder, tmp_path)
-    result = loadstone.load(str(folder), progress=False, **kwargs)
+    disk = "offload_folder" in kwargs
+    if engine == "loadstone" and disk:
+        with pytest.raises(loadstone.EngineError) as info:
+            loadstone.plan(str(folder), engine=engine, **kwargs)
+        assert "does not offload to disk" in str(info.value) and "transformers" in str(info.value.expected)
+        auto = loadstone.plan(str(folder), **kwargs)
+        assert auto.engine.name == "transformers"
+        assert "does not offload to disk" in auto.report.decision("engine").reason
+        return
+    result = loadstone.load(str(folder), progress=False, engine=engine, **kwargs)
+    assert result.report.engine["name"] == engine
     same_weights(result.model, references[arch])
     device_map = result.plan.device_map
     placed_as(result.model, device_map)

@@ -42,6 +42,8 @@ _LAZY = {
     "plan": "loadstone.api",
     "LoadResult": "loadstone.api",
     "count_parameters": "loadstone.api",
+    "SafetensorsReader": "loadstone.engines.reader",
+    "finish_loading": "loadstone.engines.native",
 }
 # Contract 1 names, kept for one minor release (see loadstone.legacy).
 _DEPRECATED = {"WeightLoader": "loadstone.legacy", "TransformersWeightLoader": "loadstone.legacy"}
@@ -51,7 +53,8 @@ __all__ = [
     "Decision", "QuantizationBackend", "QuantizationContext", "PlacementStrategy", "PlacementContext", "Resolver",
     "ResolveContext", "ResolvedSource", "RemoteHeader", "Engine", "EngineContext", "TensorMap", "TensorGroup",
     "TensorInfo", "CheckpointInventory", "PluginManager", "get_plugin_manager", "reset_plugin_manager", "hookimpl",
-    "requirement_problems", "set_module_tensor", "map_entry", "count_parameters",
+    "requirement_problems", "set_module_tensor", "map_entry", "count_parameters", "SafetensorsReader",
+    "finish_loading",
     *_error_names,
 ]
 

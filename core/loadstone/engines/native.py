@@ -74,7 +74,7 @@ class NativeEngine(Engine):
             for key, (module_name, name) in tensor_map.extras.items():
                 tensor = _placed(reader.read(infos[key]), self.device_for(plan, module_name), None)
                 ctx.backend.load_tensor(module_name, modules[module_name], name, tensor, qctx)
-        _finish(model, plan)
+        finish_loading(model, plan)
         return model
 
     @staticmethod
@@ -129,10 +129,12 @@ def _progress(groups: list[TensorGroup], enabled: bool, total: int) -> Iterator[
     yield from tqdm(groups, total=total, desc="loading weights", unit="tensor", leave=False)
 
 
-def _finish(model: Any, plan: Plan) -> None:
-    """transformers' own finishing steps after its loading loop: tie weights, compute the
-    non-persistent buffers on their devices, initialise a new task head, then dispatch hooks for
-    maps over several devices. Called with the same arguments ``from_pretrained`` uses."""
+def finish_loading(model: Any, plan: Plan) -> None:
+    """Finish a model whose every mapped tensor an engine has loaded: transformers' own steps after
+    its loading loop (tie weights, compute the non-persistent buffers such as rotary frequencies on
+    their planned devices, initialise a new task head; called as ``from_pretrained`` calls them),
+    eval mode, then accelerate's dispatch hooks for a map over several devices. Public: engine
+    authors call it last in :meth:`Engine.load`."""
     from transformers.modeling_utils import LoadStateDictConfig, PreTrainedModel
     from transformers.utils.loading_report import LoadStateDictInfo
 

@@ -1,0 +1,188 @@
+"""Engines as components: choice at plan time, refusals, the kernel's invariants for any engine,
+plugin engines, and the deprecated contract-1 ``weight_loader`` seam."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import loadstone
+from loadstone import hookimpl
+from loadstone.testing import ARCHITECTURES
+
+
+def engines_plugin(*engines: loadstone.Engine):
+    class Plugin:
+        @hookimpl
+        def loadstone_register_engines(self, register):
+            for engine in engines:
+                register(engine)
+
+    return loadstone.PluginManager(allow=[], extra_plugins=[("test-engines", Plugin())])
+
+
+class Delegating(loadstone.Engine):
+    """Loads with the native engine, then lets a test damage the result."""
+
+    name = "damaging"
+    preference = 10
+
+    def __init__(self, damage=lambda model: None):
+        self.damage = damage
+
+    def load(self, plan, ctx):
+        from loadstone.engines.native import NativeEngine
+
+        model = NativeEngine().load(plan, ctx)
+        self.damage(model)
+        return model
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_both_engines_give_bit_equal_models_in_every_dtype(arch, dtype, tiny_checkpoint, same_weights):
+    folder = str(tiny_checkpoint(arch))
+    native = loadstone.load(folder, placement="cpu", dtype=dtype, engine="loadstone", trainable=False, progress=False)
+    reference = loadstone.load(folder, placement="cpu", dtype=dtype, engine="transformers", trainable=False,
+                               progress=False)
+    same_weights(native.model, reference.model)
+    buffers = dict(reference.model.named_buffers())
+    for name, buffer in native.model.named_buffers():  # non-persistent ones too (rotary inv_freq)
+        assert torch.equal(buffer, buffers[name]), name
+    ids = torch.arange(10).reshape(1, 10)
+    with torch.no_grad():
+        assert torch.equal(native.model(ids).logits, reference.model(ids).logits)
+
+
+def test_auto_prefers_the_native_engine_and_says_why(tiny_checkpoint):
+    plan = loadstone.plan(str(tiny_checkpoint("llama")), placement="cpu")
+    assert plan.engine.name == "loadstone" and plan.engine_problems == {"loadstone": [], "transformers": []}
+    decision = plan.report.decision("engine")
+    assert (decision.by, decision.plugin, decision.distribution) == ("engine loadstone", "builtin-engines", "loadstone")
+    assert plan.report.engine["requested"] == "auto" and "engine" in plan.report.render()
+
+
+def test_pickle_checkpoints_run_on_the_transformers_engine(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_checkpoint("llama"), folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    plan = loadstone.plan(str(folder), allow_pickle=True, placement="cpu")
+    assert plan.engine.name == "transformers"
+    assert plan.engine_problems["loadstone"] == ["it reads safetensors only, and this checkpoint is pickle"]
+    with pytest.raises(loadstone.EngineError) as info:
+        loadstone.plan(str(folder), allow_pickle=True, placement="cpu", engine="loadstone")
+    assert info.value.field == "engine" and info.value.found == "loadstone" and "pickle" in info.value.message
+    assert "engine='auto'" in info.value.fix and "'transformers'" in info.value.fix
+
+
+def test_unknown_engine_names_the_installed_ones(tiny_checkpoint):
+    with pytest.raises(loadstone.ComponentNotFoundError) as info:
+        loadstone.plan(str(tiny_checkpoint("llama")), engine="turbo")
+    assert "loadstone" in info.value.fix and "transformers" in info.value.fix and "auto" in info.value.fix
+
+
+def test_a_plugin_engine_is_chosen_by_preference_and_credited(tiny_checkpoint, same_weights):
+    folder = str(tiny_checkpoint("gpt2"))
+    plugins = engines_plugin(Delegating())
+    result = loadstone.load(folder, placement="cpu", plugins=plugins, progress=False)
+    decision = result.report.decision("engine")
+    assert (decision.choice, decision.plugin, decision.distribution) == ("damaging", "test-engines", "<in-process>")
+    reference = loadstone.load(folder, placement="cpu", engine="transformers", progress=False)
+    same_weights(result.model, reference.model)
+    assert "engine" in {d["kind"] for p in plugins.describe() for d in p["components"]}
+
+
+@pytest.mark.parametrize(("damage", "words"), [
+    (lambda m: setattr(m.model.norm, "weight", torch.nn.Parameter(torch.empty(64, device="meta"))),
+     "left on the meta device"),
+    (lambda m: setattr(m.model.norm, "weight", torch.nn.Parameter(m.model.norm.weight.to(torch.float16))),
+     "not in their planned dtype"),
+    (lambda m: setattr(m.lm_head, "weight", torch.nn.Parameter(m.lm_head.weight.clone())),
+     "no longer tied"),
+])
+def test_the_kernel_checks_what_any_engine_returns(damage, words, tiny_checkpoint):
+    arch = "gpt2" if words == "no longer tied" else "llama"
+    with pytest.raises(loadstone.WeightsMismatchError) as info:
+        loadstone.load(str(tiny_checkpoint(arch)), placement="cpu", plugins=engines_plugin(Delegating(damage)),
+                       progress=False)
+    assert words in str(info.value) and "engine 'damaging'" in str(info.value)
+
+
+def test_an_engine_that_crashes_is_named(tiny_checkpoint):
+    class Broken(loadstone.Engine):
+        name = "broken"
+        preference = 1
+
+        def load(self, plan, ctx):
+            raise ZeroDivisionError("oops")
+
+    with pytest.raises(loadstone.PluginHookError) as info:
+        loadstone.load(str(tiny_checkpoint("llama")), placement="cpu", plugins=engines_plugin(Broken()),
+                       progress=False)
+    assert info.value.plugin == "test-engines" and info.value.stage == "load_weights"
+    assert "engine 'broken': load" in str(info.value)
+
+
+def test_no_engine_able_is_an_engine_error(tiny_checkpoint, tmp_path):
+    only_native = loadstone.PluginManager(allow=[], disable=["transformers"])
+    with pytest.raises(loadstone.EngineError) as info:
+        loadstone.plan(str(tiny_checkpoint("llama")), plugins=only_native, placement={"": "disk"},
+                       offload_folder=str(tmp_path))
+    assert "no installed engine can run this load" in info.value.message and "disk" in info.value.message
+
+
+def test_the_deprecated_weight_loader_still_runs_as_an_engine(tiny_checkpoint):
+    folder = str(tiny_checkpoint("llama"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = loadstone.TransformersWeightLoader()
+        result = loadstone.load(folder, placement="cpu", weight_loader=loader, progress=False)
+    assert [w for w in caught if issubclass(w.category, DeprecationWarning)]
+    decision = result.report.decision("engine")
+    assert decision.choice == "transformers.from_pretrained" and "deprecated" in decision.plugin
+
+
+def test_native_reads_refuse_a_file_changed_since_the_plan(tiny_checkpoint, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("llama"), folder)
+
+    class Rewrite:
+        @hookimpl
+        def loadstone_after_plan(self, plan):
+            weights = folder / "model.safetensors"
+            stat = weights.stat()
+            os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten in place
+
+    plugins = loadstone.PluginManager(allow=[], extra_plugins=[("rewrite", Rewrite())])
+    with pytest.raises(loadstone.CheckpointError) as info:
+        loadstone.load(str(folder), placement="cpu", engine="loadstone", plugins=plugins, progress=False)
+    assert "changed since its header was read" in info.value.message and info.value.file.endswith(
+        "model.safetensors")
+
+
+def test_native_reads_refuse_a_file_truncated_mid_load(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from loadstone.engines.reader import SafetensorsReader
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("llama"), folder)
+    plan = loadstone.plan(str(folder), placement="cpu")
+    weights = folder / "model.safetensors"
+    last = max(plan.inventory.tensors.values(), key=lambda t: t.end)
+    with SafetensorsReader(plan.inventory) as reader:
+        reader.read(plan.inventory.tensors["model.norm.weight"])  # the file is open now
+        os.truncate(weights, weights.stat().st_size - 16)
+        with pytest.raises(loadstone.CheckpointError) as info:
+            reader.read(last)
+    assert "truncated during the load" in info.value.message
