@@ -43,10 +43,12 @@ class TransformersEngine(Engine):
             return [f"quantization backend {backend.name!r} converts weights only itself (load_tensor), which "
                     f"from_pretrained cannot call"]
         if qctx.pre_quantized:
-            from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+            from transformers.quantizers.auto import AutoQuantizationConfig
 
             method = str((qctx.checkpoint_config or {}).get("quant_method", "")).lower()
-            if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+            try:  # transformers' own resolution of a checkpoint's quantization_config
+                AutoQuantizationConfig.from_dict(dict(qctx.checkpoint_config or {}))
+            except (ValueError, KeyError, TypeError):
                 return [f"transformers does not know the pre-quantized format {method!r} (it would load the "
                         f"packed tensors as plain weights)"]
         return []

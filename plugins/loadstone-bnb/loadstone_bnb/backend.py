@@ -67,7 +67,16 @@ class BitsAndBytesBackend(QuantizationBackend):
 
     def normalize_options(self, method: str, opts: Mapping[str, Any],
                           ctx: QuantizationContext | None = None) -> dict[str, Any]:
-        return options.normalize(method, super().normalize_options(method, opts, ctx))
+        normalized = options.normalize(method, super().normalize_options(method, opts, ctx))
+        trainable = ctx is None or ctx.request is None or ctx.request.trainable
+        if normalized.get("cpu_kernel") == "packed" and trainable:
+            from loadstone import OptionError
+
+            raise OptionError("cpu_kernel='packed' is for trainable=False loads: bitsandbytes' packed CPU kernel has "
+                              "no autograd, so training through its layers would get no gradients.",
+                              field="quantization option cpu_kernel", expected="generic (for a trainable load)",
+                              found="packed", fix="drop the option, or load with trainable=False (CLI: --frozen)")
+        return normalized
 
     def settings(self, ctx: QuantizationContext) -> BnbSettings:
         """What this load does: options over defaults, or the pre-quantized checkpoint's own settings."""
@@ -231,8 +240,7 @@ class BitsAndBytesBackend(QuantizationBackend):
         settings = self.settings(ctx)
         if not settings.four_bit:
             return []
-        trainable = bool(ctx.request is None or ctx.request.trainable)
-        return cpu_kernel.configure(model, trainable=trainable)
+        return cpu_kernel.configure(model, packed=settings.cpu_kernel == "packed")
 
     def prepare_for_training(self, model: Any, ctx: QuantizationContext) -> list[str]:
         import torch
@@ -259,8 +267,8 @@ class BitsAndBytesBackend(QuantizationBackend):
         if settings.four_bit and settings.compute_dtype is None and ctx.dtype is not None:
             details["settings"]["compute_dtype"] = str(ctx.dtype).replace("torch.", "")
         if settings.four_bit and any(device_type(d) == "cpu" for d in (ctx.device_map or {}).values()):
-            trainable = bool(ctx.request is None or ctx.request.trainable)
-            details["cpu_kernel"] = cpu_kernel.policy(trainable, cpu_kernel.packed_kernel_available())
+            details["cpu_kernel"] = cpu_kernel.policy(settings.cpu_kernel == "packed",
+                                                      cpu_kernel.packed_kernel_available())
         details["bits_per_quantized_parameter"] = round(
             memory.bits_per_parameter(settings.method, double_quant=settings.double_quant), 3)
         try:

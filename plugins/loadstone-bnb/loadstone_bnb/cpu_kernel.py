@@ -13,10 +13,12 @@ not pass on to its users:
 * it changes the layer's bytes (the scales become bf16 and lose double quantization), so
   measurements would depend on whether a forward ran.
 
-Policy (``finish_model``): a trainable load never repacks (every layer keeps the autograd
-kernel); a frozen load repacks the layers whose shape the kernel takes and keeps the generic
-kernel for the rest. Each layer decides through bitsandbytes' own per-module switch,
-``Linear4bit.support_avx512bf16_for_cpu``.
+Policy (``finish_model``): every layer keeps the generic kernel, which trains and never changes
+the weights, unless a frozen load asks for the packed one (option ``cpu_kernel="packed"``, which
+a trainable load may not take); then the layers whose shape the packed kernel takes use it, the
+rest keep the generic kernel. Each layer decides through bitsandbytes' own per-module switch,
+``Linear4bit.support_avx512bf16_for_cpu``. The repack is lossy (the scales are rounded to bf16 and
+re-quantized when the model is saved), which is why it is not the default.
 """
 
 from __future__ import annotations
@@ -41,17 +43,17 @@ def packable(out_features: int, in_features: int) -> bool:
     return out_features % BLOCK_N == 0 and in_features % 2 == 0
 
 
-def policy(trainable: bool, available: bool) -> str:
+def policy(packed: bool, available: bool) -> str:
     """One line for the plan and the report."""
+    if not packed:
+        return ("generic" + (" (cpu_kernel='packed' would use bitsandbytes' AVX512-BF16 inference kernel on this "
+                             "CPU for a frozen load)" if available else ""))
     if not available:
-        return "generic (this CPU has no AVX512-BF16 packed 4-bit kernel)"
-    if trainable:
-        return ("generic: the packed AVX512-BF16 kernel is switched off (it has no autograd; a no-grad eval "
-                "forward would silently stop training through the layer)")
+        return "generic: cpu_kernel='packed' asked, but this CPU has no AVX512-BF16 packed 4-bit kernel"
     return "packed AVX512-BF16 kernel where the layer's shape allows it (out_features % 32 == 0), generic elsewhere"
 
 
-def configure(model: Any, *, trainable: bool) -> list[str]:
+def configure(model: Any, *, packed: bool) -> list[str]:
     """Set each CPU ``Linear4bit`` layer's kernel switch per the policy; returns report notes."""
     import bitsandbytes as bnb
 
@@ -62,11 +64,11 @@ def configure(model: Any, *, trainable: bool) -> list[str]:
         return []
     generic = []
     for name, module in layers:
-        allowed = available and not trainable and packable(module.out_features, module.in_features)
+        allowed = packed and available and packable(module.out_features, module.in_features)
         module.support_avx512bf16_for_cpu = allowed
-        if available and not trainable and not allowed:
+        if packed and available and not allowed:
             generic.append(name)
-    notes = [f"bitsandbytes CPU 4-bit kernel for {len(layers)} layers: {policy(trainable, available)}"]
+    notes = [f"bitsandbytes CPU 4-bit kernel for {len(layers)} layers: {policy(packed, available)}"]
     if generic:
         shown = ", ".join(generic[:4]) + (f" and {len(generic) - 4} more" if len(generic) > 4 else "")
         notes.append(f"{len(generic)} CPU 4-bit layers keep the generic kernel: their shape does not fit the packed "

@@ -32,10 +32,14 @@ OPTION_HELP = {
     "threshold": "int8: outlier threshold of the mixed-precision matmul (default: 6.0; 0 disables outlier handling)",
     "cpu_offload": "allow device maps that put modules on cpu/disk next to an accelerator; those modules stay "
                    "unquantized in the load dtype (transformers' llm_int8_enable_fp32_cpu_offload; default: false)",
+    "cpu_kernel": "4-bit on the CPU: generic (default) or packed, bitsandbytes' AVX512-BF16 inference kernel for "
+                  "trainable=False loads (faster; its repack is permanent and rounds the scales to bf16)",
     "upcast": "training preparation: cast non-quantized fp16/bf16 parameters to float32 as "
               "peft.prepare_model_for_kbit_training does (default: true)",
 }
-ONLY_FOR = {"compute_dtype": FOUR_BIT, "double_quant": FOUR_BIT, "quant_storage": FOUR_BIT, "threshold": ("int8",)}
+ONLY_FOR = {"compute_dtype": FOUR_BIT, "double_quant": FOUR_BIT, "quant_storage": FOUR_BIT, "threshold": ("int8",),
+            "cpu_kernel": FOUR_BIT}
+CPU_KERNELS = ("generic", "packed")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class BnbSettings:
     threshold: float = 6.0
     cpu_offload: bool = False
     upcast: bool = True
+    cpu_kernel: str = "generic"
 
     @property
     def four_bit(self) -> bool:
@@ -60,7 +65,7 @@ class BnbSettings:
                                "cpu_offload": self.cpu_offload, "upcast": self.upcast}
         if self.four_bit:
             out.update(compute_dtype=self.compute_dtype, double_quant=self.double_quant,
-                       quant_storage=self.quant_storage)
+                       quant_storage=self.quant_storage, cpu_kernel=self.cpu_kernel)
         else:
             out["threshold"] = self.threshold
         return out
@@ -108,11 +113,18 @@ def _threshold(name: str, value: Any) -> float:
     return number
 
 
+def _cpu_kernel(name: str, value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in CPU_KERNELS:
+        raise _bad(name, value, ", ".join(CPU_KERNELS))
+    return text
+
+
 PARSERS = {
     "compute_dtype": lambda n, v: _dtype(n, v, FLOAT_DTYPES),
     "quant_storage": lambda n, v: _dtype(n, v, STORAGE_DTYPES),
     "double_quant": _flag, "cpu_offload": _flag, "upcast": _flag,
-    "keep_modules": _names, "threshold": _threshold,
+    "keep_modules": _names, "threshold": _threshold, "cpu_kernel": _cpu_kernel,
 }
 
 
@@ -178,6 +190,7 @@ def resolve(ctx: QuantizationContext) -> BnbSettings:
         return BnbSettings(method=ctx.method, **options)
     saved = from_checkpoint(ctx.checkpoint_config or {})
     upcast = options.pop("upcast", True)  # a training choice, not a property of the weights
+    cpu_kernel = options.pop("cpu_kernel", "generic")  # a runtime choice, likewise
     for name, value in options.items():
         have = getattr(saved, name)
         if name == "keep_modules":
@@ -188,7 +201,7 @@ def resolve(ctx: QuantizationContext) -> BnbSettings:
                 f"{name}={_show(have)}; loading cannot change that.", field=f"quantization option {name}",
                 expected=_show(have), found=_show(value),
                 fix=f"drop the {name} option, or quantize the original unquantized checkpoint with it")
-    return BnbSettings(**{**saved.__dict__, "upcast": upcast})
+    return BnbSettings(**{**saved.__dict__, "upcast": upcast, "cpu_kernel": cpu_kernel})
 
 
 def _show(value: Any) -> str:

@@ -1,6 +1,7 @@
-"""bitsandbytes' packed AVX512-BF16 CPU kernel: loadstone decides per layer whether it may run.
+"""bitsandbytes' packed AVX512-BF16 CPU kernel: off unless a frozen load asks for it, and then
+only on the layers it can run.
 
-Both decisions run on every machine: ``packed_kernel_available`` is forced either way. Where the
+Both detections run on every machine: ``packed_kernel_available`` is forced either way. Where the
 CPU really has the kernel, the forwards below exercise it; elsewhere they exercise the generic
 kernel, and the layer switches are still checked.
 """
@@ -25,9 +26,9 @@ def kernel_available(request, monkeypatch) -> bool:
     return request.param
 
 
-def test_frozen_load_packs_only_layers_the_kernel_takes(tiny_checkpoint, kernel_available):
+def test_frozen_load_asking_for_the_packed_kernel_packs_only_layers_it_takes(tiny_checkpoint, kernel_available):
     result = loadstone.load(str(tiny_checkpoint("qwen2_moe")), quantization="nf4", placement="cpu",
-                            trainable=False, progress=False)
+                            trainable=False, progress=False, quantization_options={"cpu_kernel": "packed"})
     layers = four_bit_layers(result.model)
     gate = "model.layers.0.mlp.shared_expert_gate"
     assert layers[gate].out_features == 1
@@ -36,17 +37,32 @@ def test_frozen_load_packs_only_layers_the_kernel_takes(tiny_checkpoint, kernel_
         assert switched_on == {n for n, m in layers.items() if m.out_features % 32 == 0}
         assert gate not in switched_on and "model.layers.0.self_attn.q_proj" in switched_on
         assert any("keep the generic kernel" in n and gate in n for n in result.report.notes)
+        assert result.report.quantization["cpu_kernel"].startswith("packed")
     else:
         assert not switched_on
-    assert "packed" in result.report.quantization["cpu_kernel"] or not kernel_available
+        assert "no AVX512-BF16" in result.report.quantization["cpu_kernel"]
 
 
-def test_trainable_load_never_packs(tiny_checkpoint, kernel_available):
-    result = loadstone.load(str(tiny_checkpoint("llama")), quantization="nf4", placement="cpu", progress=False)
+@pytest.mark.parametrize("trainable", [True, False])
+def test_by_default_no_layer_is_ever_packed(tiny_checkpoint, kernel_available, trainable):
+    """The generic kernel trains and never changes the weights; packing is an explicit choice."""
+    result = loadstone.load(str(tiny_checkpoint("llama")), quantization="nf4", placement="cpu", progress=False,
+                            trainable=trainable)
     assert not any(m.support_avx512bf16_for_cpu for m in four_bit_layers(result.model).values())
-    assert "generic" in result.report.quantization["cpu_kernel"]
-    plan = loadstone.plan(str(tiny_checkpoint("llama")), quantization="nf4", placement="cpu")
+    assert result.report.quantization["cpu_kernel"].startswith("generic")
+    assert ("cpu_kernel='packed' would use" in result.report.quantization["cpu_kernel"]) is kernel_available
+    plan = loadstone.plan(str(tiny_checkpoint("llama")), quantization="nf4", placement="cpu", trainable=trainable)
     assert plan.report.quantization["cpu_kernel"] == result.report.quantization["cpu_kernel"]
+
+
+def test_a_trainable_load_cannot_ask_for_the_packed_kernel(tiny_checkpoint):
+    with pytest.raises(loadstone.OptionError) as info:
+        loadstone.plan(str(tiny_checkpoint("llama")), quantization="nf4", placement="cpu",
+                       quantization_options={"cpu_kernel": "packed"})
+    assert info.value.field == "quantization option cpu_kernel" and "no autograd" in info.value.message
+    with pytest.raises(loadstone.OptionError):
+        loadstone.plan(str(tiny_checkpoint("llama")), quantization="nf4", trainable=False,
+                       quantization_options={"cpu_kernel": "fastest"})
 
 
 def test_int8_and_gpu_plans_say_nothing_about_the_cpu_kernel(tiny_checkpoint):
@@ -54,10 +70,11 @@ def test_int8_and_gpu_plans_say_nothing_about_the_cpu_kernel(tiny_checkpoint):
     assert "cpu_kernel" not in plan.report.quantization
 
 
-def test_moe_with_a_one_output_gate_runs_frozen(tiny_checkpoint, input_ids):
+@pytest.mark.parametrize("cpu_kernel", ["generic", "packed"])
+def test_moe_with_a_one_output_gate_runs_frozen(tiny_checkpoint, input_ids, cpu_kernel):
     """The first forward after a frozen load crashed in bitsandbytes on AVX512-BF16 CPUs."""
     result = loadstone.load(str(tiny_checkpoint("qwen2_moe")), quantization="nf4", placement="cpu",
-                            trainable=False, progress=False)
+                            trainable=False, progress=False, quantization_options={"cpu_kernel": cpu_kernel})
     with torch.no_grad():
         logits = result.model(input_ids).logits
     assert torch.isfinite(logits).all()
@@ -87,7 +104,7 @@ def test_measured_bytes_do_not_depend_on_a_repack(tiny_checkpoint):
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
     model = loadstone.load(str(tiny_checkpoint("llama")), quantization="nf4", placement="cpu", trainable=False,
-                           progress=False).model
+                           progress=False, quantization_options={"cpu_kernel": "packed"}).model
     before = measured_bytes(model)
     layer = model.model.layers[0].mlp.up_proj
     layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,

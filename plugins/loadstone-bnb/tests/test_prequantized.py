@@ -31,12 +31,14 @@ def saved(quantized, tmp_path_factory):
     return build
 
 
+@pytest.mark.parametrize("engine", ["loadstone", "transformers"])
 @pytest.mark.parametrize("method", METHODS)
-def test_reloads_identically_without_requantizing(saved, input_ids, method):
+def test_reloads_identically_without_requantizing(saved, input_ids, method, engine):
     folder, original = saved(method)
     qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qconfig["quant_method"] == "bitsandbytes"
-    result = loadstone.load(str(folder), placement="cpu", trainable=False, progress=False)
+    result = loadstone.load(str(folder), placement="cpu", trainable=False, progress=False, engine=engine)
+    assert result.report.engine["name"] == engine
     decision = result.report.decision("quantization")
     assert decision.choice == method and "pre-quantized" in decision.reason
     assert result.report.quantization["pre_quantized"] is True
@@ -102,6 +104,24 @@ def test_lora_trains_on_a_prequantized_base(saved, tiny_adapter, input_ids):
 def test_checkpoint_method_from_config(config, method):
     backend = BitsAndBytesBackend()
     assert backend.claims_checkpoint(config) and backend.checkpoint_method(config) == method
+
+
+def test_unknown_quantization_state_is_refused_before_loading(saved, tmp_path):
+    """The packed tensors of a pre-quantized checkpoint are checked at plan time: a tensor the
+    backend does not take is unexpected, whichever engine would run."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = saved("nf4")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight.mystery"] = torch.zeros(4)
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(loadstone.WeightsMismatchError) as info:
+        loadstone.plan(str(damaged), placement="cpu")
+    assert "weight.mystery" in str(info.value) and "unexpected" in str(info.value)
 
 
 def test_claims_only_bitsandbytes_checkpoints():

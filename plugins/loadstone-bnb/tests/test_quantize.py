@@ -91,6 +91,41 @@ def test_report_records_backend_and_settings(quantized):
     quant = report["quantization"]
     assert quant["distribution"] == "loadstone-bnb" and quant["backend"] == "bitsandbytes"
     assert quant["settings"] == {"method": "nf4", "keep_modules": ["lm_head"], "cpu_offload": False, "upcast": True,
-                                 "compute_dtype": "float32", "double_quant": True, "quant_storage": "uint8"}
+                                 "compute_dtype": "float32", "double_quant": True, "quant_storage": "uint8",
+                                 "cpu_kernel": "generic"}
     assert quant["bits_per_quantized_parameter"] == pytest.approx(4.127, abs=1e-3)
     assert report["parameters"]["total"] == sum(p.numel() for p in quantized("llama", "none").model.parameters())
+
+
+def _quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a bitsandbytes model holds: packed weights, quantization state and the rest."""
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_moe"])
+def test_native_engine_quantizes_exactly_like_transformers(tiny_checkpoint, arch, method):
+    """The native engine quantizes tensor by tensor with bitsandbytes' own parameter types; the
+    packed weights and quantization state must equal what transformers + bitsandbytes produce."""
+    folder = str(tiny_checkpoint(arch))
+    kwargs = dict(quantization=method, placement="cpu", trainable=False, progress=False)
+    native = loadstone.load(folder, engine="loadstone", **kwargs)
+    reference = loadstone.load(folder, engine="transformers", **kwargs)
+    assert native.report.engine["name"] == "loadstone" and reference.report.engine["name"] == "transformers"
+    ours, theirs = _quantized_state(native.model), _quantized_state(reference.model)
+    assert sorted(ours) == sorted(theirs)
+    different = [k for k in ours if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
+    assert not different, different[:5]
+    assert getattr(native.model, "is_loaded_in_4bit" if method != "int8" else "is_loaded_in_8bit")
+    assert native.model.hf_quantizer.quantization_config.to_dict() == \
+        reference.model.hf_quantizer.quantization_config.to_dict()
+
+
+def test_plan_peak_counts_one_full_precision_tensor_in_flight(tiny_checkpoint):
+    plan = loadstone.plan(str(tiny_checkpoint("llama")), quantization="nf4", placement="cpu")
+    skeleton = plan.build_skeleton()
+    largest = max(p.numel() * p.element_size() for n, p in skeleton.named_parameters()
+                  if n in plan.tensor_map.converted)
+    assert plan.peak_bytes_per_device["cpu"] == plan.bytes_per_device["cpu"] + largest
+    unquantized = loadstone.plan(str(tiny_checkpoint("llama")), placement="cpu")
+    assert unquantized.peak_bytes_per_device == unquantized.bytes_per_device
