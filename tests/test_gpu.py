@@ -76,3 +76,29 @@ def test_qlora_rank_placement_under_torchrun_with_nccl(tiny_adapter, tmp_path):
         assert seen["device_map"] == {"": str(rank)} and seen["device"] == f"cuda:{rank}"
         assert f"-> cuda:{rank}" in seen["placement_reason"]
         assert seen["grads_differ"] and seen["all_reduce_is_sum"] and seen["same_base_weights"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral", "qwen2_moe", "gemma"])
+def test_native_engine_on_gpu_equals_the_transformers_engine(tiny_checkpoint, arch):
+    folder = tiny_checkpoint(arch, dtype="float32")
+    for dtype in ("bfloat16", "float32"):
+        native = loadstone.load(str(folder), placement="cuda:0", dtype=dtype, engine="loadstone", progress=False,
+                                trainable=False)
+        reference = loadstone.load(str(folder), placement="cuda:0", dtype=dtype, engine="transformers",
+                                   progress=False, trainable=False)
+        assert native.report.engine["name"] == "loadstone"
+        _same_state(native.model, reference.model)
+        buffers = dict(reference.model.named_buffers())
+        for name, buffer in native.model.named_buffers():
+            assert torch.equal(buffer, buffers[name]), name
+
+
+def test_native_engine_streams_a_map_over_gpu_and_cpu(tiny_checkpoint):
+    folder = tiny_checkpoint("llama")
+    budget = {"cuda:0": "400KB", "cpu": "10GiB"}
+    native = loadstone.load(str(folder), max_memory=budget, engine="loadstone", progress=False, trainable=False)
+    reference = loadstone.load(str(folder), max_memory=budget, engine="transformers", progress=False, trainable=False)
+    assert native.plan.device_map == reference.plan.device_map and set(native.plan.device_map.values()) == {0, "cpu"}
+    ids = torch.arange(12, device="cuda").reshape(1, 12)
+    with torch.no_grad():
+        assert torch.equal(native.model(ids).logits, reference.model(ids).logits)

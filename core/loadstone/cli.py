@@ -85,6 +85,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", default="auto", metavar="NAME",
                    help="weight-loading engine: auto (default: loadstone where it can run the load, else "
                         "transformers), loadstone, transformers, or a plugin's engine")
+    g.add_argument("-e", "--engine-option", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="engine option (repeatable), e.g. -e readers=8 -e chunk_bytes=16MiB")
     g.add_argument("--max-memory", action="append", default=[], type=_key_value, metavar="DEVICE=SIZE",
                    help="memory budget (repeatable), e.g. --max-memory cuda:0=20GiB --max-memory cpu=64GiB")
     g.add_argument("--offload-folder", metavar="DIR", help="allow disk offload into DIR, e.g. --offload-folder /tmp/offload")
@@ -173,6 +175,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "gradient_checkpointing": args.gradient_checkpointing,
         "progress": False if getattr(args, "quiet", False) else None,
         "engine": args.engine,
+        "engine_options": {k: _option_value(v) for k, v in args.engine_option},
     }
     if args.offline:
         kwargs["offline"] = True
@@ -208,6 +211,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                       + f"; {state}")
                 for opt, text in comp.get("options", {}).items():
                     print(f"                  -o {opt}=...  {text}")
+            elif comp["kind"] == "engine":
+                for opt, text in comp.get("options", {}).items():
+                    print(f"                  -e {opt}=...  {text}")
         for disabled in item.get("disabled_components", []):
             print(f"    {disabled} (disabled by LOADSTONE_DISABLE_PLUGINS)")
     return 0

@@ -388,6 +388,10 @@ class PluginManager:
                     entry["priority"] = comp.priority
                 elif reg.kind == "engine":
                     entry["preference"] = comp.preference
+                    try:
+                        entry["options"] = dict(comp.option_help())
+                    except Exception as exc:  # a listing survives a buggy component
+                        entry["options"], entry["problems"] = {}, [f"option_help() raised {type(exc).__name__}: {exc}"]
                 details.append(entry)
             item["components"] = details
             out.append(item)

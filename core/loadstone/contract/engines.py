@@ -51,6 +51,25 @@ class Engine(ABC):
     #: transformers 900)
     preference: ClassVar[int] = 500
 
+    def option_help(self) -> dict[str, str]:
+        """Option name -> one-line help for ``engine_options`` (CLI ``--engine-option KEY=VALUE``),
+        shown by ``loadstone plugins``."""
+        return {}
+
+    def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Validate the user's ``engine_options`` for this engine; raise :class:`~loadstone.OptionError`.
+        Called at plan time for the chosen engine; the result is ``plan.engine_options``.
+        Default: an ``OptionError`` for any name not in :meth:`option_help`."""
+        unknown = set(options) - set(self.option_help())
+        if unknown:
+            from .errors import OptionError
+
+            raise OptionError(f"engine {self.name!r} does not take the option(s) {', '.join(sorted(unknown))}.",
+                              field="engine options", expected=", ".join(sorted(self.option_help())) or "no options",
+                              found=", ".join(sorted(unknown)),
+                              fix="remove them, or check `loadstone plugins` for the engine's options")
+        return dict(options)
+
     def problems(self, plan: "Plan") -> list[str]:
         """Why this engine cannot run ``plan`` (disk offload, pickle weights, a backend it cannot
         drive ...); empty if it can. Asked at plan time, so a refusal comes before any weight is

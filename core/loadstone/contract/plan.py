@@ -59,6 +59,8 @@ class Plan:
     peak_bytes_per_device: dict[str, int] = field(default_factory=dict)
     engine: "Registration | None" = None
     engine_problems: dict[str, list[str]] = field(default_factory=dict)
+    #: the chosen engine's options after its ``normalize_options``
+    engine_options: dict[str, Any] = field(default_factory=dict)
     skeleton_factory: Callable[[], Any] | None = field(default=None, repr=False)
 
     @property

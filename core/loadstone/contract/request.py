@@ -62,6 +62,7 @@ class LoadRequest:
     gradient_checkpointing: bool = False
     progress: bool | None = None
     engine: str = "auto"
+    engine_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +119,9 @@ class LoadRequest:
                               fix="pass engine='auto' (default), 'loadstone' or 'transformers' (`loadstone plugins` "
                                   "lists the engines)")
         self.engine = self.engine.strip().lower()
+        if not isinstance(self.engine_options, dict):
+            raise OptionError("engine_options must be a dict.", field="engine_options",
+                              found=repr(self.engine_options), fix='pass e.g. {"readers": 8}')
         if not isinstance(self.quantization_options, dict):
             raise OptionError("quantization_options must be a dict.", field="quantization_options",
                               found=repr(self.quantization_options))

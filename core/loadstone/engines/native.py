@@ -17,6 +17,7 @@ and ``engine="auto"`` then picks the transformers engine.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Iterator
 
@@ -25,6 +26,7 @@ from ..contract.placement import map_entry
 from ..contract.plan import Plan
 from ..contract.tensors import TensorGroup
 from .reader import SafetensorsReader
+from .streaming import DEFAULT_CHUNK_BYTES, StreamItem, TensorStream
 
 
 class NativeEngine(Engine):
@@ -45,6 +47,30 @@ class NativeEngine(Engine):
         problems += [str(p) for p in backend.native_problems(plan.quantization)]
         return problems
 
+    def option_help(self) -> dict[str, str]:
+        return {"readers": "reader threads (default: up to 16 with a GPU, 8 without, at most the CPU count)",
+                "chunk_bytes": "bytes per read, e.g. 8MiB (default); each reader holds two pinned buffers of this "
+                               "size when loading onto a GPU"}
+
+    def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        from ..contract.errors import OptionError
+        from ..contract.units import parse_size
+
+        out = super().normalize_options(options)
+        if "readers" in out:
+            readers = out["readers"]
+            if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= 256:
+                raise OptionError(f"engine option readers={readers!r} is not a thread count.",
+                                  field="engine option readers", expected="an integer from 1 to 256",
+                                  found=repr(readers), fix="pass e.g. readers=8")
+        if "chunk_bytes" in out:
+            out["chunk_bytes"] = parse_size(out["chunk_bytes"], field="engine option chunk_bytes")
+            if not (1 << 20) <= out["chunk_bytes"] <= (1 << 30):
+                raise OptionError("engine option chunk_bytes must lie between 1 MiB and 1 GiB.",
+                                  field="engine option chunk_bytes", expected="1MiB .. 1GiB",
+                                  found=out["chunk_bytes"], fix="pass e.g. chunk_bytes=16MiB")
+        return out
+
     def load(self, plan: Plan, ctx: EngineContext) -> Any:
         import torch
 
@@ -54,28 +80,82 @@ class NativeEngine(Engine):
         modules = dict(model.named_modules())
         tensor_map = plan.tensor_map
         assert tensor_map is not None, "problems() refuses plans without a tensor map"
-        infos = plan.inventory.tensors
-        with torch.no_grad(), SafetensorsReader(plan.inventory) as reader:
-            for group in _progress(_in_file_order(tensor_map.groups, infos), ctx.progress, len(tensor_map.groups)):
-                device = self.device_for(plan, group.targets[0])
-                dtype = self.dtype_for(plan, group.targets[0])
-                if group.converter is None:
-                    tensor = _placed(reader.read(infos[group.sources[0]]), device, dtype)
-                    self._hand_over(ctx, modules, group.targets[0], tensor, qctx)
-                    continue
-                converter = copy.deepcopy(group.converter)
-                for source, pattern in zip(group.sources, group.patterns):
-                    converter.add_tensor(group.targets[0], source, pattern,
-                                         _placed(reader.read(infos[source]), device, dtype))
-                produced = converter.convert(group.targets[0], model=model, config=model.config)
-                for name, value in produced.items():
-                    value = value[0] if isinstance(value, list) else value
-                    self._hand_over(ctx, modules, name, _placed(value, device, self.dtype_for(plan, name)), qctx)
-            for key, (module_name, name) in tensor_map.extras.items():
-                tensor = _placed(reader.read(infos[key]), self.device_for(plan, module_name), None)
-                ctx.backend.load_tensor(module_name, modules[module_name], name, tensor, qctx)
+        items, owners, limits = self._items(plan)
+        options = plan.engine_options
+        total = sum(item.info.nbytes for item in items)
+        with torch.no_grad(), SafetensorsReader(plan.inventory) as reader, \
+                _progress(total, ctx.progress) as progress:
+            stream = TensorStream(reader, items, readers=options.get("readers"),
+                                  chunk_bytes=options.get("chunk_bytes", DEFAULT_CHUNK_BYTES), transient_limit=limits)
+            ctx.note(f"engine loadstone: {stream.readers} reader threads, {stream.chunk >> 20} MiB chunks"
+                     + (", pinned buffers and CUDA streams" if stream.accelerated else ""))
+            pending: list[tuple[Any, Any]] = []
+            for item, tensor in stream:
+                progress(item.info.nbytes)
+                owner = owners[id(item)]
+                if isinstance(owner, TensorGroup):
+                    pending.append((item, tensor))
+                    if len(pending) < len(owner.sources):
+                        continue
+                    self._group(plan, ctx, modules, model, owner, [t for _, t in pending])
+                    for done, _ in pending:
+                        stream.release(done)
+                    pending = []
+                else:  # an extra tensor the backend accepted: as stored
+                    module_name, name = owner
+                    ctx.backend.load_tensor(module_name, modules[module_name], name, tensor, qctx)
+                    stream.release(item)
         finish_loading(model, plan)
         return model
+
+    def _items(self, plan: Plan) -> tuple[list[StreamItem], dict[int, Any], dict[str, int]]:
+        """What to stream, in file order (each file read once, forwards); which group (or extra) each
+        item belongs to; and per device the transient bytes one group needs at once (its sources)."""
+        infos, tensor_map = plan.inventory.tensors, plan.tensor_map
+        units: list[Any] = [*tensor_map.groups, *tensor_map.extras.items()]
+
+        def where(unit: Any) -> tuple[str, int]:
+            info = infos[unit.sources[0]] if isinstance(unit, TensorGroup) else infos[unit[0]]
+            return str(info.file), info.start
+
+        items: list[StreamItem] = []
+        owners: dict[int, Any] = {}
+        limits: dict[str, int] = {}
+        for unit in sorted(units, key=where):
+            if not isinstance(unit, TensorGroup):
+                key, (module_name, name) = unit
+                item = StreamItem(infos[key], self.device_for(plan, module_name), transient=True)
+                items.append(item)
+                owners[id(item)] = (module_name, name)
+                continue
+            device = self.device_for(plan, unit.targets[0])
+            dtype = self.dtype_for(plan, unit.targets[0])
+            kept = not unit.fused and unit.targets[0] not in tensor_map.converted
+            transient = 0
+            for source in unit.sources:
+                info = infos[source]
+                item = StreamItem(info, device, transient=not (kept and (dtype is None or
+                                                                       _dtype_name(dtype) == _stored_name(info))))
+                items.append(item)
+                owners[id(item)] = unit
+                transient += info.nbytes if item.transient else 0
+            limits[device] = max(limits.get(device, 0), transient)
+        return items, owners, limits
+
+    def _group(self, plan: Plan, ctx: EngineContext, modules: dict[str, Any], model: Any, group: TensorGroup,
+               tensors: list[Any]) -> None:
+        qctx = plan.quantization
+        dtype = self.dtype_for(plan, group.targets[0])
+        if group.converter is None:
+            self._hand_over(ctx, modules, group.targets[0], _cast(tensors[0], dtype), qctx)
+            return
+        converter = copy.deepcopy(group.converter)
+        for source, pattern, tensor in zip(group.sources, group.patterns, tensors):
+            converter.add_tensor(group.targets[0], source, pattern, _cast(tensor, dtype))
+        produced = converter.convert(group.targets[0], model=model, config=model.config)
+        for name, value in produced.items():
+            value = value[0] if isinstance(value, list) else value
+            self._hand_over(ctx, modules, name, _cast(value, self.dtype_for(plan, name)), qctx)
 
     @staticmethod
     def device_for(plan: Plan, name: str) -> Any:
@@ -101,32 +181,31 @@ class NativeEngine(Engine):
         ctx.backend.load_tensor(module_name, modules[module_name], leaf, tensor, qctx)
 
 
-def _placed(tensor: Any, device: str, dtype: Any) -> Any:
-    """On its device and in its dtype; the cast happens on the target device (one copy to it, then
-    the conversion there), and a tensor already right stays where it was read."""
-    if tensor.device.type != device.split(":")[0] or (device.startswith("cuda") and str(tensor.device) != device):
-        tensor = tensor.to(device, non_blocking=False)
-    if dtype is not None and tensor.dtype != dtype:
-        tensor = tensor.to(dtype)
-    return tensor
+def _cast(tensor: Any, dtype: Any) -> Any:
+    """The planned dtype, cast where the tensor already is (its planned device)."""
+    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _in_file_order(groups: list[TensorGroup], infos: dict[str, Any]) -> list[TensorGroup]:
-    """Groups sorted by where their first tensor lies: reads then sweep each file once, forwards."""
-    def where(group: TensorGroup) -> tuple[str, int]:
-        info = infos[group.sources[0]]
-        return str(info.file), info.start
-
-    return sorted(groups, key=where)
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
 
 
-def _progress(groups: list[TensorGroup], enabled: bool, total: int) -> Iterator[TensorGroup]:
+def _stored_name(info: Any) -> str:
+    from ..safetensors_header import TORCH_DTYPE_NAMES
+
+    return TORCH_DTYPE_NAMES.get(info.dtype, info.dtype)
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Any]:
+    """A callable that advances a byte progress bar (tqdm) when enabled; a no-op otherwise."""
     if not enabled:
-        yield from groups
+        yield lambda n: None
         return
     from tqdm.auto import tqdm
 
-    yield from tqdm(groups, total=total, desc="loading weights", unit="tensor", leave=False)
+    with tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, leave=False) as bar:
+        yield bar.update
 
 
 def finish_loading(model: Any, plan: Plan) -> None:

@@ -38,7 +38,9 @@ class SafetensorsReader:
                 os.close(fd)
             self._files.clear()
 
-    def _open(self, path: Path) -> tuple[int, int]:
+    def open(self, path: Path) -> tuple[int, int]:
+        """``(file descriptor, offset of the data section)`` of one weight file, opened once and
+        checked against what its header was read with."""
         with self._lock:
             opened = self._files.get(path)
             if opened is not None:
@@ -72,7 +74,7 @@ class SafetensorsReader:
         """The tensor as stored (its checkpoint dtype and shape), in new CPU memory."""
         import torch
 
-        fd, data_start = self._open(info.file)
+        fd, data_start = self.open(info.file)
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         view = memoryview(buffer.numpy()) if info.nbytes else memoryview(b"")
         done = 0

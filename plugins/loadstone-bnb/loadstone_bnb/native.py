@@ -88,9 +88,11 @@ def _quantize(module: Any, value: Any, four_bit: bool) -> None:
     else:
         kwargs = dict(old.__dict__)
         kwargs.pop("SCB", None)
-        device = value.device
-        # Int8Params quantizes when moved onto the compute device; a CPU tensor is quantized by .to("cpu").
-        new = bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **kwargs).to(device)
+        # transformers moves the weight to the CPU and lets Int8Params.to(device) quantize it there
+        # (a round trip through host memory per weight); _quantize is what that .to() runs, called
+        # where the weight already is: the same fp16 cast and int8_vectorwise_quant, no round trip.
+        new = bnb.nn.Int8Params(value, requires_grad=False, **kwargs)
+        new = new._quantize(value.device)
     module._parameters["weight"] = new
     module._is_hf_initialized = True
 

@@ -59,3 +59,17 @@ def test_qlora_step_on_gpu_trains_only_the_adapter(tiny_adapter, manager):
                             plugins=manager)
     step = one_training_step(result.model)
     assert step["all_gradients_on_adapter"], step
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
+def test_native_engine_on_gpu_equals_transformers(tiny_checkpoint, manager, method, arch):
+    """Quantized on the GPU tensor by tensor: packed weights and state equal transformers + bitsandbytes."""
+    folder = tiny_checkpoint(arch, dtype="bfloat16", hidden_size=256, intermediate_size=512)
+    kwargs = dict(quantization=method, placement="cuda:0", trainable=False, progress=False, plugins=manager)
+    native = loadstone.load(str(folder), engine="loadstone", **kwargs).model
+    reference = loadstone.load(str(folder), engine="transformers", **kwargs).model
+    ours, theirs = native.state_dict(), reference.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    different = [k for k in ours if isinstance(ours[k], torch.Tensor) and not torch.equal(ours[k], theirs[k])]
+    assert not different, different[:5]

@@ -25,7 +25,15 @@ from ..adapters import validate_adapter
 from ..inspect import Inspection
 from .choices import auto_class_for, choose_dtype, choose_quantization, choose_task
 from .engine import choose_engine
-from .memory import bytes_by_device, check_fit, missing_devices, peak_by_device, present_devices, tensor_sizes
+from .memory import (
+    add_read_transients,
+    bytes_by_device,
+    check_fit,
+    missing_devices,
+    peak_by_device,
+    present_devices,
+    tensor_sizes,
+)
 from .skeleton import skeleton_factory
 from .tensormap import build_tensor_map
 
@@ -55,6 +63,10 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     build = skeleton_factory(auto_class, config, dtype, request)
     skeleton = build()
     sizes, transient, converted = tensor_sizes(skeleton, qreg, qctx, plugins)
+    tensor_map, notes = _map_tensors(skeleton, found, sources, qreg, qctx, plugins, converted)
+    report.notes.extend(notes)
+    if tensor_map is not None:
+        add_read_transients(transient, tensor_map, inventory, qctx)
 
     spec = request.placement
     preg = plugins.placement_strategy("explicit" if isinstance(spec, dict) else spec)
@@ -77,8 +89,6 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
         validate_adapter(adapter, skeleton, allow_pickle=request.allow_pickle)
     n_params = sum(p.numel() for p in skeleton.parameters())
     module_names = frozenset(n for n, _ in skeleton.named_modules())
-    tensor_map, notes = _map_tensors(skeleton, found, sources, qreg, qctx, plugins, converted)
-    report.notes.extend(notes)
     report.model = {"model_type": config.model_type, "architecture": type(skeleton).__name__,
                     "auto_class": auto_class.__name__, "task": task}
     report.dtype = dtype

@@ -46,9 +46,11 @@ def choose_engine(plan: Plan, plugins: PluginManager, report: LoadReport, *,
                 fix=f"use engine='auto' (CLI: --engine auto)" + (f", which picks {able[0]!r} here" if able else ""))
         reason = "requested"
     plan.engine = chosen
+    with plugins.guard(chosen, "plan", "normalize_options"):
+        plan.engine_options = chosen.component.normalize_options(dict(plan.request.engine_options))
     report.decide(Decision.from_registration("engine", chosen.name, chosen, reason))
     report.engine = {"name": chosen.name, "plugin": chosen.plugin, "distribution": chosen.distribution,
-                     "version": chosen.version, "requested": wanted,
+                     "version": chosen.version, "requested": wanted, "options": dict(plan.engine_options),
                      "not_able": {name: p for name, p in problems.items() if p}}
 
 

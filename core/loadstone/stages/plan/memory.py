@@ -41,6 +41,25 @@ def tensor_sizes(model: Any, reg: Registration, qctx: QuantizationContext,
     return sizes, transient, frozenset(converted)
 
 
+def add_read_transients(transient: dict[str, float], tensor_map: Any, inventory: Any, qctx: QuantizationContext) -> None:
+    """What the engines hold in flight besides the backend's own transient: a tensor stored in
+    another dtype than it loads in is read as stored, then cast (both copies exist for a moment);
+    a fused group (MoE experts) holds all its sources while the fused tensor is built."""
+    from ...safetensors_header import TORCH_DTYPE_NAMES
+
+    for group in tensor_map.groups:
+        stored = [inventory.tensors[s] for s in group.sources]
+        first = group.targets[0]
+        if group.fused:
+            transient[first] = max(transient.get(first, 0.0), float(sum(i.nbytes for i in stored)))
+            continue
+        info = stored[0]
+        planned = tensor_map.dtypes.get(first) if first not in tensor_map.converted else (
+            None if qctx.pre_quantized else str(qctx.dtype).replace("torch.", ""))
+        if planned is not None and TORCH_DTYPE_NAMES.get(info.dtype) != planned:
+            transient[first] = transient.get(first, 0.0) + info.nbytes
+
+
 def bytes_by_device(sizes: dict[str, float], device_map: dict[str, Any]) -> dict[str, int]:
     out: dict[str, float] = {}
     for name, nbytes in sizes.items():

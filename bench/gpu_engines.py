@@ -1,0 +1,258 @@
+"""Engines side by side: plain transformers, loadstone's transformers engine, loadstone's native
+streaming engine, and raw-tensor readers, in one run, each load in its own process.
+
+    python3 bench/gpu_engines.py OUTDIR [--rows ROW,ROW...] [--small]
+
+GPU (default): the 8B Llama-shaped bf16 checkpoint of shared/anchors (4 shards, 16.06 GB) onto
+cuda:0. ``--small``: a tiny Llama on the CPU, to check the script anywhere. PYTHONPATH must reach
+loadstone (core/) and loadstone-bnb (plugins/loadstone-bnb) plus bitsandbytes (and instanttensor
+for its rows); nothing needs to be pip-installed.
+
+Every row imports the same libraries before its clock starts (torch, transformers, bitsandbytes,
+loadstone, loadstone_bnb; CUDA initialised), except the ``e2e_*`` rows, whose clock starts before
+the first import of a fresh process (imports included). Each row records wall time, GB/s (the
+checkpoint's bytes over wall time), peak host RSS of the process (``ru_maxrss``), peak GPU memory
+(``torch.cuda.max_memory_allocated``) and, for loadstone rows, the report's stage times and
+engine. ``cold_*`` rows drop the page cache first (root and a writable drop_caches needed; they
+are skipped, and say so, where that fails). Writes OUTDIR/gpu_engines.json and prints the table
+with ratios against ``transformers_bf16`` / ``transformers_nf4`` / ``transformers_int8``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+T_PROCESS = time.perf_counter()  # e2e rows: before any import of this process
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bnb import CKPT, make_checkpoint  # noqa: E402  (the same checkpoint as the other benchmarks)
+
+ROWS = {
+    # name: (kind, method, engine)
+    "transformers_bf16": ("transformers", "bf16", None),
+    "loadstone_transformers_bf16": ("loadstone", "bf16", "transformers"),
+    "loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
+    "loadstone_native_bf16_r8": ("loadstone", "bf16", "loadstone:readers=8"),
+    "loadstone_native_bf16_c64": ("loadstone", "bf16", "loadstone:chunk_bytes=64MiB"),
+    "instanttensor_buffered": ("raw", "instanttensor", None),
+    "safetensors_load_file": ("raw", "safetensors", None),
+    "transformers_nf4": ("transformers", "nf4", None),
+    "loadstone_native_nf4": ("loadstone", "nf4", "loadstone"),
+    "loadstone_transformers_nf4": ("loadstone", "nf4", "transformers"),
+    "transformers_int8": ("transformers", "int8", None),
+    "loadstone_native_int8": ("loadstone", "int8", "loadstone"),
+    "e2e_transformers_bf16": ("transformers", "bf16", None),
+    "e2e_loadstone_bf16": ("loadstone", "bf16", "loadstone"),
+    "e2e_transformers_nf4": ("transformers", "nf4", None),
+    "e2e_loadstone_nf4": ("loadstone", "nf4", "loadstone"),
+    "cold_disk_read": ("raw", "disk", None),
+    "cold_transformers_bf16": ("transformers", "bf16", None),
+    "cold_loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
+}
+BASELINE = {"bf16": "transformers_bf16", "nf4": "transformers_nf4", "int8": "transformers_int8"}
+SMALL_CKPT = "/tmp/loadstone-bench-engines-small"
+
+
+def files_of(ckpt: str) -> list[str]:
+    return sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+
+
+def small_checkpoint() -> str:
+    from loadstone.testing import make_checkpoint as make_tiny
+
+    if not os.path.exists(os.path.join(SMALL_CKPT, "config.json")):
+        make_tiny("llama", SMALL_CKPT, dtype="bfloat16", hidden_size=256, intermediate_size=512, max_shard_size="2MB")
+    return SMALL_CKPT
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def child(row: str, ckpt: str, device: str) -> dict:
+    kind, method, engine = ROWS[row]
+    e2e = row.startswith("e2e_")
+    if not e2e:  # the same libraries on every row, before the clock
+        import bitsandbytes  # noqa: F401
+        import torch
+        import transformers  # noqa: F401
+
+        import loadstone  # noqa: F401
+        import loadstone_bnb  # noqa: F401
+        from loadstone.stages.inspect import import_transformers
+
+        import_transformers()
+        if device.startswith("cuda"):
+            torch.cuda.init()
+            torch.empty(1, device=device)
+            torch.cuda.synchronize()
+    start = T_PROCESS if e2e else time.perf_counter()
+    extra: dict = {}
+    if kind == "transformers":
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        kwargs: dict = {"dtype": torch.bfloat16, "device_map": device}
+        if method == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"])
+        elif method == "int8":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+        model = AutoModelForCausalLM.from_pretrained(ckpt, **kwargs)
+    elif kind == "loadstone":
+        import loadstone
+        import loadstone_bnb.plugin
+
+        plugins = loadstone.PluginManager()
+        try:
+            plugins.quantization_backend("nf4")
+        except loadstone.ComponentNotFoundError:
+            plugins = loadstone.PluginManager(extra_plugins=[("bnb", loadstone_bnb.plugin)])
+        name, _, option = engine.partition(":")
+        options = {}
+        if option:
+            key, _, value = option.partition("=")
+            options[key] = int(value) if value.isdigit() else value
+        result = loadstone.load(ckpt, quantization=None if method == "bf16" else method, placement=device,
+                                dtype="bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,
+                                engine_options=options)
+        model = result.model
+        report = result.report
+        extra = {"engine": report.engine.get("name"), "stages": {k: round(v, 3) for k, v in report.stages.items()},
+                 "plan_peak_bytes": report.placement.get("peak_bytes_per_device"),
+                 "notes": [n for n in report.notes if n.startswith("engine")]}
+    elif method == "instanttensor":
+        from instanttensor import safe_open as it_open
+        from instanttensor._impl import BackendPolicy
+
+        model = {}
+        with it_open(files_of(ckpt), framework="pt", device=0, backend=BackendPolicy.BUFFERED) as fh:
+            for key, value in fh.tensors():
+                model[key] = value
+    elif method == "safetensors":
+        from safetensors.torch import load_file
+
+        model = {}
+        for path in files_of(ckpt):
+            model.update(load_file(path, device=device))
+    elif method == "disk":  # the disk's direct-read bandwidth: 16 threads, O_DIRECT, 64 MiB reads
+        import mmap
+        import threading
+
+        def read(path: str) -> None:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            buf = mmap.mmap(-1, 64 << 20)
+            try:
+                offset = 0
+                while True:
+                    n = os.preadv(fd, [buf], offset)
+                    if n <= 0:
+                        break
+                    offset += n
+            finally:
+                os.close(fd)
+
+        threads = [threading.Thread(target=read, args=(p,)) for p in files_of(ckpt)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        model = None
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    nbytes = sum(os.path.getsize(p) for p in files_of(ckpt))
+    record = {"row": row, "wall_s": round(wall, 3), "gb_per_s": round(nbytes / wall / 1e9, 2),
+              "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), **extra}
+    if device.startswith("cuda"):
+        record["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if kind in ("transformers", "loadstone") and method == "bf16" and not isinstance(model, dict):
+        record["checksum"] = float(sum(p.float().sum().item() for p in list(model.parameters())[:3]))
+    del model
+    return record
+
+
+def run_row(row: str, ckpt: str, device: str, timeout: int) -> dict:
+    if row.startswith("cold_") and not drop_page_cache():
+        return {"row": row, "skipped": "cannot drop the page cache here (needs root and a writable drop_caches)"}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", row, ckpt, device],
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"row": row, "error": (done.stderr or done.stdout)[-1500:]}
+    record = json.loads(lines[-1])
+    record["process_s"] = round(time.perf_counter() - started, 2)
+    return record
+
+
+def main() -> None:
+    if sys.argv[1] == "--child":
+        print(json.dumps(child(sys.argv[2], sys.argv[3], sys.argv[4])), flush=True)
+        return
+    out = sys.argv[1]
+    small = "--small" in sys.argv
+    rows = list(ROWS)
+    if "--rows" in sys.argv:
+        rows = sys.argv[sys.argv.index("--rows") + 1].split(",")
+    if small:
+        rows = [r for r in rows if ROWS[r][1] not in ("instanttensor",) and not r.startswith("cold_")]
+    ckpt = small_checkpoint() if small else make_checkpoint(False)
+    device = "cpu" if small else "cuda:0"
+    for path in files_of(ckpt):  # warm the page cache once, for every warm row alike
+        with open(path, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+    results = []
+    for row in rows:
+        record = run_row(row, ckpt, device, timeout=300)
+        print(json.dumps(record), flush=True)
+        results.append(record)
+    by_row = {r["row"]: r for r in results}
+    for record in results:
+        base = by_row.get(BASELINE.get(ROWS[record["row"]][1], ""), {})
+        if "wall_s" in record and "wall_s" in base and not record["row"].startswith(("e2e_", "cold_")):
+            record["speedup_vs_transformers"] = round(base["wall_s"] / record["wall_s"], 2)
+    for a, b in (("e2e_loadstone_bf16", "e2e_transformers_bf16"), ("e2e_loadstone_nf4", "e2e_transformers_nf4"),
+                 ("cold_loadstone_native_bf16", "cold_transformers_bf16")):
+        if "wall_s" in by_row.get(a, {}) and "wall_s" in by_row.get(b, {}):
+            by_row[a]["speedup_vs_transformers"] = round(by_row[b]["wall_s"] / by_row[a]["wall_s"], 2)
+    import torch
+
+    meta = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "checkpoint": ckpt, "checkpoint_bytes": sum(os.path.getsize(p) for p in files_of(ckpt)),
+            "command": "python3 bench/gpu_engines.py OUTDIR" + (" --small" if small else "")}
+    for lib in ("transformers", "bitsandbytes", "peft", "accelerate", "safetensors", "instanttensor"):
+        try:
+            from importlib.metadata import version
+
+            meta[lib] = version(lib)
+        except Exception:  # not installed here
+            meta[lib] = None
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_engines.json"), "w") as fh:
+        json.dump({"meta": meta, "rows": results}, fh, indent=1)
+    print(f"\n{'row':34} {'wall s':>7} {'GB/s':>6} {'RSS GiB':>8} {'GPU GiB':>8} {'x transf.':>9}")
+    for r in results:
+        print(f"{r['row']:34} {r.get('wall_s', '-'):>7} {r.get('gb_per_s', '-'):>6} {r.get('peak_rss_gib', '-'):>8} "
+              f"{r.get('peak_gpu_gib', '-'):>8} {r.get('speedup_vs_transformers', ''):>9}"
+              + (f"  {r.get('skipped') or r.get('error', '')[-200:]}" if "wall_s" not in r else ""))
+
+
+if __name__ == "__main__":
+    main()
