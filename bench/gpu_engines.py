@@ -11,7 +11,8 @@ for its rows); nothing needs to be pip-installed.
 Every row imports the same libraries before its clock starts (torch, transformers, bitsandbytes,
 loadstone, loadstone_bnb; CUDA initialised), except the ``e2e_*`` rows, whose clock starts before
 the first import of a fresh process (imports included). Each row records wall time, GB/s (the
-checkpoint's bytes over wall time), peak host RSS of the process (``ru_maxrss``), peak GPU memory
+checkpoint's bytes over wall time), peak host RSS of the process (``VmHWM``: ``ru_maxrss`` would
+carry the parent's peak over the exec), peak GPU memory
 (``torch.cuda.max_memory_allocated``) and, for loadstone rows, the report's stage times and
 engine. ``cold_*`` rows drop the page cache first (root and a writable drop_caches needed; they
 are skipped, and say so, where that fails). Writes OUTDIR/gpu_engines.json and prints the table
@@ -39,7 +40,8 @@ ROWS = {
     "loadstone_transformers_bf16": ("loadstone", "bf16", "transformers"),
     "loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
     "loadstone_native_bf16_r8": ("loadstone", "bf16", "loadstone:readers=8"),
-    "loadstone_native_bf16_c64": ("loadstone", "bf16", "loadstone:chunk_bytes=64MiB"),
+    "loadstone_native_bf16_c4": ("loadstone", "bf16", "loadstone:chunk_bytes=4MiB"),
+    "loadstone_native_bf16_c16": ("loadstone", "bf16", "loadstone:chunk_bytes=16MiB"),
     "instanttensor_buffered": ("raw", "instanttensor", None),
     "safetensors_load_file": ("raw", "safetensors", None),
     "transformers_nf4": ("transformers", "nf4", None),
@@ -69,6 +71,15 @@ def small_checkpoint() -> str:
     if not os.path.exists(os.path.join(SMALL_CKPT, "config.json")):
         make_tiny("llama", SMALL_CKPT, dtype="bfloat16", hidden_size=256, intermediate_size=512, max_shard_size="2MB")
     return SMALL_CKPT
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM): unlike ru_maxrss it starts afresh at exec."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def drop_page_cache() -> bool:
@@ -176,7 +187,7 @@ def child(row: str, ckpt: str, device: str) -> dict:
     wall = time.perf_counter() - start
     nbytes = sum(os.path.getsize(p) for p in files_of(ckpt))
     record = {"row": row, "wall_s": round(wall, 3), "gb_per_s": round(nbytes / wall / 1e9, 2),
-              "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), **extra}
+              "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2), **extra}
     if device.startswith("cuda"):
         record["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if kind in ("transformers", "loadstone") and method == "bf16" and not isinstance(model, dict):

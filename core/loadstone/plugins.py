@@ -332,16 +332,13 @@ class PluginManager:
                             for key in after if after[key] != before.get(key)]
         return changes
 
-    @contextlib.contextmanager
-    def guard(self, reg: Registration, stage: str, what: str) -> Iterator[None]:
+    def guard(self, reg: Registration, stage: str, what: str) -> "_Guard":
         """Run a component method: a deliberate :class:`LoadstoneError` passes through as it is;
-        anything else becomes a :class:`PluginHookError` naming the plugin, distribution and stage."""
-        try:
-            yield
-        except LoadstoneError:
-            raise
-        except Exception as exc:
-            raise self.hook_error(reg.plugin, stage, exc, f"{reg.kind} {reg.name!r}: {what}") from exc
+        anything else becomes a :class:`PluginHookError` naming the plugin, distribution and stage.
+
+        A plain class, not a generator context manager: the kernel enters it once per tensor for
+        some methods (estimates, ``load_tensor``), where a generator's overhead adds up."""
+        return _Guard(self, reg, stage, what)
 
     def hook_error(self, plugin_name: str, stage: str, exc: BaseException, what: str) -> LoadstoneError:
         if isinstance(exc, PluginHookError):
@@ -396,6 +393,22 @@ class PluginManager:
             item["components"] = details
             out.append(item)
         return out
+
+
+class _Guard:
+    __slots__ = ("manager", "reg", "stage", "what")
+
+    def __init__(self, manager: PluginManager, reg: Registration, stage: str, what: str):
+        self.manager, self.reg, self.stage, self.what = manager, reg, stage, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, LoadstoneError):
+            return False
+        raise self.manager.hook_error(self.reg.plugin, self.stage, exc,
+                                      f"{self.reg.kind} {self.reg.name!r}: {self.what}") from exc
 
 
 _default: PluginManager | None = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from typing import Any, Iterator
 
 from ..contract.engines import Engine, EngineContext
@@ -75,8 +76,10 @@ class NativeEngine(Engine):
         import torch
 
         qctx = plan.quantization
+        started = time.perf_counter()
         model = plan.build_skeleton()
         ctx.backend.convert_skeleton(model, qctx)
+        skeleton_s = time.perf_counter() - started
         modules = dict(model.named_modules())
         tensor_map = plan.tensor_map
         assert tensor_map is not None, "problems() refuses plans without a tensor map"
@@ -105,7 +108,13 @@ class NativeEngine(Engine):
                     module_name, name = owner
                     ctx.backend.load_tensor(module_name, modules[module_name], name, tensor, qctx)
                     stream.release(item)
+            if stream.accelerated:
+                torch.cuda.synchronize()  # the copies are done before the clock says so
+        streamed_s = time.perf_counter() - started - skeleton_s
         finish_loading(model, plan)
+        finish_s = time.perf_counter() - started - skeleton_s - streamed_s
+        ctx.note(f"engine loadstone: skeleton {skeleton_s:.3f} s, {total / 2**30:.2f} GiB streamed and converted in "
+                 f"{streamed_s:.3f} s ({total / max(streamed_s, 1e-9) / 1e9:.1f} GB/s), finished in {finish_s:.3f} s")
         return model
 
     def _items(self, plan: Plan) -> tuple[list[StreamItem], dict[int, Any], dict[str, int]]:

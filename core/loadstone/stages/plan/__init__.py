@@ -34,7 +34,7 @@ from .memory import (
     present_devices,
     tensor_sizes,
 )
-from .skeleton import skeleton_factory
+from .skeleton import SkeletonFactory
 from .tensormap import build_tensor_map
 
 __all__ = ["plan_load"]
@@ -60,8 +60,8 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
         report.decide(Decision.from_registration("dtype", adjusted, qreg, f"{qreg.name} adjusted {dtype}"))
         dtype = adjusted
     qctx.dtype = getattr(torch, dtype)
-    build = skeleton_factory(auto_class, config, dtype, request)
-    skeleton = build()
+    build = SkeletonFactory(auto_class, config, dtype, request)
+    skeleton = build.build()
     sizes, transient, converted = tensor_sizes(skeleton, qreg, qctx, plugins)
     tensor_map, notes = _map_tensors(skeleton, found, sources, qreg, qctx, plugins, converted)
     report.notes.extend(notes)
@@ -110,6 +110,8 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
                 per_device, n_params, fits, advice, report, module_names, quantization_config, tensor_map, peaks,
                 skeleton_factory=build)
     choose_engine(plan, plugins, report, override=engine)
+    if loading:  # the engine's first build_skeleton() gets this one (see SkeletonFactory)
+        build.keep(skeleton)
     return plan
 
 
