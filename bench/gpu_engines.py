@@ -40,8 +40,11 @@ ROWS = {
     "loadstone_transformers_bf16": ("loadstone", "bf16", "transformers"),
     "loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
     "loadstone_native_bf16_r8": ("loadstone", "bf16", "loadstone:readers=8"),
-    "loadstone_native_bf16_c4": ("loadstone", "bf16", "loadstone:chunk_bytes=4MiB"),
+    "loadstone_native_bf16_r12": ("loadstone", "bf16", "loadstone:readers=12"),
     "loadstone_native_bf16_c16": ("loadstone", "bf16", "loadstone:chunk_bytes=16MiB"),
+    "loadstone_native_bf16_r8c16": ("loadstone", "bf16", "loadstone:readers=8,chunk_bytes=16MiB"),
+    "loadstone_native_bf16_it": ("loadstone", "bf16", "loadstone:reader=instanttensor"),
+    "loadstone_native_nf4_it": ("loadstone", "nf4", "loadstone:reader=instanttensor"),
     "instanttensor_buffered": ("raw", "instanttensor", None),
     "safetensors_load_file": ("raw", "safetensors", None),
     "transformers_nf4": ("transformers", "nf4", None),
@@ -134,8 +137,8 @@ def child(row: str, ckpt: str, device: str) -> dict:
             plugins = loadstone.PluginManager(extra_plugins=[("bnb", loadstone_bnb.plugin)])
         name, _, option = engine.partition(":")
         options = {}
-        if option:
-            key, _, value = option.partition("=")
+        for pair in filter(None, option.split(",")):
+            key, _, value = pair.partition("=")
             options[key] = int(value) if value.isdigit() else value
         result = loadstone.load(ckpt, quantization=None if method == "bf16" else method, placement=device,
                                 dtype="bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,

@@ -27,7 +27,7 @@ from ..contract.placement import map_entry
 from ..contract.plan import Plan
 from ..contract.tensors import TensorGroup
 from .reader import SafetensorsReader
-from .streaming import DEFAULT_CHUNK_BYTES, StreamItem, TensorStream
+from .streaming import DEFAULT_CHUNK_BYTES, InstantTensorStream, StreamItem, TensorStream
 
 
 class NativeEngine(Engine):
@@ -51,7 +51,8 @@ class NativeEngine(Engine):
     def option_help(self) -> dict[str, str]:
         return {"readers": "reader threads (default: up to 16 with a GPU, 8 without, at most the CPU count)",
                 "chunk_bytes": "bytes per read, e.g. 8MiB (default); each reader holds two pinned buffers of this "
-                               "size when loading onto a GPU"}
+                               "size when loading onto a GPU",
+                "reader": "pread (default) or instanttensor (one CUDA device; needs the instanttensor package)"}
 
     def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
         from ..contract.errors import OptionError
@@ -64,6 +65,9 @@ class NativeEngine(Engine):
                 raise OptionError(f"engine option readers={readers!r} is not a thread count.",
                                   field="engine option readers", expected="an integer from 1 to 256",
                                   found=repr(readers), fix="pass e.g. readers=8")
+        if out.get("reader", "pread") not in ("pread", "instanttensor"):
+            raise OptionError(f"engine option reader={out['reader']!r} is not a reader.", field="engine option reader",
+                              expected="pread, instanttensor", found=repr(out["reader"]), fix="pass reader=pread")
         if "chunk_bytes" in out:
             out["chunk_bytes"] = parse_size(out["chunk_bytes"], field="engine option chunk_bytes")
             if not (1 << 20) <= out["chunk_bytes"] <= (1 << 30):
@@ -88,8 +92,11 @@ class NativeEngine(Engine):
         total = sum(item.info.nbytes for item in items)
         with torch.no_grad(), SafetensorsReader(plan.inventory) as reader, \
                 _progress(total, ctx.progress) as progress:
-            stream = TensorStream(reader, items, readers=options.get("readers"),
-                                  chunk_bytes=options.get("chunk_bytes", DEFAULT_CHUNK_BYTES), transient_limit=limits)
+            if options.get("reader") == "instanttensor":
+                stream = InstantTensorStream(reader, items)
+            else:
+                stream = TensorStream(reader, items, readers=options.get("readers"),
+                                      chunk_bytes=options.get("chunk_bytes", DEFAULT_CHUNK_BYTES), transient_limit=limits)
             ctx.note(f"engine loadstone: {stream.readers} reader threads, {stream.chunk >> 20} MiB chunks"
                      + (", pinned buffers and CUDA streams" if stream.accelerated else ""))
             pending: list[tuple[Any, Any]] = []
