@@ -76,6 +76,14 @@ class Engine(ABC):
         read. Default: none."""
         return []
 
+    def extra_bytes(self, plan: "Plan") -> dict[str, int]:
+        """Device memory this engine holds while loading besides the model's tensors (its own
+        buffers), by device label (``"cuda:0"``). Asked at plan time for the chosen engine, once
+        ``plan.peak_bytes_per_device`` and the budget are known; the kernel adds the answer to the
+        peaks and checks the fit again. An engine may settle option defaults here (in
+        ``plan.engine_options``) so that the load does what the plan says. Default: ``{}``."""
+        return {}
+
     @abstractmethod
     def load(self, plan: "Plan", ctx: EngineContext) -> Any:
         """Return the base ``PreTrainedModel`` with every weight placed as ``plan.device_map`` says.

@@ -55,14 +55,19 @@ def load_weights(plan: Plan, plugins: PluginManager, report: LoadReport, *, prog
     return model
 
 
-def _served_by_hook(model: Any, name: str) -> bool:
-    """accelerate keeps offloaded (cpu/disk) tensors out of the module and serves them from a
-    weights map at forward time; such a tensor sits on meta legitimately."""
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    hook = getattr(module, "_hf_hook", None)
-    weights_map = getattr(hook, "weights_map", None)
-    return bool(getattr(hook, "offload", False)) and weights_map is not None
+def _offloaded(model: Any, name: str) -> bool:
+    """Whether accelerate serves this tensor through an offload hook (cpu/disk entries of a map that
+    also uses an accelerator): its parameters are kept in a weights map and sit on meta in the
+    module, its buffers move to the hook's execution device. Both are where accelerate wants them."""
+    module_name = name.rpartition(".")[0]
+    while True:
+        module = model.get_submodule(module_name) if module_name else model
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None:
+            return bool(getattr(hook, "offload", False)) and getattr(hook, "weights_map", None) is not None
+        if not module_name:
+            return False
+        module_name = module_name.rpartition(".")[0]
 
 
 def check_loaded_model(model: Any, plan: Plan) -> None:
@@ -73,9 +78,10 @@ def check_loaded_model(model: Any, plan: Plan) -> None:
     on_meta, misplaced, mistyped = [], [], []
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, tensor in tensors:
+        if _offloaded(model, name):
+            continue
         if tensor.device.type == "meta":
-            if not _served_by_hook(model, name):
-                on_meta.append(name)
+            on_meta.append(name)
             continue
         key = map_entry(name, plan.device_map)
         if key is not None:

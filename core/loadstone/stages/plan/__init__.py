@@ -110,6 +110,15 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
                 per_device, n_params, fits, advice, report, module_names, quantization_config, tensor_map, peaks,
                 skeleton_factory=build)
     choose_engine(plan, plugins, report, override=engine)
+    with plugins.guard(plan.engine, "plan", "extra_bytes"):
+        extra = {str(k): int(v) for k, v in (plan.engine.component.extra_bytes(plan) or {}).items()}
+    if extra:  # the engine's own buffers: part of the peak, and of the fit
+        for device, nbytes in extra.items():
+            peaks[device] = peaks.get(device, 0) + nbytes
+        plan.fits, plan.advice = check_fit(per_device, peaks, device_map, budget, request, plugins)
+        report.fit = {"fits": plan.fits, "advice": plan.advice}
+        report.engine["extra_bytes"] = extra
+    report.engine["options"] = dict(plan.engine_options)
     if loading:  # the engine's first build_skeleton() gets this one (see SkeletonFactory)
         build.keep(skeleton)
     return plan
