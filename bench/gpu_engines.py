@@ -147,7 +147,9 @@ def child(row: str, ckpt: str, device: str) -> dict:
         report = result.report
         extra = {"engine": report.engine.get("name"), "stages": {k: round(v, 3) for k, v in report.stages.items()},
                  "plan_peak_bytes": report.placement.get("peak_bytes_per_device"),
-                 "notes": [n for n in report.notes if n.startswith("engine")]}
+                 "notes": [n for n in report.notes if n.startswith("engine")],
+                 "engine_timings": report.engine.get("timings"), "engine_options": report.engine.get("options"),
+                 "extra_bytes": report.engine.get("extra_bytes")}
     elif method == "instanttensor":
         from instanttensor import safe_open as it_open
         from instanttensor._impl import BackendPolicy

@@ -27,11 +27,14 @@ class EngineContext:
         :class:`~loadstone.PluginHookError` naming the backend's plugin.
     :ivar progress: show a progress bar (a terminal, or the user asked).
     :ivar notes: explanations for the report (use :meth:`note`).
+    :ivar timings: seconds the engine spent on its own steps, for the report's ``engine`` section
+        (``{"read": 0.42, "finish": 0.01}``); like stage times they vary from load to load.
     """
 
     backend: Any
     progress: bool = False
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -152,8 +152,8 @@ class NativeEngine(Engine):
         streamed_s = time.perf_counter() - started - skeleton_s
         finish_loading(model, plan)
         finish_s = time.perf_counter() - started - skeleton_s - streamed_s
-        ctx.note(f"engine loadstone: skeleton {skeleton_s:.3f} s, {total / 2**30:.2f} GiB streamed and converted in "
-                 f"{streamed_s:.3f} s ({total / max(streamed_s, 1e-9) / 1e9:.1f} GB/s), finished in {finish_s:.3f} s")
+        ctx.timings.update(skeleton=round(skeleton_s, 4), stream=round(streamed_s, 4), finish=round(finish_s, 4),
+                           stream_gb_per_s=round(total / max(streamed_s, 1e-9) / 1e9, 2))
         return model
 
     def _items(self, plan: Plan) -> tuple[list[StreamItem], dict[int, Any], dict[str, int]]:

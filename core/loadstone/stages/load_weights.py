@@ -48,6 +48,8 @@ def load_weights(plan: Plan, plugins: PluginManager, report: LoadReport, *, prog
     with plugins.guard(engine, "load_weights", "load"):
         model = engine.component.load(plan, ctx)
     report.notes.extend(ctx.notes)
+    if ctx.timings:
+        report.engine["timings"] = dict(ctx.timings)
     with plugins.guard(qreg, "load_weights", "finish_model"):
         report.notes.extend(qreg.component.finish_model(model, plan.quantization))
     plan.quantization.state = {}
