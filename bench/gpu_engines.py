@@ -39,12 +39,11 @@ ROWS = {
     "transformers_bf16": ("transformers", "bf16", None),
     "loadstone_transformers_bf16": ("loadstone", "bf16", "transformers"),
     "loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
-    "loadstone_native_bf16_r8": ("loadstone", "bf16", "loadstone:readers=8"),
-    "loadstone_native_bf16_r12": ("loadstone", "bf16", "loadstone:readers=12"),
-    "loadstone_native_bf16_c16": ("loadstone", "bf16", "loadstone:chunk_bytes=16MiB"),
-    "loadstone_native_bf16_r8c16": ("loadstone", "bf16", "loadstone:readers=8,chunk_bytes=16MiB"),
-    "loadstone_native_bf16_it": ("loadstone", "bf16", "loadstone:reader=instanttensor"),
-    "loadstone_native_nf4_it": ("loadstone", "nf4", "loadstone:reader=instanttensor"),
+    "loadstone_native_bf16_pread": ("loadstone", "bf16", "loadstone:reader=pread"),
+    "loadstone_native_nf4_pread": ("loadstone", "nf4", "loadstone:reader=pread"),
+    "loadstone_native_bf16_r12": ("loadstone", "bf16", "loadstone:reader=pread,readers=12"),
+    "loadstone_native_bf16_c16": ("loadstone", "bf16", "loadstone:reader=pread,chunk_bytes=16MiB"),
+    "loadstone_native_bf16_r16": ("loadstone", "bf16", "loadstone:reader=pread,readers=16"),
     "instanttensor_buffered": ("raw", "instanttensor", None),
     "safetensors_load_file": ("raw", "safetensors", None),
     "transformers_nf4": ("transformers", "nf4", None),
@@ -60,6 +59,12 @@ ROWS = {
     "cold_transformers_bf16": ("transformers", "bf16", None),
     "cold_loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
 }
+# the rows a plain run measures (the others are tuning variants: --rows picks any)
+DEFAULT_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "loadstone_native_bf16_pread",
+                "instanttensor_buffered", "safetensors_load_file", "transformers_nf4", "loadstone_native_nf4",
+                "loadstone_native_nf4_pread", "loadstone_transformers_nf4", "transformers_int8", "loadstone_native_int8",
+                "e2e_transformers_bf16", "e2e_loadstone_bf16", "e2e_transformers_nf4", "e2e_loadstone_nf4",
+                "cold_disk_read", "cold_transformers_bf16", "cold_loadstone_native_bf16"]
 BASELINE = {"bf16": "transformers_bf16", "nf4": "transformers_nf4", "int8": "transformers_int8"}
 SMALL_CKPT = "/tmp/loadstone-bench-engines-small"
 
@@ -221,7 +226,7 @@ def main() -> None:
         return
     out = sys.argv[1]
     small = "--small" in sys.argv
-    rows = list(ROWS)
+    rows = list(DEFAULT_ROWS)
     if "--rows" in sys.argv:
         rows = sys.argv[sys.argv.index("--rows") + 1].split(",")
     if small:
