@@ -1,10 +1,11 @@
 """Engines side by side: plain transformers, loadstone's transformers engine, loadstone's native
 streaming engine, and raw-tensor readers, in one run, each load in its own process.
 
-    python3 bench/gpu_engines.py OUTDIR [--rows ROW,ROW...] [--small]
+    python3 bench/gpu_engines.py OUTDIR [--rows ROW,ROW...] [--cpu | --small]
 
 GPU (default): the 8B Llama-shaped bf16 checkpoint of shared/anchors (4 shards, 16.06 GB) onto
-cuda:0. ``--small``: a tiny Llama on the CPU, to check the script anywhere. PYTHONPATH must reach
+cuda:0. ``--cpu``: a 1.5 GB Llama-shaped bf16 checkpoint (2 shards) onto the CPU, the rows that
+make sense there. ``--small``: a tiny Llama on the CPU, to check the script anywhere. PYTHONPATH must reach
 loadstone (core/) and loadstone-bnb (plugins/loadstone-bnb) plus bitsandbytes (and instanttensor
 for its rows); nothing needs to be pip-installed.
 
@@ -67,6 +68,12 @@ DEFAULT_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_n
                 "cold_disk_read", "cold_transformers_bf16", "cold_loadstone_native_bf16"]
 BASELINE = {"bf16": "transformers_bf16", "nf4": "transformers_nf4", "int8": "transformers_int8"}
 SMALL_CKPT = "/tmp/loadstone-bench-engines-small"
+CPU_CKPT = "/tmp/loadstone-bench-engines-cpu"
+CPU_SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
+                 num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+CPU_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "safetensors_load_file",
+            "e2e_transformers_bf16", "e2e_loadstone_bf16", "cold_disk_read", "cold_transformers_bf16",
+            "cold_loadstone_native_bf16"]
 
 
 def files_of(ckpt: str) -> list[str]:
@@ -88,6 +95,18 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_checkpoint() -> str:
+    """1.5 GB of bf16 weights: big enough that reading, not Python, decides the time."""
+    if not os.path.exists(os.path.join(CPU_CKPT, "model.safetensors.index.json")):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**CPU_SHAPE, dtype="bfloat16")).to(torch.bfloat16)
+        model.save_pretrained(CPU_CKPT, max_shard_size="800MB")
+    return CPU_CKPT
 
 
 def drop_page_cache() -> bool:
@@ -225,14 +244,14 @@ def main() -> None:
         print(json.dumps(child(sys.argv[2], sys.argv[3], sys.argv[4])), flush=True)
         return
     out = sys.argv[1]
-    small = "--small" in sys.argv
-    rows = list(DEFAULT_ROWS)
+    small, cpu = "--small" in sys.argv, "--cpu" in sys.argv
+    rows = list(CPU_ROWS if cpu else DEFAULT_ROWS)
     if "--rows" in sys.argv:
         rows = sys.argv[sys.argv.index("--rows") + 1].split(",")
-    if small:
-        rows = [r for r in rows if ROWS[r][1] not in ("instanttensor",) and not r.startswith("cold_")]
-    ckpt = small_checkpoint() if small else make_checkpoint(False)
-    device = "cpu" if small else "cuda:0"
+    if small or cpu:
+        rows = [r for r in rows if ROWS[r][1] != "instanttensor" and not (small and r.startswith("cold_"))]
+    ckpt = small_checkpoint() if small else cpu_checkpoint() if cpu else make_checkpoint(False)
+    device = "cpu" if small or cpu else "cuda:0"
     for path in files_of(ckpt):  # warm the page cache once, for every warm row alike
         with open(path, "rb", buffering=0) as fh:
             while fh.read(64 << 20):
@@ -257,7 +276,7 @@ def main() -> None:
             "python": platform.python_version(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "checkpoint": ckpt, "checkpoint_bytes": sum(os.path.getsize(p) for p in files_of(ckpt)),
-            "command": "python3 bench/gpu_engines.py OUTDIR" + (" --small" if small else "")}
+            "command": "python3 bench/gpu_engines.py OUTDIR" + (" --small" if small else " --cpu" if cpu else "")}
     for lib in ("transformers", "bitsandbytes", "peft", "accelerate", "safetensors", "instanttensor"):
         try:
             from importlib.metadata import version
@@ -266,7 +285,7 @@ def main() -> None:
         except Exception:  # not installed here
             meta[lib] = None
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "gpu_engines.json"), "w") as fh:
+    with open(os.path.join(out, "cpu_engines.json" if cpu else "gpu_engines.json"), "w") as fh:
         json.dump({"meta": meta, "rows": results}, fh, indent=1)
     print(f"\n{'row':34} {'wall s':>7} {'GB/s':>6} {'RSS GiB':>8} {'GPU GiB':>8} {'x transf.':>9}")
     for r in results:
