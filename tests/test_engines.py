@@ -186,3 +186,32 @@ def test_native_reads_refuse_a_file_truncated_mid_load(tiny_checkpoint, tmp_path
         with pytest.raises(loadstone.CheckpointError) as info:
             reader.read(last)
     assert "truncated during the load" in info.value.message
+
+
+def test_engine_options_are_checked_and_the_reader_settled_at_plan_time(tiny_checkpoint):
+    folder = str(tiny_checkpoint("llama"))
+    plan = loadstone.plan(folder, placement="cpu", engine_options={"readers": 3, "chunk_bytes": "2MiB"})
+    assert plan.engine_options == {"readers": 3, "chunk_bytes": 2 << 20, "reader": "pread"}  # auto: CPU -> pread
+    assert plan.report.engine["options"] == plan.engine_options and "extra_bytes" not in plan.report.engine
+    result = loadstone.load(folder, placement="cpu", engine_options={"readers": 3}, progress=False)
+    assert any("3 pread reader threads" in n for n in result.report.notes)
+    assert set(result.report.engine["timings"]) == {"skeleton", "stream", "finish", "stream_gb_per_s"}
+    for options, field in [({"readers": 0}, "engine option readers"), ({"chunk_bytes": "1KB"}, "engine option chunk_bytes"),
+                           ({"reader": "mmap"}, "engine option reader"), ({"turbo": True}, "engine options"),
+                           ({"reader": "instanttensor"}, "engine option reader")]:
+        with pytest.raises(loadstone.OptionError) as info:
+            loadstone.plan(folder, placement="cpu", engine_options=options)
+        assert info.value.field == field, options
+    with pytest.raises(loadstone.OptionError):  # the transformers engine takes no options
+        loadstone.plan(folder, placement="cpu", engine="transformers", engine_options={"readers": 2})
+
+
+@pytest.mark.parametrize("chunk", ["1MiB", "3MiB"])
+def test_chunked_reads_reassemble_every_tensor(tiny_checkpoint, tmp_path, same_weights, chunk):
+    """Tensors larger than a chunk are read in pieces by several threads; the pieces must land in
+    the right places (a 1 MiB chunk splits this model's embeddings and MLP weights)."""
+    folder = str(tiny_checkpoint("llama", hidden_size=256, intermediate_size=1024, vocab_size=2048))
+    native = loadstone.load(folder, placement="cpu", engine_options={"chunk_bytes": chunk, "readers": 4},
+                            progress=False)
+    reference = loadstone.load(folder, placement="cpu", engine="transformers", progress=False)
+    same_weights(native.model, reference.model)
