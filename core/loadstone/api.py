@@ -88,15 +88,10 @@ def load(reference: Any, *, plugins: PluginManager | None = None, weight_loader:
         from .legacy import loader_engine
 
         engine = loader_engine(weight_loader)
-    model, report, the_plan = pipeline.load(request, plugins, engine=engine)
-    result = LoadResult(model, report, the_plan)
-    try:
-        plugins.call("loadstone_after_load", "report", result=result)
-    except BaseException as exc:
-        from .faults import release_failed_load
 
-        result = model = None
-        release_failed_load(exc)
-        plugins.call("loadstone_load_failed", "report", request=request, stage="report", error=exc)
-        raise
-    return result
+    def finish(model: Any, report: LoadReport, the_plan: Plan) -> LoadResult:
+        result = LoadResult(model, report, the_plan)
+        plugins.call("loadstone_after_load", "report", result=result)
+        return result
+
+    return pipeline.load(request, plugins, engine=engine, finish=finish)

@@ -1,26 +1,38 @@
-"""What a failed or interrupted load leaves behind: nothing.
+"""What a failed or interrupted load leaves behind: nothing, and nothing of anyone else's is lost.
 
-Two leaks survive a plain ``except`` block:
+Three leaks survive a plain ``except`` block:
 
 * the exception's traceback keeps the frames of every function it passed through, and their
   locals (the half-loaded model inside ``from_pretrained``, the model argument of a plugin hook)
   stay alive for as long as the caller holds the exception; a caller that catches an
   out-of-memory error to retry with 4-bit quantization would run out of memory again;
-* disk offload writes weight files into the offload folder while loading, and an interrupted
-  load would leave them there.
+* disk offload writes weight files while loading, and a failed or interrupted load would leave
+  them behind. Each load therefore writes into a folder of its own inside ``offload_folder``
+  (:func:`offload_workspace`), and removes that folder, and nothing else, when it fails: the
+  offload folder may be shared (``/tmp``, another load offloading there at the same time);
+* a full disk during offload surfaces from safetensors as an untyped error
+  (:func:`offload_disk_full` makes it a :class:`~loadstone.PlacementError`).
+
+Signals that end the process (SIGTERM from SLURM, docker or ``timeout``) are turned into the
+same unwinding by :mod:`loadstone.termination`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import traceback
+import weakref
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from .contract.errors import PlacementError
 
 # transformers 5 builds models under process-wide patches: ``from_pretrained`` replaces
 # ``PreTrainedModel.tie_weights`` and torch's init functions with no-ops and restores them
@@ -53,29 +65,133 @@ def release_failed_load(exc: BaseException, *, allocated: bool = True) -> None:
         torch.cuda.empty_cache()
 
 
-def _listing(folder: Path) -> set[Path]:
-    return {Path(root) / name for root, dirs, files in os.walk(folder) for name in files + dirs}
+WORKSPACE_PREFIX = "loadstone-offload-"
+
+# Every offload workspace this process still owns: a load in progress, or a loaded model's. The
+# termination handler removes them all before the process ends (see loadstone.termination).
+_LIVE: dict[Path, tuple[Path, ...]] = {}  # workspace -> the folders its load created above it
+_LIVE_LOCK = threading.Lock()
+
+
+def _remove_workspace(path: Path, owner_pid: int, created: tuple[Path, ...] = ()) -> None:
+    """Remove ``path``, then the folders in ``created`` (deepest last in the tuple) that are empty."""
+    # A forked child inherits the finalizers of its parent's models; the files are the parent's.
+    if os.getpid() != owner_pid:
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    with _LIVE_LOCK:
+        _LIVE.pop(path, None)
+    for made in reversed(created):  # deepest first; a folder another load still uses stays
+        with contextlib.suppress(OSError):
+            made.rmdir()
+
+
+def remove_every_workspace() -> None:
+    """Remove every offload workspace of this process (it is about to end)."""
+    with _LIVE_LOCK:
+        live = list(_LIVE.items())
+    for path, created in live:
+        _remove_workspace(path, os.getpid(), created)
+
+
+class OffloadWorkspace:
+    """The folder one load writes its offloaded weights into: ``<offload_folder>/loadstone-offload-<pid>-<random>``.
+
+    Created with mode 0700 (offloaded weights in a shared folder are readable by their owner
+    only). :meth:`remove` deletes it, and the folders the load created above it if they are
+    empty; :meth:`keep_for` keeps it while a loaded model needs it and removes it when that model
+    is garbage-collected or the process exits normally.
+    """
+
+    def __init__(self, root: Path, path: Path, created: list[Path]):
+        self.root, self.path, self._created = root, path, tuple(created)
+
+    @classmethod
+    def create(cls, folder: str | os.PathLike) -> "OffloadWorkspace":
+        root = Path(os.path.abspath(os.fspath(folder)))  # the offload index stores these paths; cwd may change
+        created: list[Path] = []
+        try:
+            for parent in reversed([root, *root.parents]):
+                if parent.is_dir():
+                    continue
+                try:
+                    parent.mkdir()
+                    created.append(parent)  # ours to remove if it stays empty
+                except FileExistsError:  # another load made it meanwhile, or it is not a folder
+                    if not parent.is_dir():
+                        raise
+            path = Path(tempfile.mkdtemp(prefix=f"{WORKSPACE_PREFIX}{os.getpid()}-", dir=root))
+        except OSError as exc:
+            for made in reversed(created):
+                with contextlib.suppress(OSError):
+                    made.rmdir()
+            raise PlacementError(
+                f"the offload folder {root} cannot be used: {exc.strerror or exc}.", file=exc.filename or root,
+                field="offload_folder", expected="a folder this process can create and write to",
+                found=type(exc).__name__, fix="pass another offload_folder (CLI: --offload-folder), on a disk with "
+                "room for the offloaded weights") from None
+        with _LIVE_LOCK:
+            _LIVE[path] = tuple(created)
+        return cls(root, path, created)
+
+    def remove(self) -> None:
+        _remove_workspace(self.path, os.getpid(), self._created)
+
+    def keep_for(self, model: Any) -> bool:
+        """Keep the files while ``model`` lives (``True``); an empty workspace (nothing was
+        re-saved: the offloaded weights are read from the checkpoint itself) is removed at once
+        (``False``). A failure after this call still removes the workspace."""
+        if not any(self.path.iterdir()):
+            self.remove()
+            return False
+        weakref.finalize(model, _remove_workspace, self.path, os.getpid(), self._created)
+        return True
 
 
 @contextlib.contextmanager
-def offload_guard(folder: str | os.PathLike | None) -> Iterator[None]:
-    """On failure, remove what the load wrote into ``folder`` (and ``folder`` itself if the load
-    created it); files that were there before are never touched."""
-    if folder is None:
-        yield
+def offload_workspace(folder: str | os.PathLike | None, needed: bool) -> Iterator[OffloadWorkspace | None]:
+    """This load's own offload folder (``None`` when the plan puts nothing on disk); removed,
+    with whatever the load wrote into it, if the block fails or is interrupted."""
+    if folder is None or not needed:
+        yield None
         return
-    root = Path(folder)
-    existed = root.exists()
-    before = _listing(root) if existed else set()
+    workspace = OffloadWorkspace.create(folder)
     try:
-        yield
+        yield workspace
     except BaseException:
-        if not existed:
-            shutil.rmtree(root, ignore_errors=True)
-        elif root.is_dir():
-            for path in sorted(_listing(root) - before, key=lambda p: len(p.parts), reverse=True):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+        workspace.remove()
         raise
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return True
+    # safetensors (Rust) reports I/O errors as text: "I/O error: No space left on device (os error 28)"
+    return type(exc).__name__ == "SafetensorError" and any(f"(os error {code})" in str(exc) for code in _FULL)
+
+
+def offload_disk_full(exc: BaseException, workspace: OffloadWorkspace | None,
+                      needed: int | None = None) -> PlacementError | None:
+    """The typed error for an offload that ran out of disk space (or quota); ``None`` when ``exc``
+    (or an exception it was raised from) is not that."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen and not _is_disk_full(cause):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or id(cause) in seen or workspace is None:
+        return None
+    try:
+        free = f"{shutil.disk_usage(workspace.root).free} bytes free"
+    except OSError:
+        free = "unknown free space"
+    return PlacementError(
+        f"the disk holding the offload folder {workspace.root} filled up while offloading weights: "
+        f"{cause}. The files this load wrote there were removed.", file=workspace.root, field="offload_folder",
+        expected=f"room for the {needed} bytes placed on 'disk'" if needed else "room for the weights placed on 'disk'",
+        found=free,
+        fix="free space there, pass an offload_folder on a bigger disk (CLI: --offload-folder), or give the CPU "
+            "more memory (max_memory) so less goes to disk")

@@ -4,7 +4,7 @@ policy: hooks hear about every failure, and a failed load releases what it alloc
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 from .contract.errors import PlacementError
@@ -12,7 +12,7 @@ from .contract.plan import Plan
 from .contract.records import Registration, RequestChange
 from .contract.report import Decision, LoadReport
 from .contract.request import LoadRequest
-from .faults import offload_guard, release_failed_load
+from .faults import offload_workspace, release_failed_load
 from .plugins import PluginManager
 from .stages.adapters import attach_adapters
 from .stages.inspect import inspect
@@ -21,7 +21,8 @@ from .stages.plan import plan_load
 from .stages.prepare import prepare
 from .stages.report import count_parameters
 from .stages.resolve import resolve_sources
-from .telemetry import RssSampler, StageClock, device_peaks, reset_device_peaks
+from .telemetry import RssSampler, StageClock, current_rss, device_peaks, reset_device_peaks
+from .termination import TerminatedBySignal, signals_unwind_the_load
 
 
 def run_plan(request: LoadRequest, plugins: PluginManager, clock: StageClock, kind: str,
@@ -62,14 +63,25 @@ def plan(request: LoadRequest, plugins: PluginManager) -> Plan:
         raise
 
 
-def load(request: LoadRequest, plugins: PluginManager,
-         engine: Registration | None = None) -> tuple[Any, LoadReport, Plan]:
-    """Every stage; ``engine`` overrides the plan's engine choice (the deprecated ``weight_loader``)."""
+def load(request: LoadRequest, plugins: PluginManager, engine: Registration | None = None,
+         finish: Callable[[Any, LoadReport, Plan], Any] | None = None) -> Any:
+    """Every stage; ``engine`` overrides the plan's engine choice (the deprecated ``weight_loader``).
+
+    Returns ``finish(model, report, plan)`` (default: that tuple); ``finish`` runs inside the
+    load, so its failure (a ``loadstone_after_load`` hook) is a failed load like any other.
+    Signals that end the process unwind the load first (see :mod:`loadstone.termination`).
+    """
+    with signals_unwind_the_load():
+        return _load(request, plugins, engine, finish or (lambda *done: done))
+
+
+def _load(request: LoadRequest, plugins: PluginManager, engine: Registration | None,
+          finish: Callable[[Any, LoadReport, Plan], Any]) -> Any:
     clock = StageClock()
     model = None
     reset_device_peaks()
     try:
-        with RssSampler() as rss, offload_guard(request.offload_folder):
+        with RssSampler() as rss:
             changes = plugins.call("loadstone_before_load", "before_load", request=request)
             request.validate()
             the_plan = run_plan(request, plugins, clock, "load", changes, engine)
@@ -79,24 +91,31 @@ def load(request: LoadRequest, plugins: PluginManager,
                                      fix=the_plan.advice[0] if the_plan.advice else None)
             report = the_plan.report
             progress = request.progress if request.progress is not None else sys.stderr.isatty()
-            with clock.stage("load_weights"):
-                model = load_weights(the_plan, plugins, report, progress=progress)
-            plugins.call("loadstone_model_loaded", "load_weights", model=model, plan=the_plan, request=request)
-            with clock.stage("prepare"):
-                report.training = {"trainable": request.trainable, "notes": prepare(model, the_plan, plugins)}
-            with clock.stage("adapters"):
-                if the_plan.sources.adapters:
-                    model, report.adapters = attach_adapters(model, the_plan.sources.adapters, request)
-            with clock.stage("report"):
-                report.parameters = count_parameters(model)
-        report.stages = dict(clock.timings)
-        report.memory = {"peak_host_rss_bytes": rss.peak, "peak_device_bytes": device_peaks()}
-        return model, report, the_plan
+            on_disk = "disk" in the_plan.bytes_per_device
+            with offload_workspace(request.offload_folder, on_disk) as offload:
+                with clock.stage("load_weights"):
+                    model = base = load_weights(the_plan, plugins, report, progress=progress, offload=offload)
+                plugins.call("loadstone_model_loaded", "load_weights", model=model, plan=the_plan, request=request)
+                with clock.stage("prepare"):
+                    report.training = {"trainable": request.trainable, "notes": prepare(model, the_plan, plugins)}
+                with clock.stage("adapters"):
+                    if the_plan.sources.adapters:
+                        model, report.adapters = attach_adapters(model, the_plan.sources.adapters, request)
+                with clock.stage("report"):
+                    report.parameters = count_parameters(model)
+                    if offload is not None and offload.keep_for(base):
+                        report.placement["offload_workspace"] = str(offload.path)
+                report.stages = dict(clock.timings)
+                report.memory = {"peak_host_rss_bytes": max(rss.peak, current_rss()),
+                                 "peak_device_bytes": device_peaks()}
+                result = finish(model, report, the_plan)
+        return result
     except BaseException as exc:
-        # Release what this load allocated before the error reaches the caller (see faults.py).
+        # Release what this load allocated before the error reaches the caller (see faults.py); a
+        # process about to end by a signal skips the garbage collection (seconds in a big process).
         allocated = model is not None or clock.current in ("load_weights", "prepare", "adapters", "report")
-        model = None
-        release_failed_load(exc, allocated=allocated)
+        model = base = result = None
+        release_failed_load(exc, allocated=allocated and not isinstance(exc, TerminatedBySignal))
         stage = clock.current or "before_load"
         plugins.call("loadstone_load_failed", stage, request=request, stage=stage, error=exc)
         raise

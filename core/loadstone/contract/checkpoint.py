@@ -5,9 +5,12 @@ folder's inventory (:class:`CheckpointInventory`), and a header fetched without 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,24 @@ class CheckpointInventory:
     #: file that changed since (the plan would no longer describe it)
     file_stats: dict[Path, tuple[int, int]] = field(default_factory=dict)
 
+    def changed_file(self, moment: str) -> CheckpointError | None:
+        """The first weight file whose size or mtime differs from ``file_stats`` (or that is gone),
+        as the error to raise; ``None`` when every recorded file is as the plan read it.
+
+        ``moment`` completes the message: ``"before loading"``, ``"during the load"``.
+        """
+        for path, (size, mtime_ns) in self.file_stats.items():
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                return CheckpointError(
+                    f"{path.name} disappeared {moment}: {exc.strerror or exc}.", file=path, field="file",
+                    expected=f"the {size}-byte file the plan read", found="no readable file",
+                    fix="do not move, delete or rewrite a checkpoint while it loads; load again once it is back")
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                return changed_file_error(path, (size, mtime_ns), (st.st_size, st.st_mtime_ns), moment)
+        return None
+
     @property
     def headers(self) -> str:
         """``"remote"`` when the weight headers were fetched without the files, else ``"local"``."""
@@ -99,3 +120,15 @@ class CheckpointInventory:
             "bytes": self.total_bytes, "index": self.index_file.name if self.index_file else None,
             "headers": self.headers,
         }
+
+
+def changed_file_error(path: Path, expected: tuple[int, int], found: tuple[int, int], moment: str) -> CheckpointError:
+    """A weight file is not the one the plan read its header from: truncated, grown or rewritten."""
+    (size, mtime), (now_size, now_mtime) = expected, found
+    what = ("truncated" if now_size < size else "grown" if now_size > size else "rewritten (same size, new mtime)")
+    return CheckpointError(
+        f"{path.name} changed {moment}: it was {what} after the plan read its header, so the plan no longer "
+        f"describes it.", file=path, field="file size and mtime",
+        expected=f"{size} bytes, mtime {mtime} ns (as planned)", found=f"{now_size} bytes, mtime {now_mtime} ns",
+        fix="do not rewrite a checkpoint while it loads (a copy, download or save still running?); load again "
+            "once it has finished")

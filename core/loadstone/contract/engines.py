@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,12 +30,17 @@ class EngineContext:
     :ivar notes: explanations for the report (use :meth:`note`).
     :ivar timings: seconds the engine spent on its own steps, for the report's ``engine`` section
         (``{"read": 0.42, "finish": 0.01}``); like stage times they vary from load to load.
+    :ivar offload_folder: where this load may write weights placed on ``"disk"``: a fresh folder
+        of its own inside the request's ``offload_folder``, which the kernel removes if the load
+        fails or is interrupted and keeps while the loaded model lives; ``None`` when the plan
+        puts nothing on disk. Write nowhere else.
     """
 
     backend: Any
     progress: bool = False
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    offload_folder: Path | None = None
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..contract.checkpoint import CheckpointInventory, TensorInfo
+from ..contract.checkpoint import CheckpointInventory, TensorInfo, changed_file_error
 from ..contract.errors import CheckpointError
 from ..safetensors_header import TORCH_DTYPE_NAMES
 
@@ -61,11 +61,7 @@ class SafetensorsReader:
             expected = self.inventory.file_stats.get(path)
             if expected is not None and (st.st_size, st.st_mtime_ns) != expected:
                 os.close(fd)
-                raise CheckpointError(
-                    f"{path.name} changed since its header was read (size {expected[0]} -> {st.st_size} bytes, "
-                    f"modified again): the plan no longer describes it.", file=path, field="file size and mtime",
-                    expected=f"{expected[0]} bytes, unchanged", found=f"{st.st_size} bytes",
-                    fix="do not rewrite a checkpoint while it loads; load again once the copy or download finished")
+                raise changed_file_error(path, expected, (st.st_size, st.st_mtime_ns), "before it was read")
             opened = (fd, 8 + header_len)
             self._files[path] = opened
             return opened

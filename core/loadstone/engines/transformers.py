@@ -30,6 +30,34 @@ def transformers_progress(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
+@contextlib.contextmanager
+def safetensors_read_not_mapped() -> Iterator[None]:
+    """``from_pretrained`` reads safetensors with ``pread`` instead of through a memory map.
+
+    A file truncated while mapped kills the process with SIGBUS at the next read of a lost page;
+    ``pread`` returns short instead, which safetensors raises as an error and the kernel reports as
+    a :class:`~loadstone.CheckpointError` naming the file. transformers itself chooses safetensors'
+    ``pread`` backend on MPS and Windows; here it is chosen everywhere, for the duration of the
+    call (under ``TRANSFORMERS_GLOBAL_STATE``). If transformers stops opening files through
+    ``modeling_utils.safe_open``, files are mapped again (docs/validation.md says what then remains).
+    """
+    import transformers.modeling_utils as modeling_utils
+
+    mapped_open = getattr(modeling_utils, "safe_open", None)
+    if mapped_open is None:
+        yield
+        return
+
+    def read_with_pread(filename: Any, framework: str, device: Any = "cpu", **kwargs: Any) -> Any:
+        return mapped_open(filename, framework, device=device, **{**kwargs, "backend": "pread"})
+
+    modeling_utils.safe_open = read_with_pread
+    try:
+        yield
+    finally:
+        modeling_utils.safe_open = mapped_open
+
+
 class TransformersEngine(Engine):
     name = "transformers"
     preference = 900
@@ -53,7 +81,9 @@ class TransformersEngine(Engine):
                         f"packed tensors as plain weights)"]
         return []
 
-    def kwargs(self, plan: Plan) -> dict[str, Any]:
+    def kwargs(self, plan: Plan, offload_folder: Any = None) -> dict[str, Any]:
+        """The keyword arguments for ``from_pretrained``; ``offload_folder`` is this load's own
+        (``EngineContext.offload_folder``), else the request's."""
         request = plan.request
         kwargs: dict[str, Any] = {
             "config": copy.deepcopy(plan.config),
@@ -67,8 +97,8 @@ class TransformersEngine(Engine):
         }
         if plan.quantization_config is not None:
             kwargs["quantization_config"] = plan.quantization_config
-        if request.offload_folder:
-            kwargs["offload_folder"] = request.offload_folder
+        if offload_folder or request.offload_folder:
+            kwargs["offload_folder"] = str(offload_folder or request.offload_folder)
         if request.attn_implementation:
             kwargs["attn_implementation"] = request.attn_implementation
         return kwargs
@@ -76,9 +106,9 @@ class TransformersEngine(Engine):
     def load(self, plan: Plan, ctx: EngineContext) -> Any:
         from ..faults import TRANSFORMERS_GLOBAL_STATE
 
-        kwargs = self.kwargs(plan)
-        # The lock: from_pretrained patches process-wide state (see faults.py).
-        with TRANSFORMERS_GLOBAL_STATE, transformers_progress(ctx.progress):
+        kwargs = self.kwargs(plan, ctx.offload_folder)
+        # The lock: from_pretrained patches process-wide state (see faults.py), and so do we.
+        with TRANSFORMERS_GLOBAL_STATE, transformers_progress(ctx.progress), safetensors_read_not_mapped():
             try:
                 model, info = plan.auto_class.from_pretrained(str(plan.sources.base.path), **kwargs)
             except LoadstoneError:

@@ -17,6 +17,7 @@ from ..contract.plan import Plan
 from ..contract.records import Registration
 from ..contract.report import LoadReport
 from ..contract.units import device_label, normalize_device
+from ..faults import OffloadWorkspace, offload_disk_full
 from ..plugins import PluginManager
 
 _SHOW = 6
@@ -40,13 +41,26 @@ class GuardedComponent:
         return call
 
 
-def load_weights(plan: Plan, plugins: PluginManager, report: LoadReport, *, progress: bool) -> Any:
+def load_weights(plan: Plan, plugins: PluginManager, report: LoadReport, *, progress: bool,
+                 offload: OffloadWorkspace | None = None) -> Any:
     qreg, engine = plan.quantization_backend, plan.engine
     assert engine is not None, "the plan stage chooses an engine"
     plan.quantization.state = {}
-    ctx = EngineContext(GuardedComponent(qreg, plugins, "load_weights"), progress=progress)
-    with plugins.guard(engine, "load_weights", "load"):
-        model = engine.component.load(plan, ctx)
+    ctx = EngineContext(GuardedComponent(qreg, plugins, "load_weights"), progress=progress,
+                        offload_folder=offload.path if offload is not None else None)
+    # The plan was made from these files' headers; an engine must not read others (whatever it
+    # reads through, a file truncated under a memory map would end the process with SIGBUS).
+    _refuse_changed_files(plan, "between the plan and the load")
+    try:
+        with plugins.guard(engine, "load_weights", "load"):
+            model = engine.component.load(plan, ctx)
+    except Exception as exc:
+        # Whatever the engine's error says, a file that changed meanwhile is the cause to report.
+        typed = plan.inventory.changed_file("during the load") or offload_disk_full(exc, offload, plan.bytes_per_device.get("disk"))
+        if typed is None:
+            raise
+        raise typed from exc
+    _refuse_changed_files(plan, "during the load")
     report.notes.extend(ctx.notes)
     if ctx.timings:
         report.engine["timings"] = dict(ctx.timings)
@@ -55,6 +69,12 @@ def load_weights(plan: Plan, plugins: PluginManager, report: LoadReport, *, prog
     plan.quantization.state = {}
     check_loaded_model(model, plan)
     return model
+
+
+def _refuse_changed_files(plan: Plan, moment: str) -> None:
+    changed = plan.inventory.changed_file(moment)
+    if changed is not None:
+        raise changed
 
 
 def _offloaded(model: Any, name: str) -> bool:

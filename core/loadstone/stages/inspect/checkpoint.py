@@ -107,11 +107,9 @@ class _HeaderSource:
         remote = self.remote.get(path)
         if remote is None:
             found = read_safetensors_header(path)
-            try:
-                st = path.stat()
-                self.stats[path] = (st.st_size, st.st_mtime_ns)
-            except OSError:  # gone since the header was read: the reader will say so
-                pass
+            stats = _stat(path)
+            if stats is not None:  # else gone since the header was read: the load will say so
+                self.stats[path] = stats
             return found
         self.remote_sizes[path] = remote.size
         return remote_safetensors_header(path, remote)
@@ -159,8 +157,11 @@ def inspect_checkpoint(folder: Path, *, allow_pickle: bool = False,
                 raise CheckpointError(f"shard {f.name} named by {found.name} is missing.", file=f, field="weight_map",
                                       expected="every shard listed in the index", found="no such file",
                                       fix="finish the download (or re-save the checkpoint)")
+            stats = _stat(f)
             tensors.update(_pickle_tensors(f))
-        return CheckpointInventory(folder, "pickle", files, tensors, index)
+            if stats is not None:
+                source.stats[f] = stats
+        return CheckpointInventory(folder, "pickle", files, tensors, index, file_stats=dict(source.stats))
     raise CheckpointError(
         f"{folder} holds no weights.", file=folder, field="weight files",
         expected=f"{SAFE_SINGLE} or {SAFE_INDEX} (or pytorch_model.bin with allow_pickle=True)",
@@ -201,6 +202,15 @@ def _inspect_sharded(folder: Path, index: Path, source: _HeaderSource) -> Checkp
                 field=f"weight_map[{tname!r}]", expected=f"{tname} in {shard}", found=where,
                 fix="regenerate the index (or re-download the shard)")
     return source.inventory(folder, [shards[n] for n in sorted(shards)], tensors, index, metadata)
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    """``(size, mtime_ns)``, what a load compares to see whether the file changed since the plan."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _is_file(path: Path) -> bool:

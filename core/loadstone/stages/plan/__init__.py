@@ -34,6 +34,7 @@ from .memory import (
     present_devices,
     tensor_sizes,
 )
+from .offload import check_offload_folder
 from .skeleton import SkeletonFactory
 from .tensormap import build_tensor_map
 
@@ -43,6 +44,7 @@ __all__ = ["plan_load"]
 def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, found: Inspection,
               report: LoadReport, *, loading: bool, engine: Registration | None = None) -> Plan:
     config, inventory = found.config, found.inventory
+    check_offload_folder(request, sources, inventory)
     task, decision = choose_task(request, sources)
     report.decide(decision)
     auto_class = auto_class_for(task, config, sources.base.path)
