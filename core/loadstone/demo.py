@@ -32,15 +32,22 @@ def build_demo_checkpoint(root: Path) -> Path:
     """
     if (root / "adapter" / "adapter_config.json").is_file() and (root / "base" / "config.json").is_file():
         return root / "adapter"
+    from transformers.utils import logging as hf_logging
+
+    from .termination import signals_unwind_the_load
+
+    hf_logging.disable_progress_bar()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (docker, timeout) unwinds the build like Ctrl-C does, so the temporary folder goes too.
+    with signals_unwind_the_load():
+        return _build(root, Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent)))
+
+
+def _build(root: Path, tmp: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
     try:
         torch.manual_seed(0)
         config = LlamaConfig(**DEMO_SHAPE, dtype="bfloat16", tie_word_embeddings=False)

@@ -68,13 +68,14 @@ def release_failed_load(exc: BaseException, *, allocated: bool = True) -> None:
 WORKSPACE_PREFIX = "loadstone-offload-"
 
 # Every offload workspace this process still owns: a load in progress, or a loaded model's. The
-# termination handler removes them all before the process ends (see loadstone.termination).
-_LIVE: dict[Path, tuple[Path, ...]] = {}  # workspace -> the folders its load created above it
+# termination handler removes them all before the process ends (see loadstone.termination). A
+# forked child inherits this table; the owner's pid keeps it off its parent's folders.
+_LIVE: dict[Path, tuple[int, tuple[Path, ...]]] = {}  # workspace -> (owner pid, folders created above it)
 _LIVE_LOCK = threading.Lock()
 
 
 def _remove_workspace(path: Path, owner_pid: int, created: tuple[Path, ...] = ()) -> None:
-    """Remove ``path``, then the folders in ``created`` (deepest last in the tuple) that are empty."""
+    """Remove ``path``, then the folders in ``created`` (outermost first in the tuple) left empty."""
     # A forked child inherits the finalizers of its parent's models; the files are the parent's.
     if os.getpid() != owner_pid:
         return
@@ -87,11 +88,11 @@ def _remove_workspace(path: Path, owner_pid: int, created: tuple[Path, ...] = ()
 
 
 def remove_every_workspace() -> None:
-    """Remove every offload workspace of this process (it is about to end)."""
+    """Remove every offload workspace this process created (it is about to end)."""
     with _LIVE_LOCK:
         live = list(_LIVE.items())
-    for path, created in live:
-        _remove_workspace(path, os.getpid(), created)
+    for path, (owner, created) in live:
+        _remove_workspace(path, owner, created)
 
 
 class OffloadWorkspace:
@@ -105,6 +106,7 @@ class OffloadWorkspace:
 
     def __init__(self, root: Path, path: Path, created: list[Path]):
         self.root, self.path, self._created = root, path, tuple(created)
+        self._owner = os.getpid()
 
     @classmethod
     def create(cls, folder: str | os.PathLike) -> "OffloadWorkspace":
@@ -131,11 +133,11 @@ class OffloadWorkspace:
                 found=type(exc).__name__, fix="pass another offload_folder (CLI: --offload-folder), on a disk with "
                 "room for the offloaded weights") from None
         with _LIVE_LOCK:
-            _LIVE[path] = tuple(created)
+            _LIVE[path] = (os.getpid(), tuple(created))
         return cls(root, path, created)
 
     def remove(self) -> None:
-        _remove_workspace(self.path, os.getpid(), self._created)
+        _remove_workspace(self.path, self._owner, self._created)
 
     def keep_for(self, model: Any) -> bool:
         """Keep the files while ``model`` lives (``True``); an empty workspace (nothing was
@@ -144,7 +146,7 @@ class OffloadWorkspace:
         if not any(self.path.iterdir()):
             self.remove()
             return False
-        weakref.finalize(model, _remove_workspace, self.path, os.getpid(), self._created)
+        weakref.finalize(model, _remove_workspace, self.path, self._owner, self._created)
         return True
 
 

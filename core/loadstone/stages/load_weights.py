@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..contract.engines import EngineContext
-from ..contract.errors import WeightsMismatchError
+from ..contract.errors import CheckpointError, WeightsMismatchError
 from ..contract.placement import map_entry
 from ..contract.plan import Plan
 from ..contract.records import Registration
@@ -55,11 +55,15 @@ def load_weights(plan: Plan, plugins: PluginManager, report: LoadReport, *, prog
         with plugins.guard(engine, "load_weights", "load"):
             model = engine.component.load(plan, ctx)
     except Exception as exc:
-        # Whatever the engine's error says, a file that changed meanwhile is the cause to report.
-        typed = plan.inventory.changed_file("during the load") or offload_disk_full(exc, offload, plan.bytes_per_device.get("disk"))
-        if typed is None:
-            raise
-        raise typed from exc
+        # Whatever the engine's error says (safetensors: "failed to fill whole buffer"), a file that
+        # changed meanwhile is the cause to report, unless the error already names that file.
+        changed = plan.inventory.changed_file("during the load")
+        if changed is not None and not (isinstance(exc, CheckpointError) and exc.file == changed.file):
+            raise changed from exc
+        full = None if changed is not None else offload_disk_full(exc, offload, plan.bytes_per_device.get("disk"))
+        if full is not None:
+            raise full from exc
+        raise
     _refuse_changed_files(plan, "during the load")
     report.notes.extend(ctx.notes)
     if ctx.timings:
