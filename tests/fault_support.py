@@ -57,13 +57,18 @@ class Child:
 
 def fork(target: Callable[..., Any], *args: Any, report: Path) -> Child:
     """Run ``target(*args)`` in a forked child that starts as a plain program would: SIGTERM and
-    SIGHUP at their default action, SIGINT raising KeyboardInterrupt. Whatever ``target``
+    SIGHUP at their default action, SIGINT raising KeyboardInterrupt (torch on one thread). Whatever ``target``
     returns (JSON) or raises is written to ``report``; the child never returns into pytest."""
     pid = os.fork()
     if pid:
         return Child(pid, report)
     code = 0
     try:
+        # GNU OpenMP hangs in a forked child at its first parallel region once the parent has run one
+        # (a forward in an earlier test): the child computes on one thread.
+        import torch
+
+        torch.set_num_threads(1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

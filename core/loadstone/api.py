@@ -69,7 +69,8 @@ def load(reference: Any, *, plugins: PluginManager | None = None, weight_loader:
     :param base: base model reference overriding the adapter's ``base_model_name_or_path``.
     :param task: ``"causal-lm"`` (default), ``"sequence-classification"`` ...
     :param max_memory: budget per device, e.g. ``{"cuda:0": "20GiB", "cpu": "64GiB"}``.
-    :param offload_folder: folder for disk offload (never the checkpoint folder).
+    :param offload_folder: folder for disk offload; the load writes into a folder of its own inside it
+        and removes that if it fails (outside the checkpoint and adapter folders).
     :param engine: ``"auto"`` (default: the native engine where it can run the plan, else
         transformers), ``"loadstone"``, ``"transformers"``, or an engine from a plugin.
     :param plugins: a :class:`PluginManager` (default: discovered from the environment).

@@ -3,7 +3,7 @@
 Not memory-mapped: a file truncated or replaced while a load reads it would kill the process
 with SIGBUS through a mapping; ``pread`` returns short instead, which becomes a
 :class:`~loadstone.CheckpointError` naming the file. Each file is checked against what the plan
-read from its header (size) when it is opened.
+read from its header (size and mtime) when it is opened.
 """
 
 from __future__ import annotations
