@@ -77,13 +77,17 @@ class CheckpointInventory:
     #: file that changed since (the plan would no longer describe it)
     file_stats: dict[Path, tuple[int, int]] = field(default_factory=dict)
 
-    def changed_file(self, moment: str) -> CheckpointError | None:
+    def changed_file(self, moment: str, among: Any = None) -> CheckpointError | None:
         """The first weight file whose size or mtime differs from ``file_stats`` (or that is gone),
         as the error to raise; ``None`` when every recorded file is as the plan read it.
 
-        ``moment`` completes the message: ``"before loading"``, ``"during the load"``.
+        ``moment`` completes the message (``"during the load"``); ``among`` limits the check to
+        those paths.
         """
+        wanted = None if among is None else {Path(p) for p in among}
         for path, (size, mtime_ns) in self.file_stats.items():
+            if wanted is not None and path not in wanted:
+                continue
             try:
                 st = os.stat(path)
             except OSError as exc:

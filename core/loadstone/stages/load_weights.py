@@ -58,7 +58,8 @@ def load_weights(plan: Plan, plugins: PluginManager, report: LoadReport, *, prog
         # Whatever the engine's error says (safetensors: "failed to fill whole buffer"), a file that
         # changed meanwhile is the cause to report, unless the error already names that file.
         changed = plan.inventory.changed_file("during the load")
-        if changed is not None and not (isinstance(exc, CheckpointError) and exc.file == changed.file):
+        named = [exc.file] if isinstance(exc, CheckpointError) and exc.file else []
+        if changed is not None and not (named and plan.inventory.changed_file("during the load", among=named)):
             raise changed from exc
         full = None if changed is not None else offload_disk_full(exc, offload, plan.bytes_per_device.get("disk"))
         if full is not None:
