@@ -166,7 +166,7 @@ def test_native_reads_refuse_a_file_changed_since_the_plan(tiny_checkpoint, tmp_
     plugins = loadstone.PluginManager(allow=[], extra_plugins=[("rewrite", Rewrite())])
     with pytest.raises(loadstone.CheckpointError) as info:
         loadstone.load(str(folder), placement="cpu", engine="loadstone", plugins=plugins, progress=False)
-    assert "changed since its header was read" in info.value.message and info.value.file.endswith(
+    assert "changed between the plan and the load" in info.value.message and info.value.file.endswith(
         "model.safetensors")
 
 
