@@ -74,8 +74,10 @@ def fork(target: Callable[..., Any], *args: Any, report: Path) -> Child:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         outcome: dict[str, Any] = {"returned": target(*args)}
     except BaseException as exc:
+        cause = exc.__cause__
         outcome = {"raised": type(exc).__name__, "message": str(exc), "file": getattr(exc, "file", None),
-                   "field": getattr(exc, "field", None)}
+                   "field": getattr(exc, "field", None),
+                   "cause": f"{type(cause).__name__}: {cause}" if cause is not None else None}
         code = 1
     try:
         report.write_text(json.dumps(outcome))

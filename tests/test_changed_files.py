@@ -94,6 +94,7 @@ def _change_on_first_read(folder: Path, how: str):
     """A torch function mode that damages every shard at the first torch call, once armed, on a
     tensor shaped like a checkpoint matrix: one read from the files (buffers made while the model
     is built are vectors), so the engine has opened its files and is reading them."""
+    import torch
     from torch.overrides import TorchFunctionMode
 
     shards = _shards(folder)
@@ -105,7 +106,7 @@ def _change_on_first_read(folder: Path, how: str):
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if self.armed and not self.done:
-                tensors = [a for a in (*args, *(kwargs or {}).values()) if hasattr(a, "device")]
+                tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
                 if any(t.device.type != "meta" and tuple(t.shape) in read_shapes for t in tensors):
                     self.done = True
                     for shard in shards:
@@ -151,7 +152,10 @@ def _load_while_changing(folder: str, engine: str, how: str) -> dict:
         with _change_at_second_pread(Path(folder), how) as calls:
             loadstone.load(folder, placement="cpu", engine=engine, engine_options={"readers": 1}, progress=False)
         return {"changed": len(calls) >= 2}
-    mode = _change_on_first_read(Path(folder), how)  # from_pretrained reads in the caller's thread
+    # from_pretrained reads in a thread pool unless told not to; in the caller's thread, the torch
+    # mode sees the first tensor read and the reads that follow it meet the damaged files.
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    mode = _change_on_first_read(Path(folder), how)
     plugins = loadstone.PluginManager(extra_plugins=[("arm", Arm(mode))])
     with mode:
         loadstone.load(folder, plugins=plugins, placement="cpu", engine=engine, progress=False)
@@ -161,11 +165,14 @@ def _load_while_changing(folder: str, engine: str, how: str) -> dict:
 def _from_pretrained_while_changing(folder: str, how: str) -> dict:
     from transformers import AutoModelForCausalLM
 
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     mode = _change_on_first_read(Path(folder), how)
     mode.armed = True
     with mode:
-        AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
-    return {"changed": mode.done}
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+    # The weights are the mapped file's pages: the first use of a lost one kills the process
+    # (if the load itself did not touch one already).
+    return {"changed": mode.done, "sum": sum(float(p.sum()) for p in model.parameters())}
 
 
 @pytest.mark.parametrize("how", ["truncated", "rewritten"])
@@ -181,6 +188,8 @@ def test_a_file_changed_while_the_engine_reads_it_is_refused(engine, how, sharde
     assert Path(outcome["file"]).name in outcome["message"]
     if how == "truncated" and engine == "loadstone":  # the reader's own short read names the tensor
         assert "ended while tensor" in outcome["message"] and outcome["field"] == "file size"
+    if how == "truncated" and engine == "transformers":  # safetensors' pread came up short, mid-load
+        assert "failed to fill whole buffer" in outcome["cause"], outcome
     if how == "rewritten":  # no read fails: the native reader sees it as it opens the next shard,
         # the transformers engine (every shard opened up front) in the check after it finished
         moment = "changed before it was read" if engine == "loadstone" else "changed during the load"
