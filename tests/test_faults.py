@@ -53,6 +53,19 @@ class FailAfterLoad(FailAt):
         raise self.error
 
 
+def _settled_rss() -> int:
+    """RSS once freed memory went back to the system: the native engine's reader threads allocate
+    in glibc's per-thread arenas, which keep freed blocks until trimmed."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+    return current_rss()
+
+
 def test_out_of_memory_during_a_load_releases_the_model(tiny_checkpoint):
     import torch
 
@@ -60,18 +73,25 @@ def test_out_of_memory_during_a_load_releases_the_model(tiny_checkpoint):
     warm = loadstone.load(folder, placement="cpu", progress=False)  # imports and allocator caches, once
     model_bytes = sum(p.numel() * p.element_size() for p in warm.model.parameters())
     del warm
-    gc.collect()
-    baseline = current_rss()
 
     oom = FailWhenModelLoaded(torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 2.00 GiB"))
     plugins = loadstone.PluginManager(extra_plugins=[("oom-midway", oom)])
-    with pytest.raises(PluginHookError) as caught:
+    with pytest.raises(PluginHookError):  # the failure path's one-time costs (imports, caches), once
         loadstone.load(folder, plugins=plugins, placement="cpu", progress=False)
-    # The caller still holds the error (as a retry loop would): the model must be gone anyway.
-    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
-    assert caught.value.stage == "load_weights"
-    assert len(oom.models) == 1 and oom.models[0]() is None, "the half-built model is still alive"
-    assert current_rss() - baseline < model_bytes / 2, (baseline, current_rss(), model_bytes)
+    oom.models.clear()
+    baseline = _settled_rss()
+    held = []  # the caller keeps each error, as a retry loop would: the models must be gone anyway
+    for _ in range(2):
+        with pytest.raises(PluginHookError) as caught:
+            loadstone.load(folder, plugins=plugins, placement="cpu", progress=False)
+        held.append(caught.value)
+    assert all(isinstance(error.__cause__, torch.OutOfMemoryError) for error in held)
+    assert held[0].stage == "load_weights"
+    assert len(oom.models) == 2 and all(ref() is None for ref in oom.models), "a half-built model is still alive"
+    # Two kept models would add twice their bytes; allocator noise in a busy test process stays
+    # well under one model's worth.
+    after = _settled_rss()
+    assert after - baseline < model_bytes, (baseline, after, model_bytes)
 
 
 @pytest.mark.parametrize("plugin,stage", [(FailAfterPlan, "plan"), (FailWhenModelLoaded, "load_weights"),
