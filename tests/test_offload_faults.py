@@ -176,11 +176,13 @@ def test_an_offload_folder_among_the_files_the_load_reads_is_refused_at_plan_tim
     assert files_under(watched) == before, "the refused load wrote something"
 
 
-def test_an_offload_folder_that_is_a_file_is_refused(tiny_checkpoint, tmp_path):
-    (tmp_path / "offload").write_text("a file")
+@pytest.mark.parametrize("offload", ["a-file", "a-file/offload"])
+def test_an_offload_folder_that_is_or_lies_below_a_file_is_refused(offload, tiny_checkpoint, tmp_path):
+    (tmp_path / "a-file").write_text("a file")
     with pytest.raises(PlacementError) as caught:
-        loadstone.plan(str(tiny_checkpoint("llama")), placement="cpu", offload_folder=str(tmp_path / "offload"))
+        loadstone.plan(str(tiny_checkpoint("llama")), placement="cpu", offload_folder=str(tmp_path / offload))
     assert caught.value.field == "offload_folder" and caught.value.found == "a file"
+    assert caught.value.file == str(tmp_path / "a-file")
 
 
 # -- a full disk ----------------------------------------------------------------------------------
@@ -257,11 +259,14 @@ def _private_tmpfs(size: str, mount_point: Path) -> list[str] | None:
 
 
 @pytest.mark.slow
-def test_a_really_full_filesystem_during_offload(mixtral, tmp_path):
+@pytest.mark.parametrize("disk,message", [
+    ("300k", "No space left on device"),  # room for one of the two offloaded expert tensors (256 and 128 KiB)
+    ("300k,ro", "Read-only file system"),
+], ids=["full", "read-only"])
+def test_a_real_filesystem_that_refuses_the_offload(disk, message, mixtral, tmp_path):
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    # Room for one of the two offloaded expert tensors (256 KiB and 128 KiB), not for both.
-    prefix = _private_tmpfs("300k", mount_point)
+    prefix = _private_tmpfs(disk, mount_point)
     if prefix is None:
         pytest.skip("this machine allows no tmpfs mount (no root, no user namespaces); "
                     "test_no_space_left_during_offload_... covers the error path")
@@ -270,5 +275,5 @@ def test_a_really_full_filesystem_during_offload(mixtral, tmp_path):
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out.get("error") == "PlacementError", out
-    assert out["field"] == "offload_folder" and "No space left on device" in out["message"], out
-    assert out["left"] == [], "the failed load left files on the full disk"
+    assert out["field"] == "offload_folder" and message in out["message"], out
+    assert out["left"] == [], "the failed load left files on that disk"

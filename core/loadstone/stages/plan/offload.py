@@ -53,8 +53,10 @@ def check_offload_folder(request: LoadRequest, sources: Sources, inventory: Chec
         return
     given = request.offload_folder
     offload = _real(given)
-    if offload.exists() and not offload.is_dir():
-        raise PlacementError(f"the offload folder {given} is a file, not a folder.", file=offload,
+    existing = next(p for p in (offload, *offload.parents) if p.exists())  # "/" exists
+    if not existing.is_dir():
+        where = "is a file" if existing == offload else f"lies below the file {existing}"
+        raise PlacementError(f"the offload folder {given} {where}, not in a folder.", file=existing,
                              field="offload_folder", expected="a folder (it is created if missing)",
                              found="a file", fix="pass another offload_folder (CLI: --offload-folder)")
     for folder, what in protected_folders(sources, inventory):
