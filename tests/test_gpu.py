@@ -102,3 +102,27 @@ def test_native_engine_streams_a_map_over_gpu_and_cpu(tiny_checkpoint):
     ids = torch.arange(12, device="cuda").reshape(1, 12)
     with torch.no_grad():
         assert torch.equal(native.model(ids).logits, reference.model(ids).logits)
+
+
+def test_gpu_and_disk_offload_through_transformers_reads_without_mmap_and_cleans_up(tiny_checkpoint, tmp_path):
+    """The transformers engine (pread backend) with layers on the GPU and on disk: the forward equals
+    a CPU load's, the load's own offload folder holds the re-saved experts and goes with the model."""
+    import gc
+    import os
+
+    folder = str(tiny_checkpoint("mixtral"))
+    on_gpu_and_disk = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "disk", "model.norm": 0,
+                       "model.rotary_emb": 0, "lm_head": 0}
+    loaded = loadstone.load(folder, placement=on_gpu_and_disk, offload_folder=str(tmp_path / "off"), progress=False,
+                            trainable=False)
+    workspace = loaded.report.placement["offload_workspace"]
+    assert loaded.report.engine["name"] == "transformers"
+    assert any(name.endswith(".safetensors") for name in os.listdir(workspace))
+    reference = loadstone.load(folder, placement="cpu", progress=False, trainable=False).model
+    ids = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids.to("cuda:0")).logits.cpu(), reference(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    del loaded
+    gc.collect()
+    assert not (tmp_path / "off").exists()
