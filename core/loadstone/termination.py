@@ -8,6 +8,9 @@ the load unwinds exactly as for Ctrl-C (its files are removed, ``loadstone_load_
 run), and then ends the process by the same signal, with the default action restored: the parent
 sees the status it would have seen without loadstone (killed by SIGTERM, 143 in a shell).
 
+SIGINT is handled the same way only where a program set it back to its default action; Python's
+own SIGINT handler (``KeyboardInterrupt``) already unwinds the load, and is left alone.
+
 What it leaves alone:
 
 * a handler the program installed itself (a Python function, or ``SIG_IGN``): that handler
