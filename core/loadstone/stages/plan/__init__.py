@@ -150,7 +150,8 @@ def _map_tensors(skeleton: Any, found: Inspection, sources: Sources, qreg: Any, 
     try:
         # The map only reads the skeleton.
         return build_tensor_map(skeleton, inventory, config, sources.base.path, dtype=qctx.dtype,
-                                converts=converted.__contains__, accepts=accepts)
+                                converts=converted.__contains__, accepts=accepts,
+                                pre_quantized=qctx.pre_quantized)
     except LoadstoneError:
         raise
     except Exception as exc:  # a transformers internal changed: fall back to the post-load check, say so
