@@ -14,8 +14,9 @@ nested quantifiers (``(a+)+``, ``(.*)*``) or repeated alternatives (``(a|aa)+``)
 exponential time on a name it does not match, and peft hangs. :func:`check_pattern` refuses those
 constructs (and backreferences) outright, and bounds the rest: without them the cost of one match
 grows like ``n**k`` for a name of ``n`` characters and ``k`` repeats, so ``k`` is capped at
-:data:`MAX_REPEATS` (measured: four ``.*`` over the ~1000 module names of an 80-layer model take
-0.5 s in the worst case; five take 11 s). ``modules_to_save`` and ``layers_pattern``, which peft
+:data:`MAX_REPEATS` (measured on one core: ``.*.*.*.*X`` fails on all 962 module names of an
+80-layer Llama in 0.06 s and on 1,063 names of up to 79 characters in 0.5 s; a fifth repeat takes
+0.5 s and 11 s). ``modules_to_save`` and ``layers_pattern``, which peft
 pastes into patterns of its own, must be plain module names.
 """
 

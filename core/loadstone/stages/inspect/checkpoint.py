@@ -11,6 +11,7 @@ the fix. See docs/validation.md for the full list.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -130,7 +131,7 @@ def inspect_checkpoint(folder: Path, *, allow_pickle: bool = False,
     """
     folder = Path(folder)
     source = _HeaderSource(folder, remote_headers)
-    if (folder / SAFE_INDEX).is_file():
+    if _is_file(folder / SAFE_INDEX) or os.path.lexists(folder / SAFE_INDEX):  # not a file: read_index says why
         return _inspect_sharded(folder, folder / SAFE_INDEX, source)
     if source.present(folder / SAFE_SINGLE):
         tensors, metadata = source.read(folder / SAFE_SINGLE)

@@ -20,11 +20,12 @@ from typing import Any
 from ...contract.checkpoint import CheckpointInventory
 from ...contract.errors import ConfigError, WeightsMismatchError
 
-#: Sizes every model needs to be at least 1 (under their own name or the config class's alias).
+#: Sizes every model needs to be at least 1 (under their own name or the config class's alias), as
+#: a number, or one per stage or layer (Swin's ``num_heads: [3, 6, 12, 24]``, Lxmert's layer counts
+#: per tower). Other sizes (``head_dim: 0`` means "computed" in some models, ``-1`` is a sentinel in
+#: others) are transformers' to judge; what it cannot build from is refused when the skeleton is built.
 POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
-            "max_position_embeddings", "head_dim", "num_key_value_heads")
-#: Other counts and sizes: never negative.
-_COUNT_LIKE = re.compile(r"^(num|n)_|_(size|dim|layers|heads|experts)$")
+            "max_position_embeddings", "num_key_value_heads")
 #: Floating dtypes a config.json may declare as the checkpoint's own (``"auto"``: say nothing).
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
@@ -115,24 +116,22 @@ def _check_top_level(raw: dict[str, Any], path: Path) -> None:
                          "quantized checkpoint says so in quantization_config, not in dtype")
 
 
+def _all_positive(value: Any) -> bool:
+    values = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in values)
+
+
 def _check_sizes(raw: dict[str, Any], path: Path, config_class: Any, prefix: str, layer_bound: int | None,
                  inventory: CheckpointInventory | None) -> None:
     positive = {alias: canonical for canonical in POSITIVE for alias in _aliases(config_class, canonical)}
     layer_keys = _aliases(config_class, "num_hidden_layers")
     for key, value in raw.items():
         field = prefix + key
-        if key in positive:
-            if value is None:
-                pass  # "not given": the config class computes it, or its own type check refuses null
-            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(
-                    f"config.json: {field} must be a positive integer.", file=path, field=field,
-                    expected="an integer >= 1", found=f"{value!r} ({_kind(value)})"[:200],
-                    fix="write the value save_pretrained recorded for this model (compare with the model card)")
-        elif _COUNT_LIKE.search(key) and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise ConfigError(f"config.json: {field} must not be negative.", file=path, field=field,
-                              expected="a number >= 0", found=repr(value),
-                              fix="write the value save_pretrained recorded for this model")
+        if key in positive and value is not None and not _all_positive(value):
+            raise ConfigError(
+                f"config.json: {field} must be a positive integer.", file=path, field=field,
+                expected="an integer >= 1 (or one per layer or stage)", found=f"{value!r} ({_kind(value)})"[:200],
+                fix="write the value save_pretrained recorded for this model (compare with the model card)")
         if key in layer_keys and layer_bound is not None and isinstance(value, int) and value > layer_bound:
             where = inventory.index_file or (inventory.files[0] if inventory.files else path.parent)
             raise WeightsMismatchError(
