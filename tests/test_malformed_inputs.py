@@ -90,6 +90,26 @@ def test_valid_adapters_of_every_kind_plan_and_load(kind, tiny_checkpoint, tmp_p
     assert saved and loaded.report.adapters[0]["peft_type"] == config.peft_type.value
 
 
+def test_pickle_adapters_are_checked_like_safetensors_ones(tiny_adapter, tmp_path):
+    """With allow_pickle, an adapter_model.bin gets the same checks (read onto the meta device); a
+    damaged one is a CheckpointError, not torch's traceback."""
+    import torch
+    from safetensors.torch import load_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter("llama"), adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save(tensors, adapter / "adapter_model.bin")
+    assert loadstone.load(str(adapter), placement="cpu", progress=False, allow_pickle=True).report.adapters
+    corpus.edit_json(adapter / "adapter_config.json", lambda c: c.update(r=8))
+    with pytest.raises(AdapterError, match="r=8"):
+        loadstone.plan(str(adapter), placement="cpu", allow_pickle=True)
+    (adapter / "adapter_model.bin").write_bytes(b"PK\x03\x04 not a zip archive")
+    with pytest.raises(loadstone.CheckpointError, match="not a readable PyTorch checkpoint"):
+        loadstone.plan(str(adapter), placement="cpu", allow_pickle=True)
+
+
 # ----------------------------------------------------------------------------- bounded cost
 
 
@@ -255,6 +275,8 @@ def test_quantization_option_json_is_refused_in_one_paragraph(value, mentions, c
 
 @pytest.mark.parametrize("kwargs,field", [
     ({"revision": {"branch": "main"}}, "revision"), ({"base": ["x"]}, "base"), ({"cache_dir": 5}, "cache_dir"),
+    ({"trust_remote_code": "false"}, "trust_remote_code"), ({"trainable": "no"}, "trainable"),
+    ({"adapters": {"a": 5}}, "adapters['a']"),
     ({"placement": {"": None}}, "placement['']"), ({"placement": {0: "cpu"}}, "placement"),
     ({"placement": {}}, "placement")])
 def test_python_api_options_of_the_wrong_type_are_refused(kwargs, field, sharded_llama):

@@ -83,6 +83,15 @@ class LoadRequest:
                 raise OptionError(f"{name} must be text.", field=name, expected="a string (or None)",
                                   found=f"{value!r} ({type(value).__name__})"[:120],
                                   fix=f"pass {name} as a string")
+        for name in ("trainable", "trust_remote_code", "allow_pickle", "gradient_checkpointing", "offline"):
+            # "false" is truthy: a string here would silently mean the opposite (trust remote code).
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be True or False.", field=name, expected="a bool",
+                                  found=f"{getattr(self, name)!r} ({type(getattr(self, name)).__name__})"[:120],
+                                  fix=f"pass {name}=True or {name}=False")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise OptionError("progress must be True, False or None.", field="progress", expected="a bool or None",
+                              found=repr(self.progress)[:120], fix="pass progress=False (or True, or None for auto)")
         if isinstance(self.quantization, Mapping):
             options = dict(self.quantization)
             method = options.pop("method", None)
@@ -124,6 +133,14 @@ class LoadRequest:
         if not isinstance(self.adapters, dict):
             raise OptionError("adapters must be a list of references or a dict name -> reference.",
                               field="adapters", found=repr(self.adapters))
+        self.adapters = {name: os.fspath(ref) if isinstance(ref, os.PathLike) else ref
+                         for name, ref in self.adapters.items()}
+        for name, ref in self.adapters.items():
+            if not isinstance(ref, str) or not ref.strip():
+                raise OptionError(f"adapter {name!r} has no usable reference.", field=f"adapters[{name!r}]",
+                                  expected="a folder, Hub id or other reference (text)",
+                                  found=f"{ref!r} ({type(ref).__name__})"[:120],
+                                  fix="pass adapters={name: path}, or a list of paths")
         for name in self.adapters:
             if not str(name).replace("_", "").replace("-", "").isalnum():
                 raise OptionError(f"adapter name {name!r} is not a valid identifier.", field="adapters",

@@ -56,16 +56,22 @@ def _peft_refuses(adapter: AdapterSource, exc: BaseException, doing: str) -> Ada
                         fix="re-save the adapter with peft's save_pretrained, or fix the field the message names")
 
 
-def _meta_state(adapter: AdapterSource) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The adapter's tensors as meta tensors of the stored shapes and dtypes (header only)."""
+def _meta_state(adapter: AdapterSource) -> tuple[dict[str, Any], dict[str, str]]:
+    """The adapter's tensors as meta tensors of the stored shapes and dtypes, and their dtype codes
+    (from the safetensors header, or from a pickle read onto the meta device: no data either way)."""
     import torch
 
-    tensors, _ = read_safetensors_header(adapter.weights)
+    if adapter.weights.suffix == ".safetensors":
+        infos, _ = read_safetensors_header(adapter.weights)
+    else:  # allow_pickle was given (validate_adapter refuses it otherwise)
+        from .inspect.checkpoint import read_pickle_tensors
+
+        infos = read_pickle_tensors(adapter.weights)
     state = {}
-    for name, info in tensors.items():
+    for name, info in infos.items():
         dtype = getattr(torch, TORCH_DTYPE_NAMES.get(info.dtype, "uint8"), torch.uint8)
         state[name] = torch.empty(info.shape, dtype=dtype, device="meta")
-    return state, tensors
+    return state, {name: info.dtype for name, info in infos.items()}
 
 
 def check_adapters_fit(skeleton: Any, adapters: list[AdapterSource], request: LoadRequest) -> None:
@@ -79,8 +85,6 @@ def check_adapters_fit(skeleton: Any, adapters: list[AdapterSource], request: Lo
 
     model = skeleton
     for index, adapter in enumerate(adapters):
-        if adapter.weights.suffix != ".safetensors":
-            continue  # pickle adapters (allow_pickle) are checked by shape only, in validate_adapter
         with _quiet_meta():
             try:
                 config = PEFT_TYPE_TO_CONFIG_MAPPING[adapter.peft_type].from_pretrained(str(adapter.source.path))
@@ -104,8 +108,8 @@ def check_adapters_fit(skeleton: Any, adapters: list[AdapterSource], request: Lo
                 expected = get_peft_model_state_dict(model, adapter_name=adapter.name)
             except Exception as exc:  # noqa: BLE001 - what peft raises building layers from this config
                 raise _peft_refuses(adapter, exc, "building its layers on the base model") from exc
-            state, infos = _meta_state(adapter)
-            _check_shapes_and_dtypes(adapter, config, state, infos, expected)
+            state, codes = _meta_state(adapter)
+            _check_shapes_and_dtypes(adapter, config, state, codes, expected)
             try:
                 result = set_peft_model_state_dict(model, state, adapter_name=adapter.name)
             except Exception as exc:  # noqa: BLE001
@@ -118,7 +122,7 @@ def check_adapters_fit(skeleton: Any, adapters: list[AdapterSource], request: Lo
         _check_accounted(adapter, model, set(result.unexpected_keys) - set(expected), missing)
 
 
-def _check_shapes_and_dtypes(adapter: AdapterSource, config: Any, state: dict[str, Any], infos: dict[str, Any],
+def _check_shapes_and_dtypes(adapter: AdapterSource, config: Any, state: dict[str, Any], codes: dict[str, str],
                              expected: dict[str, Any]) -> None:
     mismatched = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
                   if k in state and tuple(state[k].shape) != tuple(v.shape)]
@@ -138,7 +142,7 @@ def _check_shapes_and_dtypes(adapter: AdapterSource, config: Any, state: dict[st
             found="; ".join(f"{k} is {list(f)}, expected {list(e)}" for k, f, e in mismatched[:_SHOW]),
             fix="check r, rank_pattern and target_modules in adapter_config.json against the tensors (or re-save "
                 "the adapter)")
-    wrong = [(k, infos[k].dtype) for k in state if infos[k].dtype not in _FLOAT_CODES
+    wrong = [(k, codes[k]) for k in state if codes[k] not in _FLOAT_CODES
              and (k not in expected or expected[k].is_floating_point())]
     if wrong:
         raise AdapterError(

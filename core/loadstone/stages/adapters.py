@@ -28,10 +28,9 @@ def adapter_tensor_shapes(adapter: AdapterSource, *, allow_pickle: bool) -> dict
             file=path, field="adapter weights", expected="adapter_model.safetensors", found=path.name,
             fix="re-save the adapter with safetensors, or pass allow_pickle=True to read it with "
                 "torch.load(weights_only=True)")
-    import torch
+    from .inspect.checkpoint import read_pickle_tensors
 
-    state = torch.load(path, map_location="meta", weights_only=True)
-    return {name: tuple(t.shape) for name, t in state.items()}
+    return {name: info.shape for name, info in read_pickle_tensors(path).items()}
 
 
 def _in_out(module: Any) -> tuple[int, int] | None:

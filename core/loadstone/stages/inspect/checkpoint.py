@@ -159,7 +159,7 @@ def inspect_checkpoint(folder: Path, *, allow_pickle: bool = False,
                 raise CheckpointError(f"shard {f.name} named by {found.name} is missing.", file=f, field="weight_map",
                                       expected="every shard listed in the index", found="no such file",
                                       fix="finish the download (or re-save the checkpoint)")
-            tensors.update(_pickle_tensors(f))
+            tensors.update(read_pickle_tensors(f))
         return CheckpointInventory(folder, "pickle", files, tensors, index)
     raise CheckpointError(
         f"{folder} holds no weights.", file=folder, field="weight files",
@@ -214,7 +214,7 @@ _TORCH_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16",
                          "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
-def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
+def read_pickle_tensors(path: Path) -> dict[str, TensorInfo]:
     """Names, shapes and dtypes of a pickle checkpoint (only read when the caller allowed pickle).
 
     Unpickled with ``torch.load(weights_only=True)`` onto the meta device (memory-mapped when the
