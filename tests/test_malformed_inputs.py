@@ -116,16 +116,16 @@ def test_pickle_adapters_are_checked_like_safetensors_ones(tiny_adapter, tmp_pat
 def test_module_budget_stops_a_config_far_larger_than_its_checkpoint():
     """The generic bound behind the layer check: building stops after max_modules modules."""
     from loadstone.contract.request import LoadRequest
-    from loadstone.stages.plan.skeleton import skeleton_factory
+    from loadstone.stages.plan.skeleton import SkeletonFactory
     from loadstone.testing import make_config
     from transformers import AutoModelForCausalLM
 
     config = make_config("llama", num_hidden_layers=10**6)  # the config object holds 10**6 layer types: fine
-    build = skeleton_factory(AutoModelForCausalLM, config, "float32", LoadRequest("x"),
-                             config_path=Path("config.json"), max_modules=500)
+    factory = SkeletonFactory(AutoModelForCausalLM, config, "float32", LoadRequest("x"),
+                              config_path=Path("config.json"), max_modules=500)
     started = time.monotonic()
     with pytest.raises(ConfigError, match="more than 500 modules") as info:
-        build()
+        factory.build()
     assert time.monotonic() - started < 10 and info.value.file == "config.json"
 
 
