@@ -156,7 +156,10 @@ def _check_accounted(adapter: AdapterSource, model: Any, unexpected: set[str], m
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if unexpected:
-        wrapped = {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+        # modules peft gave this adapter's layers to (an earlier adapter may have wrapped others)
+        wrapped = {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+                   and any(adapter.name in (getattr(module, layer, None) or {})
+                           for layer in getattr(module, "adapter_layer_names", ()))}
 
         def owner_wrapped(key: str) -> bool:
             parts = key.split(".")
