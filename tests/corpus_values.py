@@ -159,6 +159,9 @@ CASES: list[Case] = [
          (Q_PROJ, "F4, which this torch has no dtype for")),
     Case("consolidated_weights_for_transformers_engine", "single", _consolidated, EngineError,
          ("consolidated.safetensors", "from_pretrained reads model.safetensors"), {"engine": "transformers"}),
+    Case("index_metadata_not_an_object_for_transformers_engine", "sharded",
+         lambda root: edit_json(root / "model" / "model.safetensors.index.json", lambda d: d.update(metadata="x")),
+         EngineError, ("\"metadata\" object", "model.safetensors.index.json"), {"engine": "transformers"}),
     Case("index_is_a_directory", "sharded", _replace_file_with_dir("model", "model.safetensors.index.json"),
          CheckpointError, ("model.safetensors.index.json", "is a directory")),
     # adapter_config.json

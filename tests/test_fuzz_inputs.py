@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ from hypothesis import strategies as st
 import loadstone
 from loadstone import LoadstoneError
 from loadstone.cli import main
+from loadstone.safetensors_header import SAFETENSORS_DTYPE_BITS
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package (--import-mode=importlib)
 
 EXAMPLES = int(os.environ.get("LOADSTONE_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -89,15 +93,15 @@ CONFIG_KEYS = ["model_type", "hidden_size", "num_hidden_layers", "num_attention_
 
 @FUZZ
 @given(edits=st.dictionaries(st.sampled_from(CONFIG_KEYS), values, min_size=1, max_size=3),
-       duplicate=st.none() | st.sampled_from(CONFIG_KEYS))
-def test_any_value_in_config_json(llama, edits, duplicate):
+       duplicate=st.none() | st.sampled_from(CONFIG_KEYS), engine=st.sampled_from(["auto", "transformers"]))
+def test_any_value_in_config_json(llama, edits, duplicate, engine):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         shutil.copytree(llama, folder)
         config = json.loads((folder / "config.json").read_text())
         config.update(edits)
         _write_json(folder / "config.json", config, duplicate)
-        _plan_then_load(str(folder))
+        _plan_then_load(str(folder), engine=engine)
 
 
 ADAPTER_KEYS = ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
@@ -127,18 +131,50 @@ SHARD_NAMES = st.sampled_from(["model-00001-of-00003.safetensors", "./model-0000
 
 @FUZZ
 @given(tensor=st.sampled_from(["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "new.weight"]),
-       shard=SHARD_NAMES | values, metadata=st.none() | values, top=st.none() | values)
-def test_any_value_in_the_shard_index(llama_sharded, tensor, shard, metadata, top):
+       shard=SHARD_NAMES | values, metadata=st.none() | st.just("drop") | values, top=st.none() | values,
+       engine=st.sampled_from(["auto", "transformers"]))
+def test_any_value_in_the_shard_index(llama_sharded, tensor, shard, metadata, top, engine):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         shutil.copytree(llama_sharded, folder)
         index = json.loads((folder / "model.safetensors.index.json").read_text())
         index["weight_map"][tensor] = shard
-        if metadata is not None:
+        if metadata == "drop":
+            index.pop("metadata", None)
+        elif metadata is not None:
             index["metadata"] = metadata
         if top is not None:
             index["extra"] = top
         _write_json(folder / "model.safetensors.index.json", index)
+        _plan_then_load(str(folder), engine=engine)
+
+
+@FUZZ
+@given(tensor=st.sampled_from(["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                               "model.norm.weight", "lm_head.weight"]),
+       dtype=st.sampled_from(sorted(SAFETENSORS_DTYPE_BITS)), flat=st.booleans())
+def test_any_dtype_for_a_weight(llama, tensor, dtype, flat):
+    """A header that relabels one float32 weight's bytes as another dtype (the file stays valid):
+    refused at plan time unless the dtype is a floating one, and then loaded as the plan says."""
+    import math
+
+    from corpus import SINGLE, edit_header
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        shutil.copytree(llama, folder)
+
+        def relabel(header: dict) -> None:
+            entry = header[tensor]
+            bits = SAFETENSORS_DTYPE_BITS[dtype]
+            nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
+            if bits == 32 and not flat:
+                entry["dtype"] = dtype  # same shape, same bytes: only the dtype differs
+            elif (nbytes * 8) % bits == 0:
+                entry.update(dtype=dtype, shape=[nbytes * 8 // bits])
+            assert math.prod(entry["shape"]) * bits == nbytes * 8 or entry["dtype"] != dtype
+
+        edit_header(folder / SINGLE, relabel)
         _plan_then_load(str(folder))
 
 

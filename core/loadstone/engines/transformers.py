@@ -46,6 +46,9 @@ class TransformersEngine(Engine):
                 and inventory.files[0].name != SAFE_SINGLE:
             problems.append(f"from_pretrained reads {SAFE_SINGLE} (or a shard index), and this checkpoint's only "
                             f"weights file is {inventory.files[0].name}")
+        if inventory.index_file is not None and not _index_has_metadata(inventory.index_file):
+            problems.append(f"from_pretrained needs a \"metadata\" object in {inventory.index_file.name}, and this "
+                            f"index has none")
         if not qctx.pre_quantized and converted and plan.quantization_config is None:
             problems.append(f"quantization backend {backend.name!r} converts weights only itself (load_tensor), which "
                             f"from_pretrained cannot call")
@@ -98,6 +101,19 @@ class TransformersEngine(Engine):
                 raise
         check_loading_info(info, plan)
         return model
+
+
+def _index_has_metadata(index: Any) -> bool:
+    """transformers' shard loader copies the index's ``metadata`` object and adds to it: an index
+    without one (the native engine needs only ``weight_map``) fails there with a KeyError."""
+    from ..contract.errors import CheckpointError
+    from ..jsonfile import read_json
+
+    try:
+        data = read_json(index, CheckpointError, what="a shard index", missing="", missing_fix="", repair_fix="")
+    except CheckpointError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("metadata"), dict)
 
 
 def check_loading_info(info: dict[str, Any], plan: Plan) -> None:
