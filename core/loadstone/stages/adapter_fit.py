@@ -76,7 +76,7 @@ def _meta_state(adapter: AdapterSource) -> tuple[dict[str, Any], dict[str, str]]
 
 def check_adapters_fit(skeleton: Any, adapters: list[AdapterSource], request: LoadRequest) -> None:
     """Raise :class:`~loadstone.AdapterError` unless every adapter loads into ``skeleton`` exactly
-    as saved. ``skeleton`` is wrapped by peft: call this after its last other use."""
+    as saved. peft wraps ``skeleton``: pass one nothing else uses."""
     if not adapters:
         return
     from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
