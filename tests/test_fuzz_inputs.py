@@ -219,10 +219,12 @@ def test_any_device_map_file(llama, content, raw):
 
 
 @FUZZ
-@given(key=st.sampled_from(["double_quant", "compute_dtype", "quant_storage", "threshold", "keep_modules", "x"]),
+@given(flag=st.sampled_from(["-o", "-e"]),
+       key=st.sampled_from(["double_quant", "compute_dtype", "quant_storage", "keep_modules", "readers", "chunk_bytes",
+                            "reader", "x"]),
        value=st.text(max_size=20) | values.map(json.dumps), method=st.sampled_from(["none", "nf4"]))
-def test_any_quantization_option_value(llama, key, value, method):
+def test_any_quantization_or_engine_option_value(llama, flag, key, value, method):
     started = time.monotonic()
-    code, err = _cli("plan", str(llama), "-q", method, "-o", f"{key}={value}", "--placement", "cpu")
+    code, err = _cli("plan", str(llama), "-q", method, flag, f"{key}={value}", "--placement", "cpu")
     _assert_clean_exit(code, err)
     assert time.monotonic() - started < TIME_LIMIT

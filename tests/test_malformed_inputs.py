@@ -273,6 +273,14 @@ def test_quantization_option_json_is_refused_in_one_paragraph(value, mentions, c
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error (OptionError)") and mentions in lines[0]
 
 
+def test_control_characters_in_an_error_are_shown_escaped(capsys, sharded_llama):
+    """A value from a hostile file or argument may hold terminal escapes or a record separator:
+    the paragraph stays one line and sends none of them to the terminal."""
+    code, err = _cli(capsys, "plan", str(sharded_llama), "-e", "chunk_bytes=1\x1e\x1b[2J")
+    assert code == 2 and len(err.splitlines()) == 1 and "\\x1e\\x1b[2J" in err
+    assert not any(c in err for c in "\x1e\x1b\r"), err
+
+
 @pytest.mark.parametrize("kwargs,field", [
     ({"revision": {"branch": "main"}}, "revision"), ({"base": ["x"]}, "base"), ({"cache_dir": 5}, "cache_dir"),
     ({"trust_remote_code": "false"}, "trust_remote_code"), ({"trainable": "no"}, "trainable"),

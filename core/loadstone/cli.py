@@ -42,8 +42,8 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def _option_value(key: str, value: str) -> Any:
-    """``-o KEY=VALUE``: booleans by their usual words, JSON where the value is JSON (``4``,
+def _option_value(flag: str, key: str, value: str) -> Any:
+    """``-o KEY=VALUE`` (or ``-e``): booleans by their usual words, JSON where the value is JSON (``4``,
     ``[1, 2]``), else the text itself. JSON that parses but no option can take (``NaN``, a key
     given twice, deep nesting) is refused rather than passed on."""
     lowered = value.lower()
@@ -56,8 +56,8 @@ def _option_value(key: str, value: str) -> Any:
     except JSONProblem as problem:
         if problem.kind == "syntax":
             return value
-        fields = {**problem_fields(problem), "field": f"-o {key}"}
-        raise OptionError(f"-o {key}=...: the value is JSON no option can take.", **fields,
+        fields = {**problem_fields(problem), "field": f"{flag} {key}"}
+        raise OptionError(f"{flag} {key}=...: the value is JSON no option can take.", **fields,
                           fix="pass a plain value (text, a number, true/false) or simple JSON") from None
 
 
@@ -167,7 +167,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                               found=type(placement).__name__, fix=example)
     kwargs: dict[str, Any] = {
         "quantization": args.quantization,
-        "quantization_options": {k: _option_value(k, v) for k, v in args.quant_option},
+        "quantization_options": {k: _option_value("-o", k, v) for k, v in args.quant_option},
         "placement": placement,
         "dtype": args.dtype,
         "trainable": not args.frozen,
@@ -185,7 +185,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "gradient_checkpointing": args.gradient_checkpointing,
         "progress": False if getattr(args, "quiet", False) else None,
         "engine": args.engine,
-        "engine_options": {k: _option_value(v) for k, v in args.engine_option},
+        "engine_options": {k: _option_value("-e", k, v) for k, v in args.engine_option},
     }
     if args.offline:
         kwargs["offline"] = True
@@ -243,6 +243,13 @@ def _cmd_load_or_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(text: str) -> str:
+    """One paragraph for a terminal: line breaks become spaces, and other control characters (a
+    hostile file's value may hold escape sequences or a record separator) are shown escaped."""
+    text = text.replace("\r\n", " ").replace("\n", " ")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -268,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoadstoneError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error ({type(exc).__name__}): {exc}".replace("\n", " "), file=sys.stderr)
+        print(_one_line(f"error ({type(exc).__name__}): {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
