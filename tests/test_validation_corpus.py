@@ -13,6 +13,9 @@ from loadstone import LoadstoneError, hookimpl
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package (--import-mode=importlib)
 import corpus  # noqa: E402
+import corpus_values  # noqa: E402
+
+CASES = corpus.CASES + corpus_values.CASES
 
 STAGES_BEFORE_WEIGHTS = {"before_load", "resolve", "inspect", "plan"}
 
@@ -42,7 +45,7 @@ def test_sources_are_valid(corpus_sources):
 
 
 def test_case_names_are_unique():
-    names = [case.name for case in corpus.CASES]
+    names = [case.name for case in CASES]
     assert len(names) == len(set(names))
 
 
@@ -56,7 +59,7 @@ def _assert_refused(error: LoadstoneError, case: corpus.Case, words: tuple[str, 
     assert error.file or error.found, f"{case.name}: the error names neither a file nor what it found:\n{text}"
 
 
-@pytest.mark.parametrize("case", corpus.CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_malformed_input_is_refused_before_weights_are_read(case, corpus_sources, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     built = corpus.materialize(case, corpus_sources, tmp_path / "case")

@@ -7,9 +7,11 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from .contract.errors import LoadstoneError, OptionError
+from .jsonfile import JSONProblem, parse_json, problem_fields, read_json
 
 EPILOG_LOAD = """examples:
   loadstone load ./my-model
@@ -40,16 +42,23 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def _option_value(value: str) -> Any:
+def _option_value(flag: str, key: str, value: str) -> Any:
+    """``-o KEY=VALUE`` (or ``-e``): booleans by their usual words, JSON where the value is JSON (``4``,
+    ``[1, 2]``), else the text itself. JSON that parses but no option can take (``NaN``, a key
+    given twice, deep nesting) is refused rather than passed on."""
     lowered = value.lower()
     if lowered in {"true", "yes", "on"}:
         return True
     if lowered in {"false", "no", "off"}:
         return False
     try:
-        return json.loads(value)
-    except ValueError:
-        return value
+        return parse_json(value)
+    except JSONProblem as problem:
+        if problem.kind == "syntax":
+            return value
+        fields = {**problem_fields(problem), "field": f"{flag} {key}"}
+        raise OptionError(f"{flag} {key}=...: the value is JSON no option can take.", **fields,
+                          fix="pass a plain value (text, a number, true/false) or simple JSON") from None
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
@@ -148,16 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
 def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     placement: Any = args.placement
     if args.device_map:
-        try:
-            with open(args.device_map, encoding="utf-8") as fh:
-                placement = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise OptionError(f"cannot read the device map file: {exc}", file=args.device_map,
+        example = 'write it like {"": "cpu"} or {"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}'
+        placement = read_json(Path(args.device_map), OptionError, what="a JSON object {module: device}",
+                              missing="the --device-map file does not exist.", missing_fix="check the path",
+                              repair_fix=example)
+        if not isinstance(placement, dict):
+            raise OptionError("the --device-map file must hold a JSON object {module: device}.", file=args.device_map,
                               field="--device-map", expected="a JSON object {module: device}",
-                              fix="write it like {\"\": \"cpu\"} or {\"model.embed_tokens\": 0, ...}") from None
+                              found=type(placement).__name__, fix=example)
     kwargs: dict[str, Any] = {
         "quantization": args.quantization,
-        "quantization_options": {k: _option_value(v) for k, v in args.quant_option},
+        "quantization_options": {k: _option_value("-o", k, v) for k, v in args.quant_option},
         "placement": placement,
         "dtype": args.dtype,
         "trainable": not args.frozen,
@@ -175,7 +185,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "gradient_checkpointing": args.gradient_checkpointing,
         "progress": False if getattr(args, "quiet", False) else None,
         "engine": args.engine,
-        "engine_options": {k: _option_value(v) for k, v in args.engine_option},
+        "engine_options": {k: _option_value("-e", k, v) for k, v in args.engine_option},
     }
     if args.offline:
         kwargs["offline"] = True
@@ -233,6 +243,13 @@ def _cmd_load_or_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(text: str) -> str:
+    """One paragraph for a terminal: line breaks become spaces, and other control characters (a
+    hostile file's value may hold escape sequences or a record separator) are shown escaped."""
+    text = text.replace("\r\n", " ").replace("\n", " ")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -258,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoadstoneError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error ({type(exc).__name__}): {exc}".replace("\n", " "), file=sys.stderr)
+        print(_one_line(f"error ({type(exc).__name__}): {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

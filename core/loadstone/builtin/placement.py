@@ -128,7 +128,33 @@ class ExplicitPlacement(PlacementStrategy):
             if device not in ("cpu", "disk"):
                 # Name the entry as the user wrote it: "device map entry 'lm_head' -> cuda:1".
                 _check_device_exists(device, f"device map entry {key!r} -> {device_label(device)}")
+        return _partition(ctx.model, spec)
+
+
+def _partition(model: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """The same placement with no entry inside another. ``{"": "cpu", "model.layers": "disk"}``
+    means "everything on the CPU except the layers" (the longest prefix wins, see map_entry), but
+    accelerate's dispatch takes a map's entries as disjoint blocks and fails on nested ones ("weight
+    is on the meta device"); an entry that contains others is replaced by its children."""
+    nested = {k for k in spec if any(o != k and (k == "" or o.startswith(k + ".")) for o in spec)}
+    if not nested:
         return dict(spec)
+    modules = dict(model.named_modules())
+    out: dict[str, Any] = {}
+
+    def assign(name: str) -> None:
+        inside = name == "" or any(k.startswith(name + ".") for k in spec)
+        if not inside or name not in modules:
+            out[name] = spec[map_entry(name, spec)]
+            return
+        module = modules[name]
+        children = [n for n, _ in module.named_children()]
+        tensors = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+        for child in children + tensors:
+            assign(f"{name}.{child}" if name else child)
+
+    assign("")
+    return out
 
 
 @hookimpl

@@ -21,22 +21,44 @@ def _looks_like_path(reference: str) -> bool:
         len(reference) > 1 and reference[1] == ":")
 
 
+def _state(path: Path) -> str:
+    """``"dir"``, ``"file"``, ``"missing"``, or why the path cannot even be looked at (a name too
+    long for the filesystem, a NUL byte, a link loop)."""
+    try:
+        if path.is_dir():
+            return "dir"
+        return "file" if path.exists() else "missing"
+    except (OSError, ValueError) as exc:
+        return f"unusable: {getattr(exc, 'strerror', None) or exc}"
+
+
 class LocalFolderResolver(Resolver):
     name = "local"
     priority = 100
     description = "an existing folder (relative base paths of adapters are taken from the adapter folder)"
 
     def resolve(self, reference: str, ctx: ResolveContext) -> ResolvedSource | None:
-        raw = Path(reference).expanduser()
+        try:
+            raw = Path(reference).expanduser()
+        except RuntimeError as exc:  # ~user naming no user (or no home directory to expand ~ to)
+            raise ResolutionError(f"{reference!r} starts with ~, which cannot be expanded here: {exc}.",
+                                  field="reference", expected="a folder path", found=reference[:200],
+                                  fix="write the folder's path out in full") from None
         candidates = [raw]
         if ctx.relative_to is not None and not raw.is_absolute():
             candidates.insert(0, ctx.relative_to / raw)
-        for candidate in candidates:
-            if candidate.is_dir():
+        states = [_state(c) for c in candidates]
+        for candidate, state in zip(candidates, states):
+            if state == "dir":
                 return ResolvedSource(reference, candidate.resolve(), "local")
         if _looks_like_path(reference):
-            where = " or ".join(str(c) for c in candidates)
-            if any(c.exists() for c in candidates):
+            where = " or ".join(str(c) for c in candidates)[:400]
+            unusable = next((s for s in states if s.startswith("unusable")), None)
+            if unusable:
+                raise ResolutionError(f"the path {reference[:200]!r} cannot be used ({unusable[10:]}).", file=where,
+                                      field="reference", expected="an existing folder", found=reference[:200],
+                                      fix="check the path")
+            if "file" in states:
                 raise ResolutionError(f"{reference!r} is a file, not a model folder.", file=where, field="reference",
                                       fix="point at the folder holding config.json (or adapter_config.json)")
             raise ResolutionError(f"the folder {reference!r} does not exist.", file=where, field="reference",
@@ -55,6 +77,7 @@ class HubResolver(Resolver):
             return None
         repo_id = match.group("repo")
         pinned = match.group("rev")
+        _check_repo_id(reference, repo_id)
         if pinned and ctx.revision and pinned != ctx.revision:
             # Silently preferring one of them would load a snapshot the user did not ask for.
             raise ResolutionError(
@@ -62,9 +85,11 @@ class HubResolver(Resolver):
                 field="revision", expected="one revision", found=f"{pinned!r} and {ctx.revision!r}",
                 fix=f"drop one: {repo_id}@{ctx.revision}, or {reference} without revision= (CLI: --revision)")
         revision = pinned or ctx.revision or "main"
+        _check_revision(revision)
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
             HfHubHTTPError,
+            HFValidationError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
@@ -98,6 +123,9 @@ class HubResolver(Resolver):
             raise ResolutionError(f"the Hub has no {repo_id} at revision {revision!r}.", field="reference",
                                   found=f"{repo_id}@{revision}",
                                   fix="check the id and revision (private repos need a token)") from exc
+        except HFValidationError as exc:  # whatever huggingface_hub refuses that the checks above let through
+            raise ResolutionError(f"huggingface_hub refuses {repo_id}@{revision}: {exc}", field="reference",
+                                  found=f"{repo_id}@{revision}"[:300], fix="check the id and revision") from exc
         except (HfHubHTTPError, OSError) as exc:
             raise ResolutionError(f"could not fetch {repo_id}@{revision}: {exc}", field="reference",
                                   found=f"{repo_id}@{revision}", fix="check the network, or use the cache "
@@ -139,6 +167,41 @@ class HubResolver(Resolver):
         headers = fetch_remote_headers(repo_id, commit, path, ctx.token)
         return ResolvedSource(reference, path, "hub", repo_id=repo_id, revision=revision, commit=commit,
                               remote_headers=headers)
+
+
+def _check_repo_id(reference: str, repo_id: str) -> None:
+    """The Hub's own rules for ids (huggingface_hub's validator), as a ResolutionError: ``org/..``
+    or a 5000-character name is a mistyped reference, not a crash."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ResolutionError(f"{reference[:200]!r} is neither an existing folder nor a valid Hub id.",
+                              field="reference", expected="a folder, or org/name with letters, digits, '-', '_' and "
+                              "'.' (not starting or ending with '-' or '.', no '--' or '..', at most 96 characters)",
+                              found=repo_id[:200], fix=f"check the path or id ({str(exc).split(':')[0][:200]})") from None
+
+
+_MAX_REVISION = 255
+
+
+def _check_revision(revision: str) -> None:
+    """A branch, tag or commit: text without '..' components, NUL or whitespace, of a sane length
+    (it becomes part of a path in the cache and of a URL)."""
+    if not isinstance(revision, str):
+        raise ResolutionError("the revision must be text.", field="revision", expected="a branch, tag or commit",
+                              found=f"{revision!r} ({type(revision).__name__})"[:200],
+                              fix="pass the branch, tag or commit id as text, e.g. revision=\"main\"")
+    parts = revision.split("/")
+    if (not revision or len(revision) > _MAX_REVISION or any(p in ("", ".", "..") for p in parts)
+            or any(c.isspace() or ord(c) < 32 for c in revision)):
+        raise ResolutionError(f"{revision[:80]!r} is not a usable revision.", field="revision",
+                              expected=f"a branch, tag or commit: at most {_MAX_REVISION} characters, no '..' "
+                                       f"components, no whitespace", found=revision[:200],
+                              fix="pass the branch, tag or commit id as the Hub shows it (e.g. main, v1.0, or a "
+                                  "40-character commit hash)")
 
 
 @hookimpl

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from .errors import OptionError
-from .units import normalize_device, parse_max_memory
+from .units import map_device, parse_max_memory
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
@@ -73,6 +73,25 @@ class LoadRequest:
         if not isinstance(self.reference, str) or not self.reference.strip():
             raise OptionError("the model reference is empty.", field="reference", found=repr(self.reference),
                               fix="pass a local folder, a Hub id such as org/name, or an adapter folder")
+        for name in ("revision", "base", "active_adapter", "cache_dir", "offload_folder", "attn_implementation",
+                     "task"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, str):
+                raise OptionError(f"{name} must be text.", field=name, expected="a string (or None)",
+                                  found=f"{value!r} ({type(value).__name__})"[:120],
+                                  fix=f"pass {name} as a string")
+        for name in ("trainable", "trust_remote_code", "allow_pickle", "gradient_checkpointing", "offline"):
+            # "false" is truthy: a string here would silently mean the opposite (trust remote code).
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be True or False.", field=name, expected="a bool",
+                                  found=f"{getattr(self, name)!r} ({type(getattr(self, name)).__name__})"[:120],
+                                  fix=f"pass {name}=True or {name}=False")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise OptionError("progress must be True, False or None.", field="progress", expected="a bool or None",
+                              found=repr(self.progress)[:120], fix="pass progress=False (or True, or None for auto)")
         if isinstance(self.quantization, Mapping):
             options = dict(self.quantization)
             method = options.pop("method", None)
@@ -94,7 +113,16 @@ class LoadRequest:
             raise OptionError(f"unknown task {self.task!r}.", field="task", expected=", ".join(TASKS),
                               found=self.task, fix="pick one of those (default: causal-lm, or the adapter's task_type)")
         if isinstance(self.placement, Mapping):
-            self.placement = {str(k): normalize_device(v) for k, v in self.placement.items()}
+            if not self.placement:
+                raise OptionError("the device map is empty.", field="placement", expected="at least one entry",
+                                  found="{}", fix='map "" to a device to place everything there, e.g. {"": "cpu"}')
+            for key in self.placement:
+                if not isinstance(key, str):
+                    raise OptionError("device map keys must be module names.", field="placement",
+                                      expected='strings such as "model.layers.0" ("" for the whole model)',
+                                      found=f"{key!r} ({type(key).__name__})"[:120],
+                                      fix='write the map like {"model.embed_tokens": 0, "": "cpu"}')
+            self.placement = {k: map_device(v, field=f"placement[{k!r}]") for k, v in self.placement.items()}
         elif not isinstance(self.placement, str) or not self.placement:
             raise OptionError("placement must be a strategy name, a device, or a device map.",
                               field="placement", found=repr(self.placement),
@@ -105,6 +133,14 @@ class LoadRequest:
         if not isinstance(self.adapters, dict):
             raise OptionError("adapters must be a list of references or a dict name -> reference.",
                               field="adapters", found=repr(self.adapters))
+        self.adapters = {name: os.fspath(ref) if isinstance(ref, os.PathLike) else ref
+                         for name, ref in self.adapters.items()}
+        for name, ref in self.adapters.items():
+            if not isinstance(ref, str) or not ref.strip():
+                raise OptionError(f"adapter {name!r} has no usable reference.", field=f"adapters[{name!r}]",
+                                  expected="a folder, Hub id or other reference (text)",
+                                  found=f"{ref!r} ({type(ref).__name__})"[:120],
+                                  fix="pass adapters={name: path}, or a list of paths")
         for name in self.adapters:
             if not str(name).replace("_", "").replace("-", "").isalnum():
                 raise OptionError(f"adapter name {name!r} is not a valid identifier.", field="adapters",

@@ -62,6 +62,22 @@ def normalize_device(device: Any) -> str | int:
     return text
 
 
+def map_device(value: Any, *, field: str) -> str | int:
+    """A device-map value, normalised (:func:`normalize_device`), or an :class:`OptionError` when it
+    names no device a model can be placed on: a GPU index (``0``, ``"cuda:1"``), ``"cpu"``,
+    ``"disk"`` or another accelerator (``"mps"``, ``"xpu:0"``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, int) and value < 0):
+        raise OptionError(f"{field} is not a device.", field=field, found=f"{value!r} ({type(value).__name__})"[:120],
+                          expected="a GPU index (0, 1 ...) or a device name: cpu, disk, cuda:N, mps, xpu:N",
+                          fix='write the map like {"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}')
+    device = normalize_device(value)
+    if isinstance(device, str) and device != "disk" and (not is_device_spec(device) or device == "meta"):
+        raise OptionError(f"{field} names {value!r}, which is not a device a model can be placed on.", field=field,
+                          found=repr(value)[:120], expected="a GPU index (0, 1 ...) or cpu, disk, cuda:N, mps, xpu:N",
+                          fix='write the map like {"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}')
+    return device
+
+
 def is_device_spec(spec: str) -> bool:
     """``cuda:1``, ``mps``, ``cpu`` ... (used by the built-in single-device strategy)."""
     return bool(_DEVICE_RE.match(spec))

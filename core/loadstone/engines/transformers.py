@@ -13,6 +13,7 @@ import contextlib
 import copy
 from typing import Any, Iterator
 
+from ..contract.checkpoint import SAFE_SINGLE
 from ..contract.engines import Engine, EngineContext
 from ..contract.errors import LoadstoneError, WeightsMismatchError
 from ..contract.plan import Plan
@@ -67,9 +68,18 @@ class TransformersEngine(Engine):
         qctx = plan.quantization
         backend = plan.quantization_backend
         converted = plan.tensor_map.converted if plan.tensor_map is not None else frozenset()
+        problems = []
+        inventory = plan.inventory
+        if inventory.format == "safetensors" and inventory.index_file is None and inventory.files \
+                and inventory.files[0].name != SAFE_SINGLE:
+            problems.append(f"from_pretrained reads {SAFE_SINGLE} (or a shard index), and this checkpoint's only "
+                            f"weights file is {inventory.files[0].name}")
+        if inventory.index_file is not None and not _index_has_metadata(inventory.index_file):
+            problems.append(f"from_pretrained needs a \"metadata\" object in {inventory.index_file.name}, and this "
+                            f"index has none")
         if not qctx.pre_quantized and converted and plan.quantization_config is None:
-            return [f"quantization backend {backend.name!r} converts weights only itself (load_tensor), which "
-                    f"from_pretrained cannot call"]
+            problems.append(f"quantization backend {backend.name!r} converts weights only itself (load_tensor), which "
+                            f"from_pretrained cannot call")
         if qctx.pre_quantized:
             from transformers.quantizers.auto import AutoQuantizationConfig
 
@@ -77,9 +87,9 @@ class TransformersEngine(Engine):
             try:  # transformers' own resolution of a checkpoint's quantization_config
                 AutoQuantizationConfig.from_dict(dict(qctx.checkpoint_config or {}))
             except (ValueError, KeyError, TypeError):
-                return [f"transformers does not know the pre-quantized format {method!r} (it would load the "
-                        f"packed tensors as plain weights)"]
-        return []
+                problems.append(f"transformers does not know the pre-quantized format {method!r} (it would load the "
+                                f"packed tensors as plain weights)")
+        return problems
 
     def kwargs(self, plan: Plan, offload_folder: Any = None) -> dict[str, Any]:
         """The keyword arguments for ``from_pretrained``; ``offload_folder`` is this load's own
@@ -121,6 +131,19 @@ class TransformersEngine(Engine):
                 raise
         check_loading_info(info, plan)
         return model
+
+
+def _index_has_metadata(index: Any) -> bool:
+    """transformers' shard loader copies the index's ``metadata`` object and adds to it: an index
+    without one (the native engine needs only ``weight_map``) fails there with a KeyError."""
+    from ..contract.errors import CheckpointError
+    from ..jsonfile import read_json
+
+    try:
+        data = read_json(index, CheckpointError, what="a shard index", missing="", missing_fix="", repair_fix="")
+    except CheckpointError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("metadata"), dict)
 
 
 def check_loading_info(info: dict[str, Any], plan: Plan) -> None:

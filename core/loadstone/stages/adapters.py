@@ -3,10 +3,11 @@ base skeleton before any weight is read)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any
+from typing import Any, Iterator
 
-from ..contract.errors import AdapterError, UnsafeCheckpointError
+from ..contract.errors import AdapterError, LoadstoneError, UnsafeCheckpointError
 from ..contract.request import LoadRequest
 from ..contract.sources import ADAPTER_CONFIG, AdapterSource
 from ..safetensors_header import read_safetensors_header
@@ -27,10 +28,9 @@ def adapter_tensor_shapes(adapter: AdapterSource, *, allow_pickle: bool) -> dict
             file=path, field="adapter weights", expected="adapter_model.safetensors", found=path.name,
             fix="re-save the adapter with safetensors, or pass allow_pickle=True to read it with "
                 "torch.load(weights_only=True)")
-    import torch
+    from .inspect.checkpoint import read_pickle_tensors
 
-    state = torch.load(path, map_location="meta", weights_only=True)
-    return {name: tuple(t.shape) for name, t in state.items()}
+    return {name: info.shape for name, info in read_pickle_tensors(path).items()}
 
 
 def _in_out(module: Any) -> tuple[int, int] | None:
@@ -85,7 +85,9 @@ def validate_adapter(adapter: AdapterSource, skeleton: Any, *, allow_pickle: boo
             raise AdapterError(f"adapter {adapter.name!r}: tensor {key!r} is empty (shape {list(shape)}).",
                                file=adapter.weights, field=key, expected="a non-empty tensor", found=list(shape),
                                fix="re-save the adapter; its weights are damaged")
-        rest = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if not key.startswith(_PREFIX):
+            continue  # a model-level tensor (prompt embeddings, VeRA's shared matrices): peft's, see adapter_fit
+        rest = key[len(_PREFIX):]
         parts = rest.split(".")
         owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules),
                      None)
@@ -122,15 +124,33 @@ def validate_adapter(adapter: AdapterSource, skeleton: Any, *, allow_pickle: boo
     return {"modules": len(touched), "rank": rank}
 
 
+@contextlib.contextmanager
+def _peft_errors(adapter: AdapterSource) -> Iterator[None]:
+    """What peft raises attaching an adapter the plan accepted, as an AdapterError naming it (the plan
+    replays peft's attach on the meta device, see adapter_fit, so this is a second line only)."""
+    try:
+        yield
+    except LoadstoneError:
+        raise
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError, NotImplementedError) as exc:
+        raise AdapterError(f"adapter {adapter.name!r}: peft could not attach it: {type(exc).__name__}: "
+                           f"{str(exc).strip()[:300]}", file=adapter.source.path / ADAPTER_CONFIG,
+                           field="(adapter)", fix="re-save the adapter with peft's save_pretrained; if it loads with "
+                           "peft alone, report it to the maintainers of loadstone") from exc
+
+
 def attach_adapters(model: Any, adapters: list[AdapterSource], request: LoadRequest) -> tuple[Any, list[dict]]:
     """Wrap ``model`` in a ``peft.PeftModel`` with every adapter; returns (model, summaries)."""
     from peft import PeftModel
 
     first, rest = adapters[0], adapters[1:]
-    peft_model = PeftModel.from_pretrained(model, str(first.source.path), adapter_name=first.name,
-                                           is_trainable=request.trainable)
+    with _peft_errors(first):
+        peft_model = PeftModel.from_pretrained(model, str(first.source.path), adapter_name=first.name,
+                                               is_trainable=request.trainable)
     for adapter in rest:
-        peft_model.load_adapter(str(adapter.source.path), adapter_name=adapter.name, is_trainable=request.trainable)
+        with _peft_errors(adapter):
+            peft_model.load_adapter(str(adapter.source.path), adapter_name=adapter.name,
+                                    is_trainable=request.trainable)
     active = request.active_adapter or first.name
     if active not in {a.name for a in adapters}:
         raise AdapterError(f"active_adapter {active!r} is not one of the loaded adapters.", field="active_adapter",

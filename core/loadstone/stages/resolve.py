@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..contract.errors import AdapterError, ResolutionError
+from ..contract.errors import AdapterError, PluginHookError, ResolutionError
 from ..contract.report import Decision
 from ..contract.request import LoadRequest
 from ..contract.sources import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource, ResolveContext, ResolvedSource, Sources
 from ..jsonfile import read_json_object
 from ..plugins import PluginManager
+from .adapter_config import check_adapter_config
 
 
 def resolve_reference(reference: str, ctx: ResolveContext, plugins: PluginManager) -> ResolvedSource:
@@ -50,13 +51,7 @@ def read_adapter(name: str, source: ResolvedSource) -> AdapterSource:
             file=cfg_path, field="peft_type", expected="e.g. \"LORA\"",
             found="a model config (model_type/architectures)" if looks_like_model else "missing",
             fix="save the adapter with peft's save_pretrained; a model config belongs in config.json")
-    from peft import PeftType  # metadata only; never imports anything named in the config
-
-    known = {t.value for t in PeftType}
-    if config["peft_type"] not in known:
-        raise AdapterError(f"{ADAPTER_CONFIG} names an unknown peft_type.", file=cfg_path, field="peft_type",
-                           expected=", ".join(sorted(known)), found=config["peft_type"],
-                           fix="upgrade peft if the adapter was made with a newer version, or fix the file")
+    check_adapter_config(config, cfg_path)  # peft's metadata only; never imports anything the config names
     weights = next((folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file()), None)
     if weights is None:
         raise AdapterError(
@@ -139,10 +134,17 @@ def _adapter_base(adapter: AdapterSource, request: LoadRequest, plugins: PluginM
                          offline=request.offline, token=request.token, relative_to=adapter.source.path,
                          request=request, weights=weights)
     try:
-        return resolve_reference(str(base_ref), ctx, plugins)
+        return resolve_reference(base_ref, ctx, plugins)
     except ResolutionError as exc:
         raise AdapterError(
-            f"the adapter's base model {base_ref!r} cannot be found: {exc.message}", file=cfg_path,
-            field="base_model_name_or_path", expected="an existing folder (relative paths are taken from the "
-            "adapter folder) or a Hub id", found=base_ref,
-            fix="pass base=PATH (CLI: --base PATH) if the base model moved") from exc
+            f"the adapter's base model {base_ref[:200]!r} cannot be found: {exc.message}", file=cfg_path,
+            field="revision" if exc.field == "revision" else "base_model_name_or_path",
+            expected="an existing folder (relative paths are taken from the adapter folder) or a Hub id",
+            found=base_ref[:200] if exc.field != "revision" else exc.found,
+            fix=f"{exc.fix + '; or ' if exc.fix else ''}pass base=PATH (CLI: --base PATH) if the base model moved"
+        ) from exc
+    except PluginHookError as exc:  # a resolver plugin crashed: say where the reference came from
+        raise PluginHookError(f"{exc.message} (resolving base_model_name_or_path {base_ref[:200]!r} of {cfg_path})",
+                              plugin=exc.plugin, distribution=exc.distribution, stage=exc.stage, file=cfg_path,
+                              field="base_model_name_or_path", expected=exc.expected, found=exc.found,
+                              fix=exc.fix) from exc.__cause__

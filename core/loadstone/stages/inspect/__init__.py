@@ -34,7 +34,7 @@ def inspect(request: LoadRequest, sources: Sources, report: LoadReport) -> Inspe
     # Weight headers first: the cheapest check, and it needs neither torch nor transformers.
     inventory = inspect_checkpoint(sources.base.path, allow_pickle=request.allow_pickle,
                                    remote_headers=sources.base.remote_headers)
-    config = load_config(sources.base.path, request)
+    config = load_config(sources.base.path, request, inventory)
     for adapter in sources.adapters:
         if adapter.weights.suffix == ".safetensors":
             read_safetensors_header(adapter.weights)

@@ -11,7 +11,7 @@ the fix. See docs/validation.md for the full list.
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,12 +25,10 @@ from ...contract.checkpoint import (
     TensorInfo,
 )
 from ...contract.errors import CheckpointError, UnsafeCheckpointError
+from ...jsonfile import read_json
 from ...safetensors_header import (
-    DuplicateKey,
-    no_duplicates,
     read_safetensors_header,
     remote_safetensors_header,
-    unreadable,
 )
 
 
@@ -71,24 +69,26 @@ def _inside(folder: Path, name: str, index: Path) -> Path:
 
 
 def read_index(folder: Path, index: Path) -> dict[str, str]:
-    try:
-        data = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicates)
-    except OSError as exc:
-        raise unreadable(index, exc) from None
-    except DuplicateKey as dup:
-        raise CheckpointError(f"{index.name} lists the tensor {dup.key!r} twice.", file=index,
-                              field=f"weight_map[{dup.key!r}]", expected="each tensor in one shard",
-                              found="two entries", fix="fix or regenerate the index") from None
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{index.name} is not valid JSON.", file=index, field="(whole file)",
-                              expected="a JSON object with a weight_map", found=str(exc)[:120] or type(exc).__name__,
-                              fix="regenerate the index with save_pretrained") from None
+    """The index's ``weight_map`` (tensor name -> shard file name, spelled as the folder names it:
+    ``./model-00001...`` is ``model-00001...``, as transformers reads it)."""
+    data = read_json(index, CheckpointError, what="a JSON object with a weight_map",
+                     missing=f"{index.name} is missing.", missing_fix="finish the download (or re-save the checkpoint)",
+                     repair_fix="regenerate the index with save_pretrained")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index.name} has no usable weight_map.", file=index, field="weight_map",
                               expected="an object mapping tensor names to shard file names",
                               found=repr(weight_map)[:120], fix="regenerate the index with save_pretrained")
-    return weight_map
+    return {name: _normal_shard_name(shard) for name, shard in weight_map.items()}
+
+
+def _normal_shard_name(name: str) -> str:
+    """``./shard`` and ``shard`` are one file; anything that is not a plain relative path is left
+    as it is for :func:`_inside` to refuse."""
+    if not name or "\x00" in name or name.startswith("/"):
+        return name
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return "/".join(parts) if parts else name
 
 
 class _HeaderSource:
@@ -129,7 +129,7 @@ def inspect_checkpoint(folder: Path, *, allow_pickle: bool = False,
     """
     folder = Path(folder)
     source = _HeaderSource(folder, remote_headers)
-    if (folder / SAFE_INDEX).is_file():
+    if _is_file(folder / SAFE_INDEX) or os.path.lexists(folder / SAFE_INDEX):  # not a file: read_index says why
         return _inspect_sharded(folder, folder / SAFE_INDEX, source)
     if source.present(folder / SAFE_SINGLE):
         tensors, metadata = source.read(folder / SAFE_SINGLE)
@@ -158,7 +158,7 @@ def inspect_checkpoint(folder: Path, *, allow_pickle: bool = False,
                                       expected="every shard listed in the index", found="no such file",
                                       fix="finish the download (or re-save the checkpoint)")
             stats = _stat(f)
-            tensors.update(_pickle_tensors(f))
+            tensors.update(read_pickle_tensors(f))
             if stats is not None:
                 source.stats[f] = stats
         return CheckpointInventory(folder, "pickle", files, tensors, index, file_stats=dict(source.stats))
@@ -224,7 +224,7 @@ _TORCH_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16",
                          "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
-def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
+def read_pickle_tensors(path: Path) -> dict[str, TensorInfo]:
     """Names, shapes and dtypes of a pickle checkpoint (only read when the caller allowed pickle).
 
     Unpickled with ``torch.load(weights_only=True)`` onto the meta device (memory-mapped when the

@@ -3,12 +3,15 @@ everything transformers cannot read."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+from ...contract.checkpoint import CheckpointInventory
 from ...contract.errors import ConfigError
 from ...contract.request import TASKS, LoadRequest
 from ...jsonfile import read_json_object
+from .config_values import check_config_values
 
 CONFIG = "config.json"
 
@@ -46,14 +49,22 @@ def import_transformers() -> None:
             _transformers_ready = True
 
 
-def load_config(folder: Path, request: LoadRequest) -> Any:
-    """``AutoConfig`` for the folder, refusing remote code unless it was allowed."""
+def load_config(folder: Path, request: LoadRequest, inventory: CheckpointInventory | None = None) -> Any:
+    """``AutoConfig`` for the folder, refusing remote code unless it was allowed, and values no
+    model can be built from (see :mod:`.config_values`; layer counts are compared with
+    ``inventory``'s tensor names)."""
     import_transformers()
     raw = read_raw_config(folder)
     path = folder / CONFIG
     model_type = raw.get("model_type")
     from transformers import CONFIG_MAPPING
 
+    if not isinstance(model_type, str) or not model_type:
+        raise ConfigError(f"{CONFIG} names no model_type.", file=path, field="model_type",
+                          expected="a model type name such as \"llama\"",
+                          found=f"{model_type!r} ({type(model_type).__name__})"[:200],
+                          fix="write the model_type save_pretrained recorded (see the model card)")
+    check_config_values(raw, path, CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None, inventory)
     auto_map = raw.get("auto_map") or {}
     if model_type not in CONFIG_MAPPING:
         if auto_map and not request.trust_remote_code:
@@ -76,8 +87,24 @@ def load_config(folder: Path, request: LoadRequest) -> Any:
     try:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=request.trust_remote_code,
                                           local_files_only=True)
-    except (ValueError, TypeError, KeyError, OSError) as exc:
-        raise ConfigError(f"transformers cannot read {CONFIG}: {exc}", file=path, field="(config values)",
-                          fix="compare config.json with one written by save_pretrained") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises here, config.json's values caused it
+        raise config_value_error(exc, path) from exc
+
+
+_FIELD = re.compile(r"field '([^']+)'")
+
+
+def config_value_error(exc: BaseException, path: Path) -> ConfigError:
+    """transformers' refusal of a config.json value as a ConfigError naming the field where it says
+    which (its strict dataclass validation: ``Validation error for field 'hidden_size': TypeError:
+    Field 'hidden_size' expected int, got str``)."""
+    text = str(exc).strip()
+    field = _FIELD.search(text)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    found = (lines[-1] if lines else type(exc).__name__)[:300]
+    return ConfigError(f"transformers cannot use a value of {CONFIG} ({type(exc).__name__}).", file=path,
+                       field=field.group(1) if field else "(config values)",
+                       expected="a value of the type the model's config class declares", found=found,
+                       fix="compare config.json with one written by save_pretrained for this model type")
 
 

@@ -21,8 +21,9 @@ from ...contract.request import LoadRequest
 from ...contract.sources import Sources
 from ...contract.units import device_label
 from ...plugins import PluginManager
+from ..adapter_fit import check_adapters_fit
 from ..adapters import validate_adapter
-from ..inspect import Inspection
+from ..inspect import CONFIG, Inspection
 from .choices import auto_class_for, choose_dtype, choose_quantization, choose_task
 from .engine import choose_engine
 from .memory import (
@@ -35,7 +36,7 @@ from .memory import (
     tensor_sizes,
 )
 from .offload import check_offload_folder
-from .skeleton import SkeletonFactory
+from .skeleton import SkeletonFactory, module_budget
 from .tensormap import build_tensor_map
 
 __all__ = ["plan_load"]
@@ -62,7 +63,8 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
         report.decide(Decision.from_registration("dtype", adjusted, qreg, f"{qreg.name} adjusted {dtype}"))
         dtype = adjusted
     qctx.dtype = getattr(torch, dtype)
-    build = SkeletonFactory(auto_class, config, dtype, request)
+    build = SkeletonFactory(auto_class, config, dtype, request, config_path=sources.base.path / CONFIG,
+                            max_modules=module_budget(len(inventory.tensors)))
     skeleton = build.build()
     sizes, transient, converted = tensor_sizes(skeleton, qreg, qctx, plugins)
     tensor_map, notes = _map_tensors(skeleton, found, sources, qreg, qctx, plugins, converted)
@@ -93,6 +95,8 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     module_names = frozenset(n for n, _ in skeleton.named_modules())
     report.model = {"model_type": config.model_type, "architecture": type(skeleton).__name__,
                     "auto_class": auto_class.__name__, "task": task}
+    if sources.adapters:  # peft wraps the skeleton it is given: a fresh one, the plan's own is kept
+        check_adapters_fit(build.build(), sources.adapters, request)
     report.dtype = dtype
     with plugins.guard(qreg, "plan", "describe"):
         described = backend.describe(qctx)
@@ -146,9 +150,10 @@ def _map_tensors(skeleton: Any, found: Inspection, sources: Sources, qreg: Any, 
             return bool(backend.accepts_tensor(module_name, rest, module, qctx))
 
     try:
-        # The skeleton's last use: the map only reads it.
+        # The map only reads the skeleton.
         return build_tensor_map(skeleton, inventory, config, sources.base.path, dtype=qctx.dtype,
-                                converts=converted.__contains__, accepts=accepts)
+                                converts=converted.__contains__, accepts=accepts,
+                                pre_quantized=qctx.pre_quantized)
     except LoadstoneError:
         raise
     except Exception as exc:  # a transformers internal changed: fall back to the post-load check, say so

@@ -28,6 +28,34 @@ from ...contract.tensors import TensorGroup, TensorMap
 from ...safetensors_header import TORCH_DTYPE_NAMES
 
 _SHOW = 8  # names listed per category; the counts are always complete
+_FLOAT_VALUES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+
+
+def _stored_kind(code: str) -> str:
+    """What values a safetensors dtype holds: ``float``, ``int``, ``bool``, ``complex``, or
+    ``other`` (packed or scale formats with no value of their own, e.g. F4, F8_E8M0)."""
+    if code in _FLOAT_VALUES:
+        return "float"
+    if code == "BOOL":
+        return "bool"
+    if code[0] in "IU":
+        return "int"
+    return "complex" if code.startswith("C") else "other"
+
+
+def _model_kind(dtype: Any) -> str:
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if str(dtype) == "torch.bool" else "int"
+
+
+def _loadable(code: str) -> bool:
+    import torch
+
+    name = TORCH_DTYPE_NAMES.get(code)
+    return name is not None and hasattr(torch, name)
 
 def _torch_dtype(code: str) -> Any:
     import torch
@@ -77,7 +105,8 @@ def _planned_dtypes(model: Any, state: dict[str, Any], dtype: Any) -> dict[str, 
 
 def build_tensor_map(model: Any, inventory: CheckpointInventory, config: Any, folder: Path, *, dtype: Any,
                      converts: Callable[[str], bool] = lambda name: False,
-                     accepts: Callable[[str, str, Any], bool] | None = None) -> tuple[TensorMap, list[str]]:
+                     accepts: Callable[[str, str, Any], bool] | None = None,
+                     pre_quantized: bool = False) -> tuple[TensorMap, list[str]]:
     """Map every checkpoint tensor onto the skeleton ``model`` and refuse a checkpoint that does not fit.
 
     :param model: the skeleton on the meta device (not changed).
@@ -85,8 +114,12 @@ def build_tensor_map(model: Any, inventory: CheckpointInventory, config: Any, fo
         are then the backend's to check).
     :param accepts: ``(module name, rest of key, module) -> bool``: whether the backend takes a
         checkpoint tensor the skeleton has no parameter for; ``None``: nothing extra is taken.
+    :param pre_quantized: the checkpoint is pre-quantized: the stored dtypes of the tensors the
+        backend converts are its own to judge (packed integers, scales).
     :return: the tensor map and notes for the report (tied weights, new or dropped task heads).
-    :raises WeightsMismatchError: tensors missing, unexpected, of the wrong shape, or that cannot be
+    :raises WeightsMismatchError: tensors missing, unexpected, of the wrong shape or of a dtype that
+        cannot fill their parameter (a BOOL or integer tensor for a floating weight would be cast
+        silently; a dtype this torch has no type for cannot be read at all), or that cannot be
         assembled.
     """
     import torch
@@ -163,6 +196,7 @@ def build_tensor_map(model: Any, inventory: CheckpointInventory, config: Any, fo
         groups.append(TensorGroup(tuple(targets), tuple(k for k, _ in sources), converter,
                                   tuple(p for _, p in sources)))
 
+    wrong_dtype = _dtype_problems(groups, extras, inventory, state, converts, pre_quantized)
     missing = set(state) - filled
     info = SimpleNamespace(missing_keys=missing, unexpected_keys=unexpected)
     adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
@@ -189,14 +223,38 @@ def build_tensor_map(model: Any, inventory: CheckpointInventory, config: Any, fo
     missing -= new_head
     unexpected -= dropped_head
     missing -= set(broken)
-    if missing or unexpected or mismatched or broken:
+    if missing or unexpected or mismatched or broken or wrong_dtype:
         raise _mismatch_error(model, inventory, folder, missing, unexpected,
-                              sorted(mismatched, key=lambda m: m[0]), broken)
+                              sorted(mismatched, key=lambda m: m[0]), broken, wrong_dtype)
     dtypes = _planned_dtypes(model, state, dtype)
     converted = frozenset(t for t in filled if converts(t))
     tensor_map = TensorMap(groups, extras, {k: v for k, v in dtypes.items() if k not in converted}, converted, tied,
                            frozenset(new_head))
     return tensor_map, notes
+
+
+def _dtype_problems(groups: list[TensorGroup], extras: dict[str, Any], inventory: CheckpointInventory,
+                    state: dict[str, Any], converts: Callable[[str], bool], pre_quantized: bool) -> dict[str, str]:
+    """Checkpoint key -> why its stored dtype cannot fill the model tensor it is mapped to."""
+    problems: dict[str, str] = {}
+    for group in groups:
+        for source in group.sources:
+            code = inventory.tensors[source].dtype
+            target = group.targets[0] if group.targets else None
+            if not _loadable(code):
+                problems[source] = f"{code}, which this torch has no dtype for"
+            elif target is None or (pre_quantized and converts(target)):
+                continue  # packed and scale tensors of a pre-quantized checkpoint: the backend's to judge
+            else:
+                want = "float" if converts(target) else _model_kind(state[target].dtype)
+                if _stored_kind(code) != want:
+                    problems[source] = (f"{code} in the checkpoint, but {target} is a {want} tensor "
+                                        f"({str(state[target].dtype).replace('torch.', '')})")
+    for key in extras:
+        code = inventory.tensors[key].dtype
+        if not _loadable(code):
+            problems[key] = f"{code}, which this torch has no dtype for"
+    return problems
 
 
 def _last_line(text: Any) -> str:
@@ -206,7 +264,8 @@ def _last_line(text: Any) -> str:
 
 
 def _mismatch_error(skeleton: Any, inventory: CheckpointInventory, folder: Path, missing: set[str],
-                    unexpected: set[str], mismatched: list, broken: dict[str, str]) -> WeightsMismatchError:
+                    unexpected: set[str], mismatched: list, broken: dict[str, str],
+                    wrong_dtype: dict[str, str]) -> WeightsMismatchError:
     arch = type(skeleton).__name__
     counts, parts = [], []
     if missing:
@@ -225,10 +284,19 @@ def _mismatch_error(skeleton: Any, inventory: CheckpointInventory, folder: Path,
         counts.append(f"{len(broken)} that cannot be assembled from the checkpoint's tensors")
         parts.append("cannot be assembled: " + "; ".join(f"{name} ({why})" for name, why in
                                                           sorted(broken.items())[:_SHOW]))
+    if wrong_dtype:
+        counts.append(f"{len(wrong_dtype)} of a dtype that cannot fill their parameter")
+        parts.append("wrong dtype (it would be cast silently): " + "; ".join(
+            f"{name} is {why}" for name, why in sorted(wrong_dtype.items())[:_SHOW]))
     where = inventory.index_file or (inventory.files[0] if inventory.files else folder)
+    fix = ("check that config.json and the weights belong together (same model type and size); if the checkpoint "
+           "is damaged, re-download or re-save it with save_pretrained")
+    if wrong_dtype and not (missing or unexpected or mismatched or broken):
+        fix = ("if the checkpoint is quantized, its config.json needs the quantization_config its quantizer wrote; "
+               "otherwise re-save it with floating weights (save_pretrained)")
     return WeightsMismatchError(
         f"the weights in {Path(where).name} do not fit {arch} as config.json describes it: tensors "
-        + ", ".join(counts) + ".", file=where, field="tensor names and shapes",
-        expected=f"exactly the tensors {arch} defines (tied weights excepted)", found=". ".join(parts),
-        fix="check that config.json and the weights belong together (same model type and size); if the checkpoint "
-            "is damaged, re-download or re-save it with save_pretrained")
+        + ", ".join(counts) + ".", file=where, field="tensor names and shapes" if not wrong_dtype or (
+            missing or unexpected or mismatched or broken) else "tensor dtypes",
+        expected=f"exactly the tensors {arch} defines (tied weights excepted), in dtypes that fit them",
+        found=". ".join(parts), fix=fix)
