@@ -86,7 +86,9 @@ def load(request: LoadRequest, plugins: PluginManager,
                 report.training = {"trainable": request.trainable, "notes": prepare(model, the_plan, plugins)}
             with clock.stage("adapters"):
                 if the_plan.sources.adapters:
-                    model, report.adapters = attach_adapters(model, the_plan.sources.adapters, request)
+                    model, report.adapters, notes = attach_adapters(model, the_plan.sources.adapters, request,
+                                                                    the_plan.sources.base)
+                    report.notes += notes
             with clock.stage("report"):
                 report.parameters = count_parameters(model)
         report.stages = dict(clock.timings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class HubResolver(Resolver):
         except LocalEntryNotFoundError as exc:
             if ctx.offline:
                 fix = (f"download it first (`hf download {repo_id} --revision {revision}`), or leave offline mode "
-                       f"(HF_HUB_OFFLINE=1 / offline=True / --offline)")
+                       f"so that loadstone can download it ({_how_to_go_online()})")
             else:
                 fix = (f"check the id and the network, or download it first "
                        f"(`hf download {repo_id} --revision {revision}`)")
@@ -139,6 +140,13 @@ class HubResolver(Resolver):
         headers = fetch_remote_headers(repo_id, commit, path, ctx.token)
         return ResolvedSource(reference, path, "hub", repo_id=repo_id, revision=revision, commit=commit,
                               remote_headers=headers)
+
+
+def _how_to_go_online() -> str:
+    """Undo whichever switch made this load offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return "unset HF_HUB_OFFLINE, which is set in the environment, and drop offline=True / --offline if given"
+    return "drop offline=True (CLI: --offline)"
 
 
 @hookimpl
