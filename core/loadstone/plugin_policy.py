@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import types
-from typing import Any
+from typing import Any, Callable
 
 from .contract.engines import Engine
 from .contract.errors import PluginConflictError
@@ -85,9 +85,10 @@ def in_process_value(obj: Any) -> str:
 
 
 def conflict_error(first: Registration, second: Registration, methods: set[str], records: list[PluginRecord],
-                   *, disable_from_env: bool) -> PluginConflictError:
+                   disable_hint: Callable[[str], str]) -> PluginConflictError:
     """The error for ``second`` registering what ``first`` already provides: exactly what clashes
-    (a component name, or quantization methods), who registered each, and both ways out."""
+    (a component name, or quantization methods), who registered each, and both ways out.
+    ``disable_hint(plugin)`` says how to disable a plugin where this manager's disable list comes from."""
     what_kind = {"quantization": "quantization backend", "placement": "placement strategy",
                  "resolver": "resolver", "engine": "engine"}.get(second.kind, second.kind)
     shared = sorted(methods & set(getattr(first.component, "methods", ()))) if second.kind == "quantization" else []
@@ -100,8 +101,7 @@ def conflict_error(first: Registration, second: Registration, methods: set[str],
     if first.plugin == second.plugin:
         return PluginConflictError(
             f"{second.owner()} registers {clash} twice.", field=field_name, found=found,
-            fix=f"fix the plugin so that each name is registered once, or disable it with "
-                f"{_disable_hint([second.plugin], disable_from_env)}")
+            fix=f"fix the plugin so that each name is registered once, or disable it ({disable_hint(second.plugin)})")
     records_by_name = {r.name: r for r in records}
     ways = []
     for reg in (second, first):
@@ -115,10 +115,5 @@ def conflict_error(first: Registration, second: Registration, methods: set[str],
     return PluginConflictError(
         f"two plugins provide {clash}: {first.owner()} and {second.owner()}; loadstone will not guess which "
         f"one you mean.", field=field_name, found=found,
-        fix=f"keep one of them: disable one by plugin name ({_disable_hint([second.plugin], disable_from_env)}, "
-            f"or {_disable_hint([first.plugin], disable_from_env)}), or remove one ({', or '.join(ways)})")
-
-
-def _disable_hint(names: list[str], from_env: bool) -> str:
-    return (f"LOADSTONE_DISABLE_PLUGINS={','.join(names)}" if from_env
-            else f"PluginManager(disable=[{', '.join(map(repr, names))}]) or LOADSTONE_DISABLE_PLUGINS={','.join(names)}")
+        fix=f"keep one of them: disable one by plugin name ({disable_hint(second.plugin)}, or "
+            f"{disable_hint(first.plugin)}), or remove one ({', or '.join(ways)})")

@@ -73,8 +73,9 @@ class PluginManager:
                  strict: bool | None = None, extra_plugins: Iterable[tuple[str, Any]] = ()):
         self.allow = list(allow) if allow is not None else _env_list("LOADSTONE_PLUGINS")
         self.disable = set(disable) if disable is not None else set(_env_list("LOADSTONE_DISABLE_PLUGINS") or [])
+        self._disable_given = disable is not None
         #: Where the disable list came from, for messages: the argument or the environment variable.
-        self.disable_source = (f"disable={sorted(self.disable)!r}" if disable is not None
+        self.disable_source = (f"PluginManager(disable={sorted(self.disable)!r})" if disable is not None
                                else f"LOADSTONE_DISABLE_PLUGINS={','.join(sorted(self.disable))}")
         self.strict = _env_flag("LOADSTONE_STRICT_PLUGINS") if strict is None else strict
         self._extra = list(extra_plugins)
@@ -171,13 +172,14 @@ class PluginManager:
                 return
             record.status = "failed"
             record.error = f"{type(exc).__name__}: {exc}"
-            message = (f"loadstone plugin {record.name!r} from distribution "
-                       f"{f'{record.distribution} {record.version}'.strip()} failed to load: {record.error}")
+            origin = (record.origin() if record.distribution == IN_PROCESS
+                      else f"from distribution {f'{record.distribution} {record.version}'.strip()}")
+            message = f"loadstone plugin {record.name!r} {origin} failed to load: {record.error}"
             if self.strict:
                 raise PluginLoadError(
                     message, field="entry point", found=record.value,
                     fix=f"fix or uninstall {record.distribution}, or unset LOADSTONE_STRICT_PLUGINS "
-                        f"to skip it, or add it to LOADSTONE_DISABLE_PLUGINS",
+                        f"to skip it, or disable it with {self.disable_hint(record.name)}",
                 ) from exc
             warnings.warn(message + "; it was skipped (set LOADSTONE_STRICT_PLUGINS=1 to make this an error)",
                           PluginLoadWarning, stacklevel=3)
@@ -231,12 +233,16 @@ class PluginManager:
         clashes = [r for r in [*self._registry[kind].values(), *pending]
                    if r.kind == kind and (r.name == name or methods & set(getattr(r.component, "methods", ())))]
         if clashes:
-            raise conflict_error(clashes[0], reg, methods, self._records, disable_from_env=self._disable_from_env)
+            raise conflict_error(clashes[0], reg, methods, self._records, self.disable_hint)
         return reg
 
-    @property
-    def _disable_from_env(self) -> bool:
-        return self.disable_source.startswith("LOADSTONE_DISABLE_PLUGINS")
+    def disable_hint(self, plugin_name: str) -> str:
+        """How to disable ``plugin_name`` for this manager: through the environment variable, or,
+        when the manager was given ``disable=`` (which replaces the variable), through that argument."""
+        names = sorted(self.disable | {plugin_name})
+        if self._disable_given:
+            return f"PluginManager(disable={names!r})"
+        return f"LOADSTONE_DISABLE_PLUGINS={','.join(names)}"
 
     # ------------------------------------------------------------------ queries
 
@@ -410,10 +416,10 @@ class PluginManager:
                 expected=exc.expected, found=exc.found, fix=exc.fix)
         if record is not None and record.distribution == IN_PROCESS:
             fix = (f"fix {record.value} (passed as extra_plugins), or leave it out, or disable it with "
-                   f"PluginManager(disable=[{plugin_name!r}])")
+                   f"{self.disable_hint(plugin_name)}")
         else:
             fix = (f"report it to the maintainers of {record.distribution if record else plugin_name}, or disable "
-                   f"the plugin with LOADSTONE_DISABLE_PLUGINS={plugin_name}")
+                   f"the plugin with {self.disable_hint(plugin_name)}")
         return PluginHookError(f"{who} raised {type(exc).__name__} during stage {stage!r} in {what}: {exc}",
                                plugin=plugin_name, distribution=dist, stage=stage, fix=fix)
 
