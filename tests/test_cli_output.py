@@ -182,3 +182,17 @@ def test_every_refusal_under_json_is_one_object(argv, error, sharded_llama, tmp_
     assert code == 2 and found["error"] == error and found["exit_code"] == 2
     assert found["message"] and found["fix"]
     assert err.startswith(f"error ({error})")
+
+
+def test_a_missing_adapter_or_base_names_the_option_it_came_from(sharded_llama, llama_lora, tmp_path):
+    import loadstone
+
+    with pytest.raises(loadstone.ResolutionError) as info:
+        loadstone.plan(str(sharded_llama), adapters={"math": str(tmp_path / "gone")})
+    assert info.value.field == "adapters['math'] (CLI: --adapter)" and info.value.found == str(tmp_path / "gone")
+    with pytest.raises(loadstone.ResolutionError) as info:
+        loadstone.plan(str(llama_lora), base=str(tmp_path / "gone"))
+    assert info.value.field == "base (CLI: --base)"
+    with pytest.raises(loadstone.ResolutionError) as info:
+        loadstone.plan(str(tmp_path / "gone"))
+    assert info.value.field == "reference"

@@ -202,35 +202,14 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugin_listing import render_listing
     from .plugins import get_plugin_manager
 
     manager = get_plugin_manager()
     described = manager.describe()
     for conflict in manager.conflicts:  # listed below too; every load and plan refuses until it is resolved
         print(f"error ({type(conflict).__name__}): {conflict}".replace("\n", " "), file=sys.stderr)
-    if args.json:
-        print(json.dumps(described, indent=2))
-        return 0
-    for item in described:
-        origin = "built-in" if item["builtin"] else "entry point"
-        print(f"{item['name']}  [{item['distribution']} {item['version']}, {origin}]  {item['status']}")
-        if item["error"]:
-            print(f"    error: {item['error']}")
-        for comp in item["components"]:
-            line = f"    {comp['kind']:<13} {comp['name']:<12} {comp.get('description', '')}"
-            print(line.rstrip())
-            if comp["kind"] == "quantization":
-                state = "available" if comp["available"] else "unavailable: " + "; ".join(comp["problems"])
-                print(f"                  methods: {', '.join(comp['methods'])}"
-                      + (f"; checkpoints: {', '.join(comp['checkpoint_formats'])}" if comp["checkpoint_formats"] else "")
-                      + f"; {state}")
-                for opt, text in comp.get("options", {}).items():
-                    print(f"                  -o {opt}=...  {text}")
-            elif comp["kind"] == "engine":
-                for opt, text in comp.get("options", {}).items():
-                    print(f"                  -e {opt}=...  {text}")
-        for disabled in item.get("disabled_components", []):
-            print(f"    {disabled} (disabled by {manager.disable_source})")
+    print(json.dumps(described, indent=2) if args.json else render_listing(described, manager.disable_source))
     return 0
 
 

@@ -1,19 +1,17 @@
 """The plugin loading policy's constants: the entry-point group, the built-ins, which distribution
-provides which well-known component, the environment variables, and how a conflict is explained.
-:mod:`loadstone.plugins` applies them."""
+provides which well-known component, the environment variables. :mod:`loadstone.plugins`
+applies them."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import os
 import types
-from typing import Any, Callable
+from typing import Any
 
 from .contract.engines import Engine
-from .contract.errors import PluginConflictError
 from .contract.placement import PlacementStrategy
 from .contract.quantization import QuantizationBackend
-from .contract.records import PluginRecord, Registration
 from .contract.sources import Resolver
 
 ENTRY_POINT_GROUP = "loadstone"
@@ -82,38 +80,3 @@ def in_process_value(obj: Any) -> str:
         return f"module {obj.__name__}"
     cls = obj if isinstance(obj, type) else type(obj)
     return f"{'class' if obj is cls else 'object of'} {cls.__module__}.{cls.__qualname__}"
-
-
-def conflict_error(first: Registration, second: Registration, methods: set[str], records: list[PluginRecord],
-                   disable_hint: Callable[[str], str]) -> PluginConflictError:
-    """The error for ``second`` registering what ``first`` already provides: exactly what clashes
-    (a component name, or quantization methods), who registered each, and both ways out.
-    ``disable_hint(plugin)`` says how to disable a plugin where this manager's disable list comes from."""
-    what_kind = {"quantization": "quantization backend", "placement": "placement strategy",
-                 "resolver": "resolver", "engine": "engine"}.get(second.kind, second.kind)
-    shared = sorted(methods & set(getattr(first.component, "methods", ()))) if second.kind == "quantization" else []
-    if first.name == second.name:
-        clash, field_name, found = f"the {what_kind} name {second.name!r}", f"{second.kind} name", second.name
-    else:
-        clash = (f"the quantization method{'s' if len(shared) > 1 else ''} {', '.join(map(repr, shared))} "
-                 f"(backends {first.name!r} and {second.name!r})")
-        field_name, found = "quantization method", ", ".join(shared)
-    if first.plugin == second.plugin:
-        return PluginConflictError(
-            f"{second.owner()} registers {clash} twice.", field=field_name, found=found,
-            fix=f"fix the plugin so that each name is registered once, or disable it ({disable_hint(second.plugin)})")
-    records_by_name = {r.name: r for r in records}
-    ways = []
-    for reg in (second, first):
-        record = records_by_name.get(reg.plugin)
-        if reg.distribution == IN_PROCESS:
-            ways.append(f"drop {reg.plugin!r} from extra_plugins")
-        elif record is not None and record.builtin:
-            ways.append(f"disable the built-in {reg.plugin!r} to replace it")
-        else:
-            ways.append(f"pip uninstall {reg.distribution}")
-    return PluginConflictError(
-        f"two plugins provide {clash}: {first.owner()} and {second.owner()}; loadstone will not guess which "
-        f"one you mean.", field=field_name, found=found,
-        fix=f"keep one of them: disable one by plugin name ({disable_hint(second.plugin)}, or "
-            f"{disable_hint(first.plugin)}), or remove one ({', or '.join(ways)})")

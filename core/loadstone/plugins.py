@@ -34,7 +34,6 @@ from .contract.errors import (
     ComponentNotFoundError,
     LoadstoneError,
     PluginConflictError,
-    PluginHookError,
     PluginLoadError,
 )
 from .contract.records import PluginLoadWarning, PluginRecord, Registration, RequestChange
@@ -49,9 +48,10 @@ from .plugin_policy import (  # noqa: F401  (re-exported: loadstone.plugins is w
     _env_flag,
     _env_list,
     _kernel_version,
-    conflict_error,
     in_process_value,
 )
+from .plugin_listing import describe_record
+from .plugin_messages import conflict_error, hook_error, missing_component_error
 
 log = logging.getLogger("loadstone.plugins")
 
@@ -286,29 +286,7 @@ class PluginManager:
         return list(self._registry[kind].values())
 
     def _missing(self, kind: str, name: str, available: list[str], field_name: str) -> ComponentNotFoundError:
-        provider = KNOWN_PROVIDERS.get(kind, {}).get(name)
-        what = {"quantization": "quantization method", "placement": "placement strategy",
-                "resolver": "resolver", "engine": "engine"}[kind]
-        fix = f"choose one of: {', '.join(sorted(available)) or '(none installed)'}"
-        if name in self.disable:
-            fix = f"it is disabled by {self.disable_source}; remove it from there, or " + fix
-        elif provider:
-            record = next((r for r in self._records if r.distribution == provider), None)
-            if record is None:
-                fix = f"pip install {provider}  (it provides {what} {name!r}); or " + fix
-            elif record.status == "failed":
-                fix = f"{provider} is installed but failed to load ({record.error}); reinstall it, or " + fix
-            elif record.status == "disabled":
-                fix = f"{provider} is installed but disabled by {self.disable_source}; remove it from there, or " + fix
-            else:
-                fix = (f"{provider} is installed but not in the allow-list LOADSTONE_PLUGINS="
-                       f"{','.join(self.allow or [])}; add it, or " + fix)
-        elif not available:
-            disabled = self.disabled_summary()
-            if disabled:
-                fix += f" ({disabled})"
-        return ComponentNotFoundError(f"no installed plugin provides the {what} {name!r}.",
-                                      field=field_name, found=name, fix=fix)
+        return missing_component_error(self, kind, name, available, field_name)
 
     def quantization_backend(self, method: str) -> Registration:
         """The backend registration providing ``method``; :class:`ComponentNotFoundError` if none."""
@@ -403,62 +381,14 @@ class PluginManager:
         return _Guard(self, reg, stage, what)
 
     def hook_error(self, plugin_name: str, stage: str, exc: BaseException, what: str) -> LoadstoneError:
-        if isinstance(exc, PluginHookError):
-            return exc
-        record = self.owner_of(plugin_name)
-        dist = f"{record.distribution} {record.version}".strip() if record else None
-        who = f"plugin {plugin_name!r} " + (record.origin() if record else "")
-        if isinstance(exc, LoadstoneError):
-            # A deliberate, typed refusal: keep its fields, say who raised it.
-            return PluginHookError(
-                f"{who} refused the load during stage {stage!r} in {what}: {exc.message}",
-                plugin=plugin_name, distribution=dist, stage=stage, file=exc.file, field=exc.field,
-                expected=exc.expected, found=exc.found, fix=exc.fix)
-        if record is not None and record.distribution == IN_PROCESS:
-            fix = (f"fix {record.value} (passed as extra_plugins), or leave it out, or disable it with "
-                   f"{self.disable_hint(plugin_name)}")
-        else:
-            fix = (f"report it to the maintainers of {record.distribution if record else plugin_name}, or disable "
-                   f"the plugin with {self.disable_hint(plugin_name)}")
-        return PluginHookError(f"{who} raised {type(exc).__name__} during stage {stage!r} in {what}: {exc}",
-                               plugin=plugin_name, distribution=dist, stage=stage, fix=fix)
+        """The :class:`PluginHookError` for ``exc``, raised by ``plugin_name`` during ``stage``."""
+        return hook_error(self, plugin_name, stage, exc, what)
 
     def describe(self) -> list[dict[str, Any]]:
-        """JSON-serialisable description of every discovered plugin and its components."""
+        """JSON-serialisable description of every discovered plugin and its components (what
+        ``loadstone plugins --json`` prints; works while plugins conflict)."""
         self.discover()
-        out = []
-        for record in self._records:
-            item = record.to_dict()
-            details = []
-            for reg in record.components:
-                comp = reg.component
-                entry: dict[str, Any] = {"kind": reg.kind, "name": reg.name,
-                                         "description": getattr(comp, "description", "")}
-                if reg.kind == "quantization":
-                    # A listing must survive a buggy component: show its crash as a problem.
-                    try:
-                        problems = list(comp.environment_problems())
-                    except Exception as exc:
-                        problems = [f"environment_problems() raised {type(exc).__name__}: {exc}"]
-                    try:
-                        options = dict(comp.option_help())
-                    except Exception as exc:
-                        options, problems = {}, problems + [f"option_help() raised {type(exc).__name__}: {exc}"]
-                    entry.update(methods=list(comp.methods), checkpoint_formats=list(comp.checkpoint_formats),
-                                 requirements=list(comp.requirements), available=not problems,
-                                 problems=problems, options=options)
-                elif reg.kind == "resolver":
-                    entry["priority"] = comp.priority
-                elif reg.kind == "engine":
-                    entry["preference"] = comp.preference
-                    try:
-                        entry["options"] = dict(comp.option_help())
-                    except Exception as exc:  # a listing survives a buggy component
-                        entry["options"], entry["problems"] = {}, [f"option_help() raised {type(exc).__name__}: {exc}"]
-                details.append(entry)
-            item["components"] = details
-            out.append(item)
-        return out
+        return [describe_record(record) for record in self._records]
 
 
 class _Guard:

@@ -1,0 +1,54 @@
+"""``./dev test``, the command CI runs: the suite spread over the cores unless the caller says how to
+run it, and a run that collects no test is a failure (pytest's exit status 5), never a green build."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = Path(sys.prefix)
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def venv_is_current():
+    """``./dev`` rebuilds a virtual environment whose pyproject stamp differs; these tests must run
+    the one they are running in, not install a new one."""
+    stamp = VENV / ".loadstone-stamp"
+    files = [REPO / "pyproject.toml", *sorted((REPO / "plugins").glob("*/pyproject.toml"))]
+    want = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    assert stamp.is_file() and stamp.read_text().strip() == want, (
+        f"{VENV} was not set up by ./dev for the current pyproject files: run ./dev env first")
+
+
+def dev(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "LOADSTONE_"))}
+    env["LOADSTONE_VENV"] = str(VENV)
+    return subprocess.run([str(REPO / "dev"), *args, "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'bt'}",
+                           "tests/test_smoke.py"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_suite_runs_in_parallel_by_default_and_no_test_is_a_failure(tmp_path):
+    done = dev("test", "-k", "no_test_has_this_name", tmp_path=tmp_path)
+    assert done.returncode == 5, done.stdout + done.stderr  # not 0: a filter that matches nothing fails CI
+    assert "bringing up nodes" in done.stdout  # pytest-xdist workers
+
+
+@pytest.mark.parametrize("choice", [["-p", "no:xdist"], ["-n0"]])
+def test_the_callers_choice_of_workers_wins(choice, tmp_path):
+    done = dev("test", *choice, "-k", "no_test_has_this_name", tmp_path=tmp_path)
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "bringing up nodes" not in done.stdout
+
+
+def test_tests_run_and_pass_through_dev(tmp_path):
+    done = dev("test", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout and "bringing up nodes" in done.stdout
