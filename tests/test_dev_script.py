@@ -46,9 +46,3 @@ def test_the_callers_choice_of_workers_wins(choice, tmp_path):
     done = dev("test", *choice, "-k", "no_test_has_this_name", tmp_path=tmp_path)
     assert done.returncode == 5, done.stdout + done.stderr
     assert "bringing up nodes" not in done.stdout
-
-
-def test_tests_run_and_pass_through_dev(tmp_path):
-    done = dev("test", tmp_path=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "1 passed" in done.stdout and "bringing up nodes" in done.stdout
