@@ -20,12 +20,11 @@ Policy (see docs/plugins.md):
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata as md
 import logging
 import threading
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import pluggy
 
