@@ -68,14 +68,12 @@ def _commands(sharded_llama: Path, llama_lora: Path, tmp_path: Path) -> dict[str
                               "--offload-folder", str(tmp_path / "offload")],
         # peft imports bitsandbytes (its import-time log line), and warns about a transformers deprecation
         "load-adapter": ["load", str(llama_lora), "--placement", "cpu"],
-        "demo-unquantized": ["demo", "--no-quantize", "--cache-dir", str(tmp_path / "demo")],
         "demo": ["demo", "--cache-dir", str(tmp_path / "demo")],
     }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["plan-for-a-gpu", "load-with-offload", "load-adapter", "demo-unquantized",
-                                     "demo"])
+@pytest.mark.parametrize("command", ["plan-for-a-gpu", "load-with-offload", "load-adapter", "demo"])
 def test_ordinary_commands_print_nothing_on_stderr(command, sharded_llama, llama_lora, tmp_path, forced_site):
     argv = _commands(sharded_llama, llama_lora, tmp_path)[command]
     done = cli(*argv, site=forced_site if command in ("plan-for-a-gpu", "load-adapter") else None)
@@ -194,3 +192,17 @@ def test_a_missing_adapter_or_base_names_the_option_it_came_from(sharded_llama, 
     with pytest.raises(loadstone.ResolutionError) as info:
         loadstone.plan(str(tmp_path / "gone"))
     assert info.value.field == "reference"
+
+
+def test_gradient_checkpointing_uses_the_current_transformers_api(tiny_checkpoint):
+    # transformers 5 deprecates gradient_checkpointing_enable (a FutureWarning on every trainable
+    # load with gradient checkpointing); loadstone calls its successor
+    import warnings
+
+    import loadstone
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = loadstone.load(str(tiny_checkpoint("llama")), placement="cpu", gradient_checkpointing=True,
+                               progress=False).model
+    assert model.is_activation_checkpointing

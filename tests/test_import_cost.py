@@ -47,25 +47,26 @@ def test_import_and_plugin_listing_stay_light(allow, python_subprocess):
 LOAD_WITHOUT_EXTRAS = """
 import json, sys
 import loadstone
-seen = {}
-for engine in ("loadstone", "transformers"):
-    for kwargs in ({"trainable": True, "gradient_checkpointing": True}, {"trainable": False}):
-        loadstone.load(sys.argv[1], dtype="bfloat16", placement="cpu", engine=engine, progress=False, **kwargs)
-        seen[f"{engine} {sorted(kwargs)}"] = sorted(m for m in ("bitsandbytes", "peft") if m in sys.modules)
+seen = {{}}
+for checkpoint in {checkpoints!r}:
+    for engine in ("loadstone", "transformers"):
+        for kwargs in ({{"trainable": True, "gradient_checkpointing": True}}, {{"trainable": False}}):
+            loadstone.load(checkpoint, dtype="bfloat16", placement="cpu", engine=engine, progress=False, **kwargs)
+            seen[f"{{checkpoint}} {{engine}} {{sorted(kwargs)}}"] = sorted(
+                m for m in ("bitsandbytes", "peft") if m in sys.modules)
 print(json.dumps(seen))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
-def test_an_unquantized_load_without_adapters_imports_neither_peft_nor_bitsandbytes(arch, tiny_checkpoint,
+def test_an_unquantized_load_without_adapters_imports_neither_peft_nor_bitsandbytes(tiny_checkpoint,
                                                                                       python_subprocess):
     # peft imports bitsandbytes, which sets up torch.compile: 5-8 s a plain load must not pay
-    done = python_subprocess(LOAD_WITHOUT_EXTRAS.replace("sys.argv[1]", repr(str(tiny_checkpoint(arch)))),
-                             timeout=180)
+    checkpoints = [str(tiny_checkpoint(arch)) for arch in ("llama", "qwen2_moe")]
+    done = python_subprocess(LOAD_WITHOUT_EXTRAS.format(checkpoints=checkpoints), timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(seen) == 4 and all(imported == [] for imported in seen.values()), seen
+    assert len(seen) == 8 and all(imported == [] for imported in seen.values()), seen
 
 
 PLAN_NF4_FOR_CUDA = """
