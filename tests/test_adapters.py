@@ -63,7 +63,8 @@ def test_adapter_folder_is_detected_and_loads_as_peft_does(lora, sharded_llama, 
     assert report.sources["adapters"][0]["source"]["path"] == str(lora.resolve())
     assert report.decision("base").reason == "adapter_config.json base_model_name_or_path"
     assert report.adapters == [{"name": "default", "peft_type": "LORA", "r": 4, "trainable": True,
-                                "active": True, "path": str(lora.resolve())}]
+                                "active": True, "path": str(lora.resolve()),
+                                "base_model_name_or_path": str(sharded_llama.resolve()), "revision": None}]
     expected = PeftModel.from_pretrained(reference_model(sharded_llama), str(lora))
     same_weights(result.model, expected)
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}

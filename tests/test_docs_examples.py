@@ -116,8 +116,8 @@ def example_runs(example_site: Path, tmp_path_factory) -> Iterator[dict[str, Bac
     start("load", [sys.executable, "-c", _END_TO_END], tmp_path_factory.mktemp("example-load"),
           LOADSTONE_CATALOG="models.toml", LOADSTONE_AUDIT_LOG="audit.jsonl")
     tests = example_site.parent / "src" / "tests"
-    start("suite", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", str(tests)],
-          tests.parent)
+    start("suite", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+                    f"--basetemp={tmp_path_factory.mktemp('example-suite')}", str(tests)], tests.parent)
     yield runs
     for run in runs.values():
         if run.process.poll() is None:

@@ -75,6 +75,25 @@ def test_missing_revision_offline_is_a_clear_resolution_error(hub):
     assert "leave offline mode" in err.fix and "local folder" not in err.fix  # pinned: clearly a Hub id
 
 
+@pytest.mark.parametrize("switch", ["argument", "environment"])
+def test_the_offline_fix_says_how_to_leave_offline_mode(switch, hub, monkeypatch):
+    if switch == "environment":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        kwargs = {}
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        kwargs = {"offline": True}
+    with pytest.raises(loadstone.ResolutionError) as info:
+        loadstone.plan("org/tiny@v3", cache_dir=str(hub), **kwargs)
+    fix = info.value.fix
+    # how to get out of offline mode, from the switch that put this load in it (not how to enter it)
+    assert "HF_HUB_OFFLINE=1" not in fix
+    if switch == "environment":
+        assert "unset HF_HUB_OFFLINE" in fix
+    else:
+        assert "drop offline=True (CLI: --offline)" in fix and "HF_HUB_OFFLINE" not in fix
+
+
 def test_a_mistyped_local_path_is_not_only_explained_as_a_hub_id(hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(loadstone.ResolutionError) as info:

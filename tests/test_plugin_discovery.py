@@ -37,8 +37,9 @@ def installed(tmp_path_factory) -> dict[str, Path]:
                         "--no-input", "--target", str(target), str(source)], check=True, capture_output=True)
         return name, target
 
-    with ThreadPoolExecutor(3) as pool:
-        return dict(pool.map(install, ["loadstone-testplugin", "loadstone-broken", "loadstone-clash"]))
+    with ThreadPoolExecutor(4) as pool:
+        return dict(pool.map(install, ["loadstone-testplugin", "loadstone-broken", "loadstone-clash",
+                                       "loadstone-extras"]))
 
 
 def cli(*args: str, dists: list[Path] = (), **env: str) -> subprocess.CompletedProcess:
@@ -132,24 +133,44 @@ def test_disable_list_covers_third_party_and_builtin_plugins(installed):
 def test_disable_list_can_name_one_builtin_component(monkeypatch, sharded_llama, tmp_path):
     monkeypatch.setenv("LOADSTONE_DISABLE_PLUGINS", "hub")
     manager = loadstone.PluginManager()
-    assert [r.name for r in manager.resolvers()] == ["local"]
+    names = [r.name for r in manager.resolvers()]  # third-party resolvers may be installed too
+    assert "hub" not in names and "local" in names
     record = next(r for r in manager.describe() if r["name"] == "builtin-resolvers")
     assert record["status"] == "loaded" and record["disabled_components"] == ["resolver hub"]
     with pytest.raises(loadstone.ResolutionError) as info:
         loadstone.plan("org/tiny", plugins=manager, cache_dir=str(tmp_path), offline=True)
-    assert "resolvers tried, in order: local" in str(info.value)
+    tried = info.value.fix.split("resolvers tried, in order: ", 1)[1].split(")", 1)[0].split(", ")
+    assert tried == names  # every resolver left, in order: the Hub resolver is not among them
+    assert "disabled by LOADSTONE_DISABLE_PLUGINS=hub: resolver hub" in info.value.fix
     assert loadstone.plan(str(sharded_llama), plugins=manager, placement="cpu").fits
 
 
-def test_clashing_method_names_both_distributions(installed):
-    done = cli("plugins", dists=[installed["loadstone-testplugin"], installed["loadstone-clash"]])
-    assert done.returncode == 2, done.stdout
-    assert "PluginConflictError" in done.stderr
-    assert "loadstone-testplugin" in done.stderr and "loadstone-clash" in done.stderr and "halfprec" in done.stderr
-    # disabling one of them resolves it, as the message suggests
-    listed, _ = plugins_json(installed["loadstone-testplugin"], installed["loadstone-clash"],
-                             LOADSTONE_DISABLE_PLUGINS="clash")
-    assert listed["clash"]["status"] == "disabled" and listed["testplugin"]["status"] == "loaded"
+def test_a_conflict_is_listed_and_every_load_refuses_naming_both_sides(installed, sharded_llama):
+    both = [installed["loadstone-testplugin"], installed["loadstone-clash"]]
+    listing = cli("plugins", dists=both)
+    assert listing.returncode == 0, listing.stderr  # the listing still works ...
+    assert "clash  [loadstone-clash 2.0.0, entry point]  conflict" in listing.stdout  # ... and shows it
+    assert "testplugin  [loadstone-testplugin 0.3.1, entry point]  loaded" in listing.stdout
+    (line,) = listing.stderr.strip().splitlines()
+    assert line.startswith("error (PluginConflictError)")
+    listed, _ = plugins_json(*both)
+    assert listed["clash"]["status"] == "conflict" and "halfprec" in listed["clash"]["error"]
+
+    done = cli("plan", str(sharded_llama), "--json", dists=both)
+    assert done.returncode == 2
+    error = json.loads(done.stdout)
+    assert error["error"] == "PluginConflictError" and error["field"] == "quantization method"
+    assert error["found"] == "halfprec"
+    for part in ("the quantization method 'halfprec' (backends 'testplugin-halfprec' and 'clash-halfprec')",
+                 "plugin 'testplugin' from loadstone-testplugin 0.3.1", "plugin 'clash' from loadstone-clash 2.0.0"):
+        assert part in error["message"]
+    for way in ("LOADSTONE_DISABLE_PLUGINS=clash", "LOADSTONE_DISABLE_PLUGINS=testplugin",
+                "pip uninstall loadstone-clash", "pip uninstall loadstone-testplugin"):
+        assert way in error["fix"]
+    # either fix works
+    for disabled, kept in (("clash", "testplugin"), ("testplugin", "clash")):
+        listed, stderr = plugins_json(*both, LOADSTONE_DISABLE_PLUGINS=disabled)
+        assert listed[disabled]["status"] == "disabled" and listed[kept]["status"] == "loaded" and stderr == ""
 
 
 def test_missing_backend_names_the_distribution_that_provides_it(monkeypatch):
@@ -165,3 +186,28 @@ def test_missing_backend_names_the_distribution_that_provides_it(monkeypatch):
     with pytest.raises(loadstone.ComponentNotFoundError) as info:
         manager.placement_strategy("file")
     assert "loadstone-devicemap" in str(info.value)
+
+
+# The kernel's tests that consult the installed plugins (listings, component lookups, "choose one
+# of" messages, reports naming who decided): they must not assume that only loadstone's own
+# plugins are installed.
+# (Those that build their manager with allow=[] see the built-ins only, whatever is installed.)
+PLUGIN_SENSITIVE_TESTS = [
+    "tests/test_cli.py", "tests/test_report.py",
+    "tests/test_plugin_discovery.py::test_disable_list_can_name_one_builtin_component",
+    "tests/test_plugin_discovery.py::test_missing_backend_names_the_distribution_that_provides_it",
+]
+
+
+def test_the_kernels_own_tests_pass_with_a_third_party_plugin_installed(installed, tmp_path):
+    extras = installed["loadstone-extras"]
+    listed, _ = plugins_json(extras, LOADSTONE_STRICT_PLUGINS="1")
+    assert listed["extras"]["status"] == "loaded"
+    assert {c["kind"] for c in listed["extras"]["components"]} == {"resolver", "placement", "quantization"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADSTONE_", "PYTEST_"))}
+    env.update(PYTHONPATH=str(extras), LOADSTONE_STRICT_PLUGINS="1")  # strict: the plugin surely took part
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           f"--basetemp={tmp_path / 'nested'}", *PLUGIN_SENSITIVE_TESTS],
+                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert " passed" in done.stdout.splitlines()[-1] and "failed" not in done.stdout.splitlines()[-1]

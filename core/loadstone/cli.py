@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -26,13 +25,26 @@ EPILOG_PLAN = """examples:
 """
 
 
+class UsageError(Exception):
+    """A command line argparse refused; :func:`main` reports it like every other error."""
+
+    exit_code = 2
+
+    def __init__(self, prog: str, message: str):
+        self.prog, self.message = prog, message
+        super().__init__(f"{prog}: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": "usage", "message": f"{self.prog}: {self.message}", "file": None, "field": None,
+                "expected": None, "found": None, "fix": f"run `{self.prog} --help` for every option, with examples"}
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in the one-paragraph form every other error has (argparse would print the whole
-    usage block first). Subcommand parsers inherit it."""
+    usage block first), and as JSON under ``--json``. Subcommand parsers inherit it."""
 
     def error(self, message: str) -> "NoReturn":  # type: ignore[override]
-        self.exit(2, f"error (usage): {self.prog}: {message}. Run `{self.prog} --help` for every option, "
-                     f"with examples.\n")
+        raise UsageError(self.prog, message)
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -107,9 +119,16 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin checkpoints, read with torch.load(weights_only=True)")
     g = p.add_argument_group("output")
-    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.add_argument("--json", action="store_true", help="print the report as JSON (an error as a JSON object)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    _add_diagnostics(g)
+
+
+def _add_diagnostics(p: Any) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show the warnings and log lines of the libraries loadstone drives (transformers, "
+                        "accelerate, peft, bitsandbytes, torch), silenced by default, and loadstone's debug lines")
+    p.add_argument("--debug", action="store_true", help="like --verbose, and print the traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  loadstone plugins\n  loadstone plugins --json\n"
                               "  LOADSTONE_PLUGINS= loadstone plugins      # built-ins only",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--json", action="store_true", help="print JSON (an error as a JSON object)")
+    _add_diagnostics(p)
     p = sub.add_parser("demo", help="build a tiny Llama + LoRA, load it, train one step",
                        description="Build (once, cached) a small random Llama checkpoint and a LoRA adapter for "
                        "it, load the adapter on the CPU (NF4 when loadstone-bnb is installed), print the report "
@@ -148,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR", help="where the demo checkpoint lives (default: user cache)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo checkpoint")
     p.add_argument("--no-quantize", action="store_true", help="skip NF4 even when loadstone-bnb is installed")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (an error as a JSON object)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_diagnostics(p)
     return parser
 
 
@@ -192,40 +211,15 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-def _quiet_libraries() -> None:
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", module=r"(transformers|peft|accelerate|bitsandbytes|torch)\b.*")
-
-
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugin_listing import render_listing
     from .plugins import get_plugin_manager
 
-    described = get_plugin_manager().describe()
-    if args.json:
-        print(json.dumps(described, indent=2))
-        return 0
-    for item in described:
-        origin = "built-in" if item["builtin"] else "entry point"
-        print(f"{item['name']}  [{item['distribution']} {item['version']}, {origin}]  {item['status']}")
-        if item["error"]:
-            print(f"    error: {item['error']}")
-        for comp in item["components"]:
-            line = f"    {comp['kind']:<13} {comp['name']:<12} {comp.get('description', '')}"
-            print(line.rstrip())
-            if comp["kind"] == "quantization":
-                state = "available" if comp["available"] else "unavailable: " + "; ".join(comp["problems"])
-                print(f"                  methods: {', '.join(comp['methods'])}"
-                      + (f"; checkpoints: {', '.join(comp['checkpoint_formats'])}" if comp["checkpoint_formats"] else "")
-                      + f"; {state}")
-                for opt, text in comp.get("options", {}).items():
-                    print(f"                  -o {opt}=...  {text}")
-            elif comp["kind"] == "engine":
-                for opt, text in comp.get("options", {}).items():
-                    print(f"                  -e {opt}=...  {text}")
-        for disabled in item.get("disabled_components", []):
-            print(f"    {disabled} (disabled by LOADSTONE_DISABLE_PLUGINS)")
+    manager = get_plugin_manager()
+    described = manager.describe()
+    for conflict in manager.conflicts:  # listed below too; every load and plan refuses until it is resolved
+        print(f"error ({type(conflict).__name__}): {conflict}".replace("\n", " "), file=sys.stderr)
+    print(json.dumps(described, indent=2) if args.json else render_listing(described, manager.disable_source))
     return 0
 
 
@@ -251,8 +245,14 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Known before parsing, so that a usage error is reported in the form asked for.
+    as_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _report_error(exc, as_json=as_json)
     if args.version:
         from . import __version__
 
@@ -261,25 +261,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    if not args.debug:
-        _quiet_libraries()
-    try:
-        if args.command == "plugins":
-            return _cmd_plugins(args)
-        if args.command == "demo":
-            from .demo import run_demo
+    from .quiet import library_output
 
-            return run_demo(cache_dir=args.cache_dir, rebuild=args.rebuild, quantize=not args.no_quantize,
-                            as_json=args.json, progress=False if args.quiet else None)
-        return _cmd_load_or_plan(args)
-    except LoadstoneError as exc:
-        if args.debug:
-            traceback.print_exc()
+    with library_output(verbose=args.verbose or args.debug):
+        try:
+            if args.command == "plugins":
+                return _cmd_plugins(args)
+            if args.command == "demo":
+                from .demo import run_demo
+
+                return run_demo(cache_dir=args.cache_dir, rebuild=args.rebuild, quantize=not args.no_quantize,
+                                as_json=args.json, progress=False if args.quiet else None)
+            return _cmd_load_or_plan(args)
+        except LoadstoneError as exc:
+            if args.debug:
+                traceback.print_exc()
+            return _report_error(exc, as_json=args.json)
+        except KeyboardInterrupt:
+            if args.json:
+                print(json.dumps({"error": "interrupted", "message": "interrupted", "exit_code": 130}))
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            # A bug, not a refusal: the traceback follows on stderr; a script still gets an object.
+            if args.json:
+                print(json.dumps({"error": type(exc).__name__, "message": str(exc), "file": None, "field": None,
+                                  "expected": None, "found": None, "exit_code": 1,
+                                  "fix": "this is a bug in loadstone or a plugin: please report it with the "
+                                         "traceback printed on stderr"}, indent=2))
+            raise
+
+
+def _report_error(exc: LoadstoneError | UsageError, *, as_json: bool) -> int:
+    """One paragraph on stderr; under ``--json`` also the error as a JSON object on stdout."""
+    if as_json:
+        print(json.dumps({**exc.to_dict(), "exit_code": exc.exit_code}, indent=2, default=str))
+    if isinstance(exc, UsageError):
+        print(f"error (usage): {exc.prog}: {exc.message}. Run `{exc.prog} --help` for every option, "
+              f"with examples.", file=sys.stderr)
+    else:
         print(_one_line(f"error ({type(exc).__name__}): {exc}"), file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return exc.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

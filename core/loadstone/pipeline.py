@@ -100,7 +100,9 @@ def _load(request: LoadRequest, plugins: PluginManager, engine: Registration | N
                     report.training = {"trainable": request.trainable, "notes": prepare(model, the_plan, plugins)}
                 with clock.stage("adapters"):
                     if the_plan.sources.adapters:
-                        model, report.adapters = attach_adapters(model, the_plan.sources.adapters, request)
+                        model, report.adapters, notes = attach_adapters(model, the_plan.sources.adapters, request,
+                                                                        the_plan.sources.base)
+                        report.notes += notes
                 with clock.stage("report"):
                     report.parameters = count_parameters(model)
                     if offload is not None and offload.keep_for(base):

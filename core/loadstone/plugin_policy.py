@@ -1,11 +1,13 @@
 """The plugin loading policy's constants: the entry-point group, the built-ins, which distribution
-provides which well-known component, and the environment variables. :mod:`loadstone.plugins`
+provides which well-known component, the environment variables. :mod:`loadstone.plugins`
 applies them."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import types
+from typing import Any
 
 from .contract.engines import Engine
 from .contract.placement import PlacementStrategy
@@ -66,3 +68,15 @@ def _kernel_version() -> str:
         from . import __version__
 
         return __version__
+
+
+IN_PROCESS = "<in-process>"  # the distribution of plugins passed as PluginManager(extra_plugins=...)
+
+
+def in_process_value(obj: Any) -> str:
+    """How an in-process plugin is recorded and named in messages: its module or class, e.g.
+    ``module mypkg.plugin`` or ``object of mypkg.plugin.AuditLog``."""
+    if isinstance(obj, types.ModuleType):
+        return f"module {obj.__name__}"
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{'class' if obj is cls else 'object of'} {cls.__module__}.{cls.__qualname__}"

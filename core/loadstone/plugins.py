@@ -10,18 +10,21 @@ Policy (see docs/plugins.md):
 * ``LOADSTONE_PLUGINS`` is an allow-list of entry-point or distribution names; set but empty
   means built-ins only. ``LOADSTONE_DISABLE_PLUGINS`` disables named plugins (entry-point or
   distribution names), built-ins included, or single components by name (``hub``, ``auto``),
-  so that one built-in can be switched off without losing its siblings.
-* Two plugins registering one component name is a :class:`PluginConflictError`.
+  so that one built-in can be switched off without losing its siblings. Plugins passed in
+  Python (``extra_plugins``) obey the disable list too.
+* Two plugins registering one component name (or one quantization method) is a conflict: the
+  later plugin is not registered, its status is ``conflict``, listing still works and shows it,
+  and every other use of the manager raises :class:`PluginConflictError` until one is disabled
+  or uninstalled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata as md
 import logging
 import threading
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import pluggy
 
@@ -30,13 +33,13 @@ from .contract.errors import (
     ComponentNotFoundError,
     LoadstoneError,
     PluginConflictError,
-    PluginHookError,
     PluginLoadError,
 )
 from .contract.records import PluginLoadWarning, PluginRecord, Registration, RequestChange
 from .plugin_policy import (  # noqa: F401  (re-exported: loadstone.plugins is where users look)
     BUILTIN_ENTRY_POINTS,
     ENTRY_POINT_GROUP,
+    IN_PROCESS,
     KERNEL_DISTRIBUTION,
     KNOWN_PROVIDERS,
     REGISTRATION_HOOKS,
@@ -44,7 +47,10 @@ from .plugin_policy import (  # noqa: F401  (re-exported: loadstone.plugins is w
     _env_flag,
     _env_list,
     _kernel_version,
+    in_process_value,
 )
+from .plugin_listing import describe_record
+from .plugin_messages import conflict_error, hook_error, missing_component_error
 
 log = logging.getLogger("loadstone.plugins")
 
@@ -53,18 +59,23 @@ class PluginManager:
 
     :param allow: entry-point or distribution names allowed besides built-ins; ``None`` allows
         all (default: ``LOADSTONE_PLUGINS``).
-    :param disable: plugin, distribution or component names to skip, built-ins included
-        (default: ``LOADSTONE_DISABLE_PLUGINS``).
+    :param disable: plugin, distribution or component names to skip, built-ins and
+        ``extra_plugins`` included (default: ``LOADSTONE_DISABLE_PLUGINS``).
     :param strict: raise on a broken plugin instead of skipping it (default:
         ``LOADSTONE_STRICT_PLUGINS``).
     :param extra_plugins: objects to register directly as plugins (tests, notebooks), as
-        ``(name, plugin)`` pairs; they count as owned by distribution ``"<in-process>"``.
+        ``(name, plugin)`` pairs; they count as owned by distribution ``"<in-process>"`` and
+        are recorded with the plugin object's class (or module) name.
     """
 
     def __init__(self, *, allow: Iterable[str] | None = None, disable: Iterable[str] | None = None,
                  strict: bool | None = None, extra_plugins: Iterable[tuple[str, Any]] = ()):
         self.allow = list(allow) if allow is not None else _env_list("LOADSTONE_PLUGINS")
         self.disable = set(disable) if disable is not None else set(_env_list("LOADSTONE_DISABLE_PLUGINS") or [])
+        self._disable_given = disable is not None
+        #: Where the disable list came from, for messages: the argument or the environment variable.
+        self.disable_source = (f"PluginManager(disable={sorted(self.disable)!r})" if disable is not None
+                               else f"LOADSTONE_DISABLE_PLUGINS={','.join(sorted(self.disable))}")
         self.strict = _env_flag("LOADSTONE_STRICT_PLUGINS") if strict is None else strict
         self._extra = list(extra_plugins)
         self._lock = threading.RLock()
@@ -77,6 +88,7 @@ class PluginManager:
         self._records: list[PluginRecord] = []
         self._registry: dict[str, dict[str, Registration]] = {k: {} for k in REGISTRATION_HOOKS}
         self._method_index: dict[str, Registration] = {}
+        self._conflicts: list[PluginConflictError] = []
         self._discovered = False
 
     # ------------------------------------------------------------------ discovery
@@ -124,12 +136,16 @@ class PluginManager:
                         continue
                     self._load(record, ep.load)
                 for name, obj in self._extra:
-                    record = PluginRecord(name, repr(obj), "<in-process>", "", False)
+                    record = PluginRecord(name, in_process_value(obj), IN_PROCESS, "", False)
                     self._records.append(record)
+                    if name in self.disable:  # the allow-list is for entry points; this was passed explicitly
+                        record.status = "disabled"
+                        log.debug("plugin %s (in-process) disabled", name)
+                        continue
                     self._load(record, lambda obj=obj: obj)
             except BaseException:
-                # All or nothing (a conflict, strict mode): the next call retries from scratch
-                # instead of re-registering into a half-filled manager.
+                # All or nothing (strict mode): the next call retries from scratch instead of
+                # re-registering into a half-filled manager.
                 self._forget()
                 raise
             self._discovered = True
@@ -147,17 +163,22 @@ class PluginManager:
                 self._pm.unregister(name=record.name)
                 raise
         except Exception as exc:  # a broken plugin must not break every other load
+            if isinstance(exc, PluginConflictError):
+                # Kept out, like a broken plugin, but never silently: which of the two a load would
+                # get is an accident of install order, so every use refuses until it is resolved.
+                record.status, record.error = "conflict", str(exc).replace("\n", " ")
+                self._conflicts.append(exc)
+                return
             record.status = "failed"
             record.error = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, PluginConflictError):
-                raise
-            message = (f"loadstone plugin {record.name!r} from distribution "
-                       f"{f'{record.distribution} {record.version}'.strip()} failed to load: {record.error}")
+            origin = (record.origin() if record.distribution == IN_PROCESS
+                      else f"from distribution {f'{record.distribution} {record.version}'.strip()}")
+            message = f"loadstone plugin {record.name!r} {origin} failed to load: {record.error}"
             if self.strict:
                 raise PluginLoadError(
                     message, field="entry point", found=record.value,
                     fix=f"fix or uninstall {record.distribution}, or unset LOADSTONE_STRICT_PLUGINS "
-                        f"to skip it, or add it to LOADSTONE_DISABLE_PLUGINS",
+                        f"to skip it, or disable it with {self.disable_hint(record.name)}",
                 ) from exc
             warnings.warn(message + "; it was skipped (set LOADSTONE_STRICT_PLUGINS=1 to make this an error)",
                           PluginLoadWarning, stacklevel=3)
@@ -205,62 +226,77 @@ class PluginManager:
         if name in self.disable:  # switched off by name: it neither registers nor clashes
             log.debug("component %s %s of plugin %s disabled", kind, name, record.name)
             return None
-        reg = Registration(kind, name, component, record.name, record.distribution, record.version)
+        reg = Registration(kind, name, component, record.name, record.distribution, record.version, record.value)
         # Same name, or (backends) a method another backend already provides.
         methods = set(getattr(component, "methods", ()) if kind == "quantization" else ())
         clashes = [r for r in [*self._registry[kind].values(), *pending]
                    if r.kind == kind and (r.name == name or methods & set(getattr(r.component, "methods", ())))]
         if clashes:
-            other = clashes[0]
-            raise PluginConflictError(
-                f"two plugins register the {kind} component {name!r}"
-                + (f" (methods {', '.join(component.methods)})" if kind == "quantization" else "")
-                + f": {other.owner()} and {reg.owner()}.",
-                field=f"{kind} name", found=name,
-                fix=f"uninstall one of {other.distribution} and {record.distribution}, or disable one "
-                    f"with LOADSTONE_DISABLE_PLUGINS={record.name}",
-            )
+            raise conflict_error(clashes[0], reg, methods, self._records, self.disable_hint)
         return reg
+
+    def disable_hint(self, plugin_name: str) -> str:
+        """How to disable ``plugin_name`` for this manager: through the environment variable, or,
+        when the manager was given ``disable=`` (which replaces the variable), through that argument."""
+        names = sorted(self.disable | {plugin_name})
+        if self._disable_given:
+            return f"PluginManager(disable={names!r})"
+        return f"LOADSTONE_DISABLE_PLUGINS={','.join(names)}"
 
     # ------------------------------------------------------------------ queries
 
     @property
     def records(self) -> list[PluginRecord]:
+        """Every discovered plugin and what became of it (works even while plugins conflict)."""
         self.discover()
         return list(self._records)
 
-    def components(self, kind: str) -> list[Registration]:
+    @property
+    def conflicts(self) -> list[PluginConflictError]:
+        """The conflicts discovery found; while there is one, every query but listing raises it."""
         self.discover()
+        return list(self._conflicts)
+
+    def _usable(self) -> None:
+        """Discover, then refuse to hand out components while two plugins claim the same one."""
+        self.discover()
+        if self._conflicts:
+            first = self._conflicts[0]
+            more = f" ({len(self._conflicts) - 1} more conflict(s): run `loadstone plugins`)" if len(self._conflicts) > 1 else ""
+            raise PluginConflictError(first.message + more, field=first.field, found=first.found, fix=first.fix)
+
+    def disabled_summary(self) -> str:
+        """What the allow and disable lists switched off, and where they came from ("" if nothing)."""
+        self.discover()
+        parts = []
+        disabled = [r.name for r in self._records if r.status == "disabled"]
+        components = [c for r in self._records for c in r.disabled_components]
+        if disabled or components:
+            parts.append(f"disabled by {self.disable_source}: " + ", ".join(
+                [f"plugin {name}" for name in disabled] + components))
+        not_allowed = [r.name for r in self._records if r.status == "not-allowed"]
+        if not_allowed:
+            parts.append(f"not in the allow-list LOADSTONE_PLUGINS={','.join(self.allow or [])}: "
+                         + ", ".join(f"plugin {name}" for name in not_allowed))
+        return "; ".join(parts)
+
+    def components(self, kind: str) -> list[Registration]:
+        self._usable()
         return list(self._registry[kind].values())
 
     def _missing(self, kind: str, name: str, available: list[str], field_name: str) -> ComponentNotFoundError:
-        provider = KNOWN_PROVIDERS.get(kind, {}).get(name)
-        what = {"quantization": "quantization method", "placement": "placement strategy",
-                "resolver": "resolver", "engine": "engine"}[kind]
-        fix = f"choose one of: {', '.join(sorted(available)) or '(none installed)'}"
-        if name in self.disable:
-            fix = f"it is disabled by LOADSTONE_DISABLE_PLUGINS ({', '.join(sorted(self.disable))}); remove it, or " + fix
-        elif provider:
-            record = next((r for r in self._records if r.distribution == provider), None)
-            if record is None:
-                fix = f"pip install {provider}  (it provides {what} {name!r}); or " + fix
-            elif record.status == "failed":
-                fix = f"{provider} is installed but failed to load ({record.error}); reinstall it, or " + fix
-            else:
-                fix = f"{provider} is installed but {record.status} (LOADSTONE_PLUGINS / LOADSTONE_DISABLE_PLUGINS); enable it, or " + fix
-        return ComponentNotFoundError(f"no installed plugin provides the {what} {name!r}.",
-                                      field=field_name, found=name, fix=fix)
+        return missing_component_error(self, kind, name, available, field_name)
 
     def quantization_backend(self, method: str) -> Registration:
         """The backend registration providing ``method``; :class:`ComponentNotFoundError` if none."""
-        self.discover()
+        self._usable()
         reg = self._method_index.get(method)
         if reg is None:
             raise self._missing("quantization", method, list(self._method_index), "quantization")
         return reg
 
     def backend_for_checkpoint(self, quantization_config: dict) -> Registration | None:
-        self.discover()
+        self._usable()
         for reg in self._registry["quantization"].values():
             with self.guard(reg, "plan", "claims_checkpoint"):
                 claimed = reg.component.claims_checkpoint(quantization_config)
@@ -273,7 +309,7 @@ class PluginManager:
         return self._missing("quantization", quant_method, formats, "config.json quantization_config.quant_method")
 
     def placement_strategy(self, spec: str) -> Registration:
-        self.discover()
+        self._usable()
         regs = self._registry["placement"]
         if spec in regs:
             return regs[spec]
@@ -284,7 +320,7 @@ class PluginManager:
 
     def engine(self, name: str) -> Registration:
         """The engine registered as ``name``; :class:`ComponentNotFoundError` if none."""
-        self.discover()
+        self._usable()
         reg = self._registry["engine"].get(name)
         if reg is None:
             raise self._missing("engine", name, [*self._registry["engine"], "auto"], "engine")
@@ -292,11 +328,11 @@ class PluginManager:
 
     def engines(self) -> list[Registration]:
         """Every engine, in the order ``engine="auto"`` tries them (ascending preference, then name)."""
-        self.discover()
+        self._usable()
         return sorted(self._registry["engine"].values(), key=lambda r: (r.component.preference, r.name))
 
     def resolvers(self) -> list[Registration]:
-        self.discover()
+        self._usable()
         return sorted(self._registry["resolver"].values(), key=lambda r: (r.component.priority, r.name))
 
     def owner_of(self, plugin_name: str) -> PluginRecord | None:
@@ -312,7 +348,10 @@ class PluginManager:
         implementation changed (only ``loadstone_before_load`` may), so the report can say who
         changed what.
         """
-        self.discover()
+        if hook_name == "loadstone_load_failed":
+            self.discover()  # a conflict may be why the load failed: still tell the plugins
+        else:
+            self._usable()
         hook = getattr(self._pm.hook, hook_name)
         request = kwargs.get("request") if hook_name == "loadstone_before_load" else None
         changes: list[RequestChange] = []
@@ -341,58 +380,14 @@ class PluginManager:
         return _Guard(self, reg, stage, what)
 
     def hook_error(self, plugin_name: str, stage: str, exc: BaseException, what: str) -> LoadstoneError:
-        if isinstance(exc, PluginHookError):
-            return exc
-        record = self.owner_of(plugin_name)
-        dist = f"{record.distribution} {record.version}".strip() if record else None
-        if isinstance(exc, LoadstoneError):
-            # A deliberate, typed refusal: keep its fields, say who raised it.
-            return PluginHookError(
-                f"plugin {plugin_name!r} ({dist}) refused the load during stage {stage!r} in {what}: {exc.message}",
-                plugin=plugin_name, distribution=dist, stage=stage, file=exc.file, field=exc.field,
-                expected=exc.expected, found=exc.found, fix=exc.fix)
-        return PluginHookError(
-            f"plugin {plugin_name!r} ({dist}) raised {type(exc).__name__} during stage {stage!r} in {what}: {exc}",
-            plugin=plugin_name, distribution=dist, stage=stage,
-            fix=f"report it to the maintainers of {record.distribution if record else plugin_name}, or disable "
-                f"the plugin with LOADSTONE_DISABLE_PLUGINS={plugin_name}")
+        """The :class:`PluginHookError` for ``exc``, raised by ``plugin_name`` during ``stage``."""
+        return hook_error(self, plugin_name, stage, exc, what)
 
     def describe(self) -> list[dict[str, Any]]:
-        """JSON-serialisable description of every discovered plugin and its components."""
+        """JSON-serialisable description of every discovered plugin and its components (what
+        ``loadstone plugins --json`` prints; works while plugins conflict)."""
         self.discover()
-        out = []
-        for record in self._records:
-            item = record.to_dict()
-            details = []
-            for reg in record.components:
-                comp = reg.component
-                entry: dict[str, Any] = {"kind": reg.kind, "name": reg.name,
-                                         "description": getattr(comp, "description", "")}
-                if reg.kind == "quantization":
-                    # A listing must survive a buggy component: show its crash as a problem.
-                    try:
-                        problems = list(comp.environment_problems())
-                    except Exception as exc:
-                        problems = [f"environment_problems() raised {type(exc).__name__}: {exc}"]
-                    try:
-                        options = dict(comp.option_help())
-                    except Exception as exc:
-                        options, problems = {}, problems + [f"option_help() raised {type(exc).__name__}: {exc}"]
-                    entry.update(methods=list(comp.methods), checkpoint_formats=list(comp.checkpoint_formats),
-                                 requirements=list(comp.requirements), available=not problems,
-                                 problems=problems, options=options)
-                elif reg.kind == "resolver":
-                    entry["priority"] = comp.priority
-                elif reg.kind == "engine":
-                    entry["preference"] = comp.preference
-                    try:
-                        entry["options"] = dict(comp.option_help())
-                    except Exception as exc:  # a listing survives a buggy component
-                        entry["options"], entry["problems"] = {}, [f"option_help() raised {type(exc).__name__}: {exc}"]
-                details.append(entry)
-            item["components"] = details
-            out.append(item)
-        return out
+        return [describe_record(record) for record in self._records]
 
 
 class _Guard:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -103,7 +104,7 @@ class HubResolver(Resolver):
         except LocalEntryNotFoundError as exc:
             if ctx.offline:
                 fix = (f"download it first (`hf download {repo_id} --revision {revision}`), or leave offline mode "
-                       f"(HF_HUB_OFFLINE=1 / offline=True / --offline)")
+                       f"so that loadstone can download it ({_how_to_go_online()})")
             else:
                 fix = (f"check the id and the network, or download it first "
                        f"(`hf download {repo_id} --revision {revision}`)")
@@ -202,6 +203,13 @@ def _check_revision(revision: str) -> None:
                                        f"components, no whitespace", found=revision[:200],
                               fix="pass the branch, tag or commit id as the Hub shows it (e.g. main, v1.0, or a "
                                   "40-character commit hash)")
+
+
+def _how_to_go_online() -> str:
+    """Undo whichever switch made this load offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return "unset HF_HUB_OFFLINE, which is set in the environment, and drop offline=True / --offline if given"
+    return "drop offline=True (CLI: --offline)"
 
 
 @hookimpl

@@ -22,13 +22,22 @@ class Registration:
     plugin: str
     distribution: str
     version: str
+    #: The plugin's entry point (``module:attr``), or for an in-process plugin what object it is.
+    entry_point: str = ""
 
     def owner(self) -> str:
-        return f"plugin {self.plugin!r} from {f'{self.distribution} {self.version}'.strip()}"
+        return f"plugin {self.plugin!r} {origin(self.distribution, self.version, self.entry_point)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "plugin": self.plugin,
                 "distribution": self.distribution, "version": self.version}
+
+
+def origin(distribution: str, version: str, entry_point: str) -> str:
+    """``from loadstone-bnb 0.2.0``, or for a plugin passed as ``extra_plugins`` what it is."""
+    if distribution == "<in-process>":
+        return f"(<in-process>, {entry_point}, passed as extra_plugins)" if entry_point else "(<in-process>)"
+    return f"from {f'{distribution} {version}'.strip()}"
 
 
 @dataclass
@@ -51,10 +60,13 @@ class PluginRecord:
     distribution: str
     version: str
     builtin: bool
-    status: str = "pending"  # loaded | failed | disabled | not-allowed
+    status: str = "pending"  # loaded | failed | conflict | disabled | not-allowed
     error: str | None = None
     components: list[Registration] = field(default_factory=list)
     disabled_components: list[str] = field(default_factory=list)  # "kind name", skipped by the disable list
+
+    def origin(self) -> str:
+        return origin(self.distribution, self.version, self.value)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import re
+from pathlib import Path
 from typing import Any, Iterator
 
 from ..contract.errors import AdapterError, LoadstoneError, UnsafeCheckpointError
 from ..contract.request import LoadRequest
-from ..contract.sources import ADAPTER_CONFIG, AdapterSource
+from ..contract.sources import ADAPTER_CONFIG, AdapterSource, ResolvedSource
 from ..safetensors_header import read_safetensors_header
 
 _PREFIX = "base_model.model."
@@ -139,8 +140,23 @@ def _peft_errors(adapter: AdapterSource) -> Iterator[None]:
                            "peft alone, report it to the maintainers of loadstone") from exc
 
 
-def attach_adapters(model: Any, adapters: list[AdapterSource], request: LoadRequest) -> tuple[Any, list[dict]]:
-    """Wrap ``model`` in a ``peft.PeftModel`` with every adapter; returns (model, summaries)."""
+def reloadable_base(base: ResolvedSource) -> tuple[str, str | None]:
+    """What a saved adapter should name as its base so that it reloads from any folder, with
+    loadstone or plain peft: the Hub id at the exact commit loaded, else the absolute folder."""
+    if base.repo_id:
+        return base.repo_id, base.commit or base.revision
+    return str(Path(base.path).resolve()), None
+
+
+def attach_adapters(model: Any, adapters: list[AdapterSource], request: LoadRequest,
+                    base: ResolvedSource) -> tuple[Any, list[dict], list[str]]:
+    """Wrap ``model`` in a ``peft.PeftModel`` with every adapter; returns (model, summaries, notes).
+
+    peft's ``save_pretrained`` writes each adapter config's ``base_model_name_or_path`` and
+    ``revision`` as they were read; an adapter whose base was relative (``../base``) saved into
+    another folder would name a base that is not there. They are set to the base this load used
+    (:func:`reloadable_base`), and the notes say so where that changed them.
+    """
     from peft import PeftModel
 
     first, rest = adapters[0], adapters[1:]
@@ -162,7 +178,20 @@ def attach_adapters(model: Any, adapters: list[AdapterSource], request: LoadRequ
     for pname, param in peft_model.named_parameters():
         owner = next((n for n in names if f".{n}." in f".{pname}."), None)
         param.requires_grad = bool(request.trainable and owner == active)
+    base_ref, base_revision = reloadable_base(base)
+    notes = []
+    for adapter in adapters:
+        config = peft_model.peft_config[adapter.name]
+        was = (config.base_model_name_or_path, config.revision)
+        config.base_model_name_or_path, config.revision = base_ref, base_revision
+        if was != (base_ref, base_revision):
+            notes.append(f"adapter {adapter.name!r}: base_model_name_or_path set to {base_ref!r}"
+                         + (f" at revision {base_revision}" if base_revision else "")
+                         + f" (adapter_config.json: {was[0]!r}"
+                         + (f" at {was[1]}" if was[1] else "") + "), the base this load used, so that "
+                         "save_pretrained writes a base that reloads from any folder")
     summaries = [{"name": a.name, "peft_type": a.peft_type, "r": a.config.get("r"),
                   "trainable": bool(request.trainable and a.name == active), "active": a.name == active,
-                  "path": str(a.source.path)} for a in adapters]
-    return peft_model, summaries
+                  "path": str(a.source.path), "base_model_name_or_path": base_ref, "revision": base_revision}
+                 for a in adapters]
+    return peft_model, summaries, notes

@@ -13,21 +13,36 @@ from ..plugins import PluginManager
 from .adapter_config import check_adapter_config
 
 
-def resolve_reference(reference: str, ctx: ResolveContext, plugins: PluginManager) -> ResolvedSource:
-    """Ask resolvers in priority order; the first non-None answer wins."""
+def resolve_reference(reference: str, ctx: ResolveContext, plugins: PluginManager, *,
+                      field: str = "reference") -> ResolvedSource:
+    """Ask resolvers in priority order; the first non-None answer wins.
+
+    ``field`` names the argument the reference came from (``reference``, ``adapters['math']`` ...):
+    a resolver only knows it was given "a reference", so its refusals are relabelled with it.
+    """
     tried = []
     for reg in plugins.resolvers():
-        with plugins.guard(reg, "resolve", "resolve"):
-            found = reg.component.resolve(reference, ctx)
+        try:
+            with plugins.guard(reg, "resolve", "resolve"):
+                found = reg.component.resolve(reference, ctx)
+        except ResolutionError as exc:
+            if field == "reference" or exc.field != "reference":
+                raise
+            raise ResolutionError(exc.message, file=exc.file, field=field, expected=exc.expected,
+                                  found=exc.found if exc.found is not None else reference, fix=exc.fix) from exc
         tried.append(reg.name)
         if found is not None:
             # .strip(): in-process plugins have no version
             found.resolver, found.distribution = reg.name, f"{reg.distribution} {reg.version}".strip()
             return found
+    fix = f"check the path or id (resolvers tried, in order: {', '.join(tried) or 'none'})"
+    disabled = plugins.disabled_summary()
+    if disabled:
+        fix += f"; {disabled}"
     raise ResolutionError(
-        f"no resolver recognised the reference {reference!r}.", field="reference", found=reference,
+        f"no resolver recognised the reference {reference!r}.", field=field, found=reference,
         expected="an existing folder, a Hub id like org/name[@revision], or a scheme a resolver plugin handles",
-        fix=f"check the path or id (resolvers tried, in order: {', '.join(tried) or 'none'})")
+        fix=fix)
 
 
 def is_adapter_folder(path: Path) -> bool:
@@ -74,7 +89,7 @@ def resolve_sources(request: LoadRequest, plugins: PluginManager, *, weights: bo
     for name, ref in request.adapters.items():
         source = resolve_reference(ref, ResolveContext(cache_dir=request.cache_dir, offline=request.offline,
                                                         token=request.token, request=request, weights=weights),
-                                   plugins)
+                                   plugins, field=f"adapters[{name!r}] (CLI: --adapter)")
         if any(a.name == name for a in adapters):
             raise AdapterError(f"two adapters are named {name!r}.", field="adapters", found=name,
                                fix="name the extra adapter differently: adapters={'other': path}")
@@ -96,7 +111,8 @@ def resolve_sources(request: LoadRequest, plugins: PluginManager, *, weights: bo
     if request.base is not None:
         base = resolve_reference(request.base, ResolveContext(cache_dir=request.cache_dir, offline=request.offline,
                                                               token=request.token, request=request,
-                                                              weights=weights), plugins)
+                                                              weights=weights), plugins,
+                                 field="base (CLI: --base)")
         decisions.append(Decision("base", request.base, "user", "explicit base= overrides the adapter's base"))
     elif adapters and adapters[0].source is main:
         base = _adapter_base(adapters[0], request, plugins, weights)
