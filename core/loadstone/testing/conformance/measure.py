@@ -133,6 +133,9 @@ class AllocationPeak:
 
     :ivar peak: device label (``"cpu"``, ``"cuda:0"``) -> highest live bytes during the block.
     :ivar live: device label -> bytes allocated during the block and still live at its end.
+    :ivar transient_peak: device label -> the most bytes live at one moment in allocations that
+        were freed before the block ended: what was in flight (read buffers, full-precision
+        tensors being converted, work tensors), without what the load keeps.
     :ivar allocations: how many allocations the profiler reported (0: nothing was measured).
     """
 
@@ -142,6 +145,7 @@ class AllocationPeak:
     def __init__(self) -> None:
         self.peak: dict[str, int] = {}
         self.live: dict[str, int] = {}
+        self.transient_peak: dict[str, int] = {}
         self.allocations = 0
         self._profile: Any = None
 
@@ -176,18 +180,34 @@ class AllocationPeak:
                 fields = event.extra_fields
                 events.append((event.start_time_ns, fields.ptr, int(fields.alloc_size), _label(fields.device)))
         events.sort(key=lambda e: e[0])
-        owned: dict[tuple[str, int], int] = {}
+        # First pass: which allocations are freed inside the block (work tensors, buffers in
+        # flight) and which survive it (what the load keeps).
+        freed: set[int] = set()
+        open_blocks: dict[tuple[str, int], int] = {}
+        for index, (_, ptr, size, device) in enumerate(events):
+            if size > 0:
+                open_blocks[(device, ptr)] = index
+            elif (device, ptr) in open_blocks:
+                freed.add(open_blocks.pop((device, ptr)))
+        owned: dict[tuple[str, int], tuple[int, bool]] = {}
         live: dict[str, int] = {}
-        for _, ptr, size, device in events:
+        in_flight: dict[str, int] = {}
+        for index, (_, ptr, size, device) in enumerate(events):
             if size > 0:
                 self.allocations += 1
-                owned[(device, ptr)] = size
+                transient = index in freed
+                owned[(device, ptr)] = (size, transient)
                 live[device] = live.get(device, 0) + size
                 self.peak[device] = max(self.peak.get(device, 0), live[device])
+                if transient:
+                    in_flight[device] = in_flight.get(device, 0) + size
+                    self.transient_peak[device] = max(self.transient_peak.get(device, 0), in_flight[device])
             else:  # a free: only blocks allocated inside the block count
-                size = owned.pop((device, ptr), 0)
+                size, transient = owned.pop((device, ptr), (0, False))
                 live[device] = live.get(device, 0) - size
-        self.live = {device: n for device, n in live.items()}
+                if transient:
+                    in_flight[device] -= size
+        self.live = dict(live)
 
 
 def _label(device: Any) -> str:

@@ -61,8 +61,10 @@ def train_one_step(model: Any, ids: Any = None, lr: float = 0.5) -> TrainingStep
         optimizer.zero_grad(set_to_none=True)
     step.changed = {n for n, p in trainable.items() if not torch.equal(before[n], p.detach())}
     after = reachable_tensors(model)
+    # Compared where the tensor still exists: libraries may drop caches they rebuild (bitsandbytes
+    # int8 sets weight.CB to None after the first forward); that changes no weight.
     step.frozen_changed = sorted(n for n, t in frozen_before.items()
-                                 if n in after and not _same_bits(t, after[n].detach()))
+                                 if isinstance(after.get(n), torch.Tensor) and not _same_bits(t, after[n].detach()))
     step.checkpointed_layers = counter.layers
     step.forward_calls = counter.calls["forward"]
     step.recomputed = counter.calls["backward"]
