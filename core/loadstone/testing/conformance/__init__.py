@@ -29,13 +29,14 @@ from .measure import AllocationPeak, reachable_tensors, stored_bytes
 from .placement import PLACEMENT_CHECKS, PlacementKit, check_placement
 from .report import CheckResult, ConformanceFailure, ConformanceReport, Kit
 from .resolver import FOREIGN_REFERENCES, RESOLVER_CHECKS, ResolverKit, check_resolver
+from .session import ConformanceSession
 from .training import TrainingStep, train_one_step
 
 __all__ = [
     "check_backend", "check_engine", "check_placement", "check_resolver",
     "BACKEND_CHECKS", "ENGINE_CHECKS", "PLACEMENT_CHECKS", "RESOLVER_CHECKS",
     "BackendKit", "EngineKit", "PlacementKit", "ResolverKit", "Kit",
-    "ConformanceReport", "CheckResult", "ConformanceFailure",
+    "ConformanceReport", "CheckResult", "ConformanceFailure", "ConformanceSession",
     "AllocationPeak", "reachable_tensors", "stored_bytes", "compare_tensors",
     "train_one_step", "TrainingStep", "HEAVY_MODULES", "FOREIGN_REFERENCES", "list_plugins_in_fresh_process",
 ]

@@ -130,24 +130,26 @@ class PlacementKit(Kit):
 
 def placement_problems(model: Any, device_map: dict[str, Any]) -> list[str]:
     """Tensors not where ``device_map`` says: on the mapped device, or for ``disk`` on the meta
-    device behind an accelerate hook that serves it."""
+    device behind an accelerate hook that serves it (buffers of disk-mapped modules may also stay in
+    CPU memory: accelerate offloads parameters only, unless asked to offload buffers)."""
     problems = []
     modules = dict(model.named_modules())
+    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         key = map_entry(name, device_map)
         if key is None:
             problems.append(f"{name} is not placed by the map")
             continue
         want = device_label(normalize_device(device_map[key]))
-        if want == "disk":
-            hook = getattr(modules.get(name.rpartition(".")[0]), "_hf_hook", None)
-            if tensor.device.type != "meta" or not getattr(hook, "offload", False):
+        served = getattr(getattr(modules.get(name.rpartition(".")[0]), "_hf_hook", None), "offload", False)
+        if tensor.device.type == "meta":
+            if not served:
+                problems.append(f"{name} was never loaded (meta)")
+        elif want == "disk":
+            if not (name in buffers and tensor.device.type == "cpu"):
                 problems.append(f"{name} should be served from disk, is on {tensor.device}")
-        elif device_label(normalize_device(str(tensor.device))) != want and tensor.device.type != "meta":
+        elif device_label(normalize_device(str(tensor.device))) != want:
             problems.append(f"{name} is on {tensor.device}, the map says {want}")
-        elif tensor.device.type == "meta" and not getattr(getattr(modules.get(name.rpartition(".")[0]), "_hf_hook",
-                                                                  None), "offload", False):
-            problems.append(f"{name} was never loaded (meta)")
     return problems
 
 

@@ -32,14 +32,17 @@ class ResolverKit(Kit):
     :param own: references it must resolve (e.g. ``"catalog://tiny-llama"``).
     :param broken: references of its own kind that cannot resolve.
     :param foreign: references it must leave to others (default :data:`FOREIGN_REFERENCES`).
+    :param context: ``ResolveContext`` fields for every resolution (``cache_dir``, ``offline``,
+        ``revision``, ``token``); ``loadstone.plan`` gets the same keywords.
     """
 
     kind = "resolver"
     checks = RESOLVER_CHECKS
 
     def __init__(self, name: str, *, own: Iterable[str] = (), broken: Iterable[str] = (),
-                 foreign: Iterable[str] = FOREIGN_REFERENCES, **kwargs: Any):
+                 foreign: Iterable[str] = FOREIGN_REFERENCES, context: dict[str, Any] | None = None, **kwargs: Any):
         self.name = name
+        self.context = dict(context or {})
         self.own = list(own)
         self.broken = list(broken)
         self.foreign = list(foreign)
@@ -56,12 +59,20 @@ class ResolverKit(Kit):
     def resolver(self) -> Any:
         return self.registration.component
 
+    def ctx(self, **fields: Any) -> ResolveContext:
+        return ResolveContext(**{**self.context, **fields})
+
+    def plan(self, reference: str) -> Any:
+        import loadstone
+
+        return loadstone.plan(reference, plugins=self.plugins, **self.context)
+
     # -- checks ----------------------------------------------------------------------------
     def check_foreign_references(self, result: CheckResult) -> None:
         for reference in self.foreign:
             for weights in (True, False):
                 try:
-                    found = self.resolver.resolve(reference, ResolveContext(offline=True, weights=weights))
+                    found = self.resolver.resolve(reference, self.ctx(offline=True, weights=weights))
                 except Exception as exc:
                     result.expect(False, f"{reference!r} (weights={weights}) raised {type(exc).__name__}: {exc}")
                     continue
@@ -69,14 +80,12 @@ class ResolverKit(Kit):
         result.record("foreign", self.foreign)
 
     def check_own_references(self, result: CheckResult) -> None:
-        import loadstone
-
         if not self.own:
             result.skip("no own references were given (own=[...])")
             return
         for reference in self.own:
             for weights in (True, False):
-                found = self.resolver.resolve(reference, ResolveContext(weights=weights))
+                found = self.resolver.resolve(reference, self.ctx(weights=weights))
                 if not result.expect(isinstance(found, ResolvedSource),
                                      f"{reference!r} (weights={weights}) resolved to {found!r}, not a ResolvedSource"):
                     continue
@@ -87,21 +96,19 @@ class ResolverKit(Kit):
                               f"{ADAPTER_CONFIG}")
                 result.expect(found.reference == reference,
                               f"{reference!r}: ResolvedSource.reference is {found.reference!r}")
-            plan = loadstone.plan(reference, plugins=self.plugins)
+            plan = self.plan(reference)
             for problem in self.owner_problems(plan.report.decision("source"), "source"):
                 result.expect(False, f"{reference!r}: {problem}")
         result.record("own", self.own)
 
     def check_broken_references(self, result: CheckResult) -> None:
-        import loadstone
-
         if not self.broken:
             result.skip("no broken references were given (broken=[...])")
             return
         errors = {}
         for reference in self.broken:
             try:
-                found = self.resolver.resolve(reference, ResolveContext())
+                found = self.resolver.resolve(reference, self.ctx())
             except LoadstoneError as exc:
                 result.expect(exc.fix, f"{reference!r}: {type(exc).__name__} without a fix: {exc.message}")
                 errors[reference] = f"{type(exc).__name__}: {exc.message}"
@@ -111,7 +118,7 @@ class ResolverKit(Kit):
                 result.expect(False, f"{reference!r} is broken but resolved to {found!r} (return None only for "
                                      f"references that are not yours; raise ResolutionError for yours)")
             try:
-                loadstone.plan(reference, plugins=self.plugins)
+                self.plan(reference)
             except PluginHookError as exc:
                 result.expect(False, f"{reference!r}: through loadstone.plan it became a PluginHookError: {exc}")
             except LoadstoneError:
@@ -124,6 +131,6 @@ class ResolverKit(Kit):
 def check_resolver(name: str, *, only: Iterable[str] | None = None, skip: Iterable[str] = (),
                    **kwargs: Any) -> ConformanceReport:
     """Run the resolver checks (:data:`RESOLVER_CHECKS`) for the resolver registered as ``name``;
-    the keyword arguments are :class:`ResolverKit`'s (``own``, ``broken``, ``foreign``,
+    the keyword arguments are :class:`ResolverKit`'s (``own``, ``broken``, ``foreign``, ``context``,
     ``plugins``, ``distribution``, ``heavy_modules``, ``workdir``)."""
     return ResolverKit(name, **kwargs).run(only=only, skip=skip)

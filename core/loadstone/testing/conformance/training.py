@@ -15,8 +15,10 @@ class TrainingStep:
     :ivar with_grad: names of parameters that received a gradient.
     :ivar changed: trainable parameters whose values the step changed.
     :ivar frozen_changed: tensors outside ``trainable`` whose values changed (must stay empty).
-    :ivar recomputed: forward calls inside checkpointed layers during the backward pass (> 0 only
-        when gradient checkpointing is active: the layers are run again to rebuild activations).
+    :ivar checkpointed_layers: decoder layers with gradient checkpointing switched on.
+    :ivar forward_calls: calls of the decoder layers' children during the forward pass.
+    :ivar recomputed: calls of the decoder layers' children during the backward pass (> 0 only
+        when gradient checkpointing is active: the layers run again to rebuild activations).
     """
 
     loss: float
@@ -54,7 +56,7 @@ def train_one_step(model: Any, ids: Any = None, lr: float = 0.5) -> TrainingStep
         loss.backward()
     finally:
         counter.remove()
-    step = TrainingStep(float(loss), set(trainable), {n for n, p in model.named_parameters() if p.grad is not None})
+    step = TrainingStep(float(loss.detach()), set(trainable), {n for n, p in model.named_parameters() if p.grad is not None})
     optimizer = torch.optim.SGD(trainable.values(), lr=lr) if trainable else None
     if optimizer is not None:
         optimizer.step()
@@ -83,16 +85,19 @@ def _same_bits(a: Any, b: Any) -> bool:
 
 
 class _RecomputeCounter:
-    """Forward hooks on the children of every layer that has gradient checkpointing switched on.
-    transformers checkpoints a layer's ``forward`` (not ``__call__``), so the layer's own hooks fire
-    once; its children run again, hooks included, when the backward pass recomputes the layer."""
+    """Forward hooks on the children of every layer that can be checkpointed (transformers'
+    ``GradientCheckpointingLayer``: the decoder layers). transformers checkpoints a layer's
+    ``forward`` (not ``__call__``), so the layer's own hooks fire once; its children run again,
+    hooks included, when the backward pass recomputes the layer."""
 
     def __init__(self, model: Any):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
         self.phase = "forward"
         self.calls = {"forward": 0, "backward": 0}
         self.handles = []
-        layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-        self.layers = len(layers)
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        self.layers = sum(m.gradient_checkpointing is True for m in layers)
         for layer in layers:
             for child in layer.children():
                 self.handles.append(child.register_forward_hook(self._hook))
