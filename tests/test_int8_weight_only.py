@@ -135,3 +135,15 @@ def test_kept_layer_stays_a_plain_linear_and_the_estimate_follows(int8wo, tiny_c
     down = result.model.model.layers[1].mlp.down_proj
     assert type(down) is torch.nn.Linear and down.weight.dtype == torch.float32
     assert plan.bytes_per_device["cpu"] == conformance.stored_bytes(result.model)
+
+
+@pytest.mark.gpu
+def test_quantizes_on_the_gpu_within_its_plan(int8wo, loadstone_conformance):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (CI has none)")
+    report = loadstone_conformance.backend("int8wo", plugins=int8wo, placement="cuda:0",
+                                           only=["estimate", "peak", "lora_training", "gradient_checkpointing"])
+    print(report.to_json())
+    report.assert_ok()

@@ -42,3 +42,24 @@ def test_generic_measure_agrees_with_the_backend_s_own(quantized, arch, method):
     # bitsandbytes keeps its state. Both must see the same bytes.
     model = quantized(arch, method).model
     assert conformance.stored_bytes(model) == measured_bytes(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
+def test_bitsandbytes_conforms_on_a_gpu(loadstone_conformance, method):
+    """On CUDA bitsandbytes quantizes in its kernels: the plan counts no CPU work space there, and
+    the measured peak on cuda:0 must still stay within it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (CI has none)")
+    import loadstone_bnb.plugin
+
+    manager = loadstone.PluginManager()
+    if "nf4" not in {m for r in manager.components("quantization") for m in r.component.methods}:
+        manager = loadstone.PluginManager(extra_plugins=[("bnb", loadstone_bnb.plugin)])  # a source tree
+    report = loadstone_conformance.backend(method, plugins=manager, placement="cuda:0",
+                                           only=["estimate", "peak", "engines_agree", "lora_training"])
+    print(report.to_json())
+    report.assert_ok()
+    assert {case["device"] for case in report["peak"].measured["cases"]} == {"cuda:0"}

@@ -14,7 +14,8 @@ BACKEND_CHECKS = {
                "a heavy library",
     "attribution": "the report's quantization and engine decisions name the plugin and distribution",
     "estimate": "the plan's bytes at rest are within the tolerance of what the loaded model holds",
-    "peak": "the measured allocation peak of a CPU load stays within the plan's peak_bytes_per_device",
+    "peak": "the measured allocation peak of a load stays within the plan's peak_bytes_per_device, and what is "
+            "in flight at once within what transient_bytes declared",
     "lora_training": "LoRA wraps the backend's modules, and one training step gives gradients to, and changes, "
                      "the adapter weights only",
     "gradient_checkpointing": "with gradient_checkpointing=True the kernel's non-reentrant checkpointing is "
@@ -41,6 +42,8 @@ class BackendKit(Kit):
     :param measure: ``model -> bytes`` for the estimate check (default :func:`stored_bytes`).
     :param tolerance: relative tolerance of the estimate and peak checks.
     :param engine: the engine of the estimate, peak and training checks (default ``"auto"``).
+    :param placement: where every load goes (default ``"cpu"``; ``"cuda:0"`` on a GPU machine: the
+        peak is then measured on that device).
     :param refusals: the backend's own refusals: ``(load keyword arguments, error class)`` pairs,
         each of which ``loadstone.plan`` must raise.
     """
@@ -51,7 +54,7 @@ class BackendKit(Kit):
     def __init__(self, method: str, *, options: dict[str, Any] | None = None,
                  architectures: Iterable[str] = ("llama", "gpt2"), dtypes: Iterable[str] = ("float32", "bfloat16"),
                  measure: Callable[[Any], int] | None = None, tolerance: float = 0.05, engine: str = "auto",
-                 refusals: Iterable[tuple[dict[str, Any], type]] = (), **kwargs: Any):
+                 refusals: Iterable[tuple[dict[str, Any], type]] = (), placement: str = "cpu", **kwargs: Any):
         self.method = method
         self.options = dict(options or {})
         self.architectures = tuple(architectures)
@@ -60,6 +63,7 @@ class BackendKit(Kit):
         self.tolerance = tolerance
         self.engine = engine
         self.refusals = list(refusals)
+        self.placement = placement
         super().__init__(**kwargs)
 
     def _find(self) -> Any:
@@ -67,7 +71,7 @@ class BackendKit(Kit):
 
     # -- loading -------------------------------------------------------------------------
     def _kwargs(self, **extra: Any) -> dict[str, Any]:
-        base = {"quantization": self.method, "quantization_options": dict(self.options), "placement": "cpu",
+        base = {"quantization": self.method, "quantization_options": dict(self.options), "placement": self.placement,
                 "engine": self.engine, "plugins": self.plugins}
         return {**base, **extra}
 
@@ -107,7 +111,7 @@ class BackendKit(Kit):
             for trainable in (False, True):
                 plan = self.plan(folder, trainable=trainable)
                 loaded = self.load(folder, trainable=trainable)
-                estimate, real = plan.bytes_per_device.get("cpu", 0), int(self.measure(loaded.model))
+                estimate, real = sum(plan.bytes_per_device.values()), int(self.measure(loaded.model))
                 error = (estimate - real) / real if real else float("inf")
                 rows.append({"arch": arch, "dtype": dtype, "trainable": trainable, "estimate": estimate,
                              "measured": real, "error": round(error, 4),
@@ -127,33 +131,33 @@ class BackendKit(Kit):
         for arch, dtype in self.cases():
             folder = self.checkpoint(arch, dtype=dtype)
             plan = self.plan(folder, trainable=False)
+            (device,) = set(plan.bytes_per_device)  # the kit places everything on one device
             gc.collect()
             with sequential_transformers_loading(), AllocationPeak() as peak:
                 loaded = self.load(folder, trainable=False)
-            resting = int(self.measure(loaded.model))
-            planned, planned_resting = plan.peak_bytes_per_device.get("cpu", 0), plan.bytes_per_device.get("cpu", 0)
-            measured = peak.peak.get("cpu", 0)
-            in_flight = peak.transient_peak.get("cpu", 0)
+            resting = stored_bytes(loaded.model, device=device)
+            planned, planned_resting = plan.peak_bytes_per_device[device], plan.bytes_per_device[device]
+            measured, in_flight = peak.peak.get(device, 0), peak.transient_peak.get(device, 0)
             planned_in_flight = planned - planned_resting
-            row = {"arch": arch, "dtype": dtype, "engine": loaded.report.engine.get("name"),
+            row = {"arch": arch, "dtype": dtype, "device": device, "engine": loaded.report.engine.get("name"),
                    "planned_peak": planned, "measured_peak": measured, "ratio": round(measured / planned, 4),
                    "planned_in_flight": planned_in_flight, "measured_in_flight": in_flight,
                    "measured_resting": resting, "allocations": peak.allocations}
             rows.append(row)
-            if not result.expect(peak.complete(resting, tolerance=self.tolerance),
-                                 f"{arch} {dtype}: the allocations seen ({peak.live.get('cpu', 0)} B live at the "
+            if not result.expect(peak.complete(resting, device=device, tolerance=self.tolerance),
+                                 f"{arch} {dtype}: the allocations seen ({peak.live.get(device, 0)} B live at the "
                                  f"end) do not account for the loaded model ({resting} B): part of the load ran "
                                  f"outside the measured thread or in memory torch did not allocate, so its peak "
                                  f"cannot be measured this way"):
                 continue
             result.expect(measured <= planned * (1 + self.tolerance),
-                          f"{arch} {dtype}: the load peaked at {measured} B on the cpu, the plan says "
+                          f"{arch} {dtype}: the load peaked at {measured} B on {device}, the plan says "
                           f"{planned} B ({measured / planned - 1:+.1%})")
             # The total can stay under the plan by luck of file order (the largest tensor read before
             # most of the model); what is in flight at once must not exceed what the plan adds for it.
             result.expect(in_flight <= planned_in_flight + self.tolerance * planned,
-                          f"{arch} {dtype}: {in_flight} B were in flight at once (read, converted, work "
-                          f"tensors), the plan allows {planned_in_flight} B (transient_bytes of the largest "
+                          f"{arch} {dtype}: {in_flight} B were in flight at once on {device} (read, converted, "
+                          f"work tensors), the plan allows {planned_in_flight} B (transient_bytes of the largest "
                           f"tensor)")
         result.record("method", AllocationPeak.method)
         result.record("cases", rows)
@@ -307,6 +311,6 @@ def check_backend(method: str, *, only: Iterable[str] | None = None, skip: Itera
                   **kwargs: Any) -> ConformanceReport:
     """Run the backend checks (:data:`BACKEND_CHECKS`) for the backend providing ``method``; the
     keyword arguments are :class:`BackendKit`'s (``plugins``, ``distribution``, ``options``,
-    ``architectures``, ``dtypes``, ``measure``, ``tolerance``, ``engine``, ``refusals``,
+    ``architectures``, ``dtypes``, ``measure``, ``tolerance``, ``engine``, ``placement``, ``refusals``,
     ``heavy_modules``, ``workdir``)."""
     return BackendKit(method, **kwargs).run(only=only, skip=skip)

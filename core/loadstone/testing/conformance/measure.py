@@ -105,14 +105,16 @@ def reachable_tensors(model: Any) -> dict[str, Any]:
     return out
 
 
-def stored_bytes(model: Any) -> int:
+def stored_bytes(model: Any, device: str | None = None) -> int:
     """Bytes the model holds in tensors: every reachable tensor's storage, each storage once
-    (meta tensors hold nothing)."""
+    (meta tensors hold nothing); only those on ``device`` (``"cpu"``, ``"cuda:0"``) if given."""
     import torch
 
     storages: dict[tuple[str, int], int] = {}
     for value in reachable_tensors(model).values():
         if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            continue
+        if device is not None and _label(value.device) != device:
             continue
         try:
             storage = value.untyped_storage()
@@ -211,8 +213,11 @@ class AllocationPeak:
 
 
 def _label(device: Any) -> str:
+    """``"cpu"`` or ``"cuda:0"``, as the plan labels devices (a bare ``cuda`` is device 0)."""
     text = str(device)
-    return "cpu" if text.startswith("cpu") else text
+    if text.startswith("cpu"):
+        return "cpu"
+    return text if ":" in text or text == "meta" else f"{text}:0"
 
 
 def sequential_transformers_loading() -> Any:
