@@ -9,7 +9,6 @@ import subprocess
 import sys
 from typing import Any
 
-from .report import CheckResult, _same_distribution
 
 # Imported by none of loadstone's listing code; a plugin that imports one while registering makes
 # every `loadstone plugins` and every `import` of a plugin manager pay for it (torch alone takes
@@ -41,7 +40,15 @@ def list_plugins_in_fresh_process(distribution: str, timeout: float = 180) -> di
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def check_listing(kit: Any, result: CheckResult) -> None:
+def same_distribution(a: str, b: str) -> bool:
+    """Distribution names compared as pip compares them (``loadstone_bnb`` is ``loadstone-bnb``)."""
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(a) == canonicalize_name(b)
+
+
+def check_listing(kit: Any, result: Any) -> None:
+    """The ``listing`` check of every kit (``result`` is the check's ``CheckResult``)."""
     reg = kit.registration
     if reg.distribution == "<in-process>":
         result.skip("registered in-process (PluginManager(extra_plugins=...)): only an installed distribution "
@@ -49,7 +56,7 @@ def check_listing(kit: Any, result: CheckResult) -> None:
         return
     listing = list_plugins_in_fresh_process(reg.distribution)
     result.expect(listing["code"] == 0, f"`loadstone plugins --json` returned {listing['code']}")
-    records = [p for p in listing["plugins"] if _same_distribution(p["distribution"], reg.distribution)]
+    records = [p for p in listing["plugins"] if same_distribution(p["distribution"], reg.distribution)]
     result.expect(records, f"no plugin of distribution {reg.distribution!r} is listed")
     for record in records:
         result.expect(record["status"] == "loaded", f"plugin {record['name']!r} is {record['status']}: "

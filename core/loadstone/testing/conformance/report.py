@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
+from .listing import check_listing, same_distribution
+
 __all__ = ["CheckResult", "ConformanceFailure", "ConformanceReport", "Kit"]
 
 
@@ -212,8 +214,6 @@ class Kit:
 
     # -- checks every kit shares ------------------------------------------------------------
     def check_listing(self, result: CheckResult) -> None:
-        from .listing import check_listing
-
         check_listing(self, result)
 
     def owner_problems(self, decision: Any, topic: str) -> list[str]:
@@ -226,14 +226,9 @@ class Kit:
             if getattr(decision, attr) != getattr(reg, attr):
                 problems.append(f"the report's {topic!r} decision names {attr} {getattr(decision, attr)!r}, "
                                 f"expected {getattr(reg, attr)!r}")
-        if self.expected_distribution is not None and not _same_distribution(reg.distribution,
-                                                                             self.expected_distribution):
+        if self.expected_distribution is not None and not same_distribution(reg.distribution,
+                                                                            self.expected_distribution):
             problems.append(f"{self.kind} {reg.name!r} is registered by {reg.distribution!r}, expected "
                             f"{self.expected_distribution!r}")
         return problems
 
-
-def _same_distribution(a: str, b: str) -> bool:
-    from packaging.utils import canonicalize_name
-
-    return canonicalize_name(a) == canonicalize_name(b)
