@@ -23,6 +23,7 @@ Importing this module is cheap; torch and transformers are imported when a check
 from __future__ import annotations
 
 from .backend import BACKEND_CHECKS, BackendKit, check_backend, compare_tensors
+from .conversions import Conversion, ConversionMeter
 from .engine import ENGINE_CHECKS, EngineKit, check_engine
 from .listing import HEAVY_MODULES, list_plugins_in_fresh_process
 from .measure import AllocationPeak, reachable_tensors, stored_bytes
@@ -37,6 +38,6 @@ __all__ = [
     "BACKEND_CHECKS", "ENGINE_CHECKS", "PLACEMENT_CHECKS", "RESOLVER_CHECKS",
     "BackendKit", "EngineKit", "PlacementKit", "ResolverKit", "Kit",
     "ConformanceReport", "CheckResult", "ConformanceFailure", "ConformanceSession",
-    "AllocationPeak", "reachable_tensors", "stored_bytes", "compare_tensors",
+    "AllocationPeak", "ConversionMeter", "Conversion", "reachable_tensors", "stored_bytes", "compare_tensors",
     "train_one_step", "TrainingStep", "HEAVY_MODULES", "FOREIGN_REFERENCES", "list_plugins_in_fresh_process",
 ]

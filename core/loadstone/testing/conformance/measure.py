@@ -15,17 +15,23 @@ size asked for; the C allocator's own rounding and fragmentation are not include
 from zero at the start (memory held before is left out, and frees of it do not count). Blind
 spots, each detected where it matters: memory torch did not allocate (file pages of a
 memory-mapped checkpoint, numpy buffers, Python objects), and allocations in threads other than
-the one that entered the block (the profiler records the calling thread only). When the model
-at the end holds more bytes than the live allocations account for, something was missed, and
-:attr:`AllocationPeak.complete` says so.
+the one that entered the block (the profiler records the calling thread only; loadstone's native
+engine reads tensors in reader threads). When the model at the end holds more bytes than the
+live allocations account for, something was missed, and :meth:`AllocationPeak.complete` says
+so. On CUDA devices the caching allocator's own counters (all threads) give the peak as well.
+
+Work done inside ``torch.profiler.record_function("loadstone.conformance:LABEL")`` scopes is
+also measured per scope (:attr:`AllocationPeak.scopes`): what the code inside allocated and kept,
+and the most it held at once in allocations it freed again. The backend kit labels each
+``load_tensor`` call this way (:class:`~loadstone.testing.conformance.conversions.ConversionMeter`),
+which runs in the engine's calling thread whatever threads read the tensors.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator
 
-__all__ = ["AllocationPeak", "reachable_tensors", "stored_bytes"]
+__all__ = ["AllocationPeak", "SCOPE_PREFIX", "reachable_tensors", "stored_bytes"]
 
 # Values besides tensors worth comparing between two loads (quantization settings on a state
 # object); anything else (modules, configs, functions) is not followed.
@@ -139,6 +145,9 @@ class AllocationPeak:
         were freed before the block ended: what was in flight (read buffers, full-precision
         tensors being converted, work tensors), without what the load keeps.
     :ivar allocations: how many allocations the profiler reported (0: nothing was measured).
+    :ivar scopes: label of a ``record_function(SCOPE_PREFIX + label)`` block -> ``{"kept": bytes
+        allocated inside and still live when it ended, "work": the most bytes live at once inside
+        it in allocations it also freed}`` (a label seen twice: kept summed, work the larger).
     """
 
     method = ("torch.profiler (profile_memory=True): replay of every allocation and free of torch's "
@@ -149,11 +158,18 @@ class AllocationPeak:
         self.live: dict[str, int] = {}
         self.transient_peak: dict[str, int] = {}
         self.allocations = 0
+        self.scopes: dict[str, dict[str, int]] = {}
         self._profile: Any = None
+        self._cuda_base: dict[int, int] = {}
 
     def __enter__(self) -> "AllocationPeak":
+        import torch
         from torch.profiler import ProfilerActivity, profile
 
+        if torch.cuda.is_available():
+            for index in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(index)
+                self._cuda_base[index] = torch.cuda.memory_allocated(index)
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         self._profile.__enter__()
         return self
@@ -162,7 +178,17 @@ class AllocationPeak:
         self._profile.__exit__(*exc)
         if exc[0] is None:
             self._replay(self._profile)
+            self._cuda_counters()
         self._profile = None
+
+    def _cuda_counters(self) -> None:
+        """The CUDA caching allocator counts every thread's allocations: its peak is complete."""
+        import torch
+
+        for index, base in self._cuda_base.items():
+            label = f"cuda:{index}"
+            self.peak[label] = max(self.peak.get(label, 0), torch.cuda.max_memory_allocated(index) - base)
+            self.live[label] = torch.cuda.memory_allocated(index) - base
 
     def complete(self, model_bytes: int, device: str = "cpu", tolerance: float = 0.05) -> bool:
         """Whether the allocations seen account for a model of ``model_bytes`` loaded inside the
@@ -180,36 +206,58 @@ class AllocationPeak:
             stack.extend(event.children)
             if event.tag == _EventType.Allocation:
                 fields = event.extra_fields
-                events.append((event.start_time_ns, fields.ptr, int(fields.alloc_size), _label(fields.device)))
+                events.append((event.start_time_ns, fields.ptr, int(fields.alloc_size), _label(fields.device),
+                               _scope(event)))
         events.sort(key=lambda e: e[0])
-        # First pass: which allocations are freed inside the block (work tensors, buffers in
-        # flight) and which survive it (what the load keeps).
-        freed: set[int] = set()
-        open_blocks: dict[tuple[str, int], int] = {}
-        for index, (_, ptr, size, device) in enumerate(events):
-            if size > 0:
-                open_blocks[(device, ptr)] = index
-            elif (device, ptr) in open_blocks:
-                freed.add(open_blocks.pop((device, ptr)))
-        owned: dict[tuple[str, int], tuple[int, bool]] = {}
-        live: dict[str, int] = {}
-        in_flight: dict[str, int] = {}
-        for index, (_, ptr, size, device) in enumerate(events):
-            if size > 0:
-                self.allocations += 1
-                transient = index in freed
-                owned[(device, ptr)] = (size, transient)
-                live[device] = live.get(device, 0) + size
-                self.peak[device] = max(self.peak.get(device, 0), live[device])
-                if transient:
-                    in_flight[device] = in_flight.get(device, 0) + size
-                    self.transient_peak[device] = max(self.transient_peak.get(device, 0), in_flight[device])
-            else:  # a free: only blocks allocated inside the block count
-                size, transient = owned.pop((device, ptr), (0, False))
-                live[device] = live.get(device, 0) - size
-                if transient:
-                    in_flight[device] -= size
-        self.live = dict(live)
+        self.allocations = sum(1 for e in events if e[2] > 0)
+        for device in {e[3] for e in events}:
+            peak, live, in_flight = _replay([e for e in events if e[3] == device])
+            self.peak[device], self.live[device], self.transient_peak[device] = peak, live, in_flight
+        for label in {e[4] for e in events if e[4] is not None}:
+            _, kept, work = _replay([e for e in events if e[4] == label])
+            found = self.scopes.setdefault(label, {"kept": 0, "work": 0})
+            found["kept"] += kept
+            found["work"] = max(found["work"], work)
+
+
+SCOPE_PREFIX = "loadstone.conformance:"
+
+
+def _scope(event: Any) -> str | None:
+    parent = event.parent
+    while parent is not None:
+        if parent.name.startswith(SCOPE_PREFIX):
+            return parent.name[len(SCOPE_PREFIX):]
+        parent = parent.parent
+    return None
+
+
+def _replay(events: list[tuple]) -> tuple[int, int, int]:
+    """``(peak, live at the end, transient peak)`` of time-ordered ``(t, ptr, size, ...)`` events:
+    a free counts only for a block allocated among them; a block freed among them is transient."""
+    freed: set[int] = set()
+    open_blocks: dict[int, int] = {}
+    for index, (_, ptr, size, *_rest) in enumerate(events):
+        if size > 0:
+            open_blocks[ptr] = index
+        elif ptr in open_blocks:
+            freed.add(open_blocks.pop(ptr))
+    owned: dict[int, tuple[int, bool]] = {}
+    live = peak = in_flight = transient_peak = 0
+    for index, (_, ptr, size, *_rest) in enumerate(events):
+        if size > 0:
+            transient = index in freed
+            owned[ptr] = (size, transient)
+            live += size
+            peak = max(peak, live)
+            if transient:
+                in_flight += size
+                transient_peak = max(transient_peak, in_flight)
+        else:
+            size, transient = owned.pop(ptr, (0, False))
+            live -= size
+            in_flight -= size if transient else 0
+    return peak, live, transient_peak
 
 
 def _label(device: Any) -> str:
@@ -218,23 +266,3 @@ def _label(device: Any) -> str:
     if text.startswith("cpu"):
         return "cpu"
     return text if ":" in text or text == "meta" else f"{text}:0"
-
-
-def sequential_transformers_loading() -> Any:
-    """A context in which transformers' ``from_pretrained`` reads tensors in the calling thread
-    (``HF_DEACTIVATE_ASYNC_LOAD=1``), so that :class:`AllocationPeak` sees its allocations."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def env() -> Iterator[None]:
-        saved = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
-        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
-        try:
-            yield
-        finally:
-            if saved is None:
-                os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
-            else:
-                os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = saved
-
-    return env()
