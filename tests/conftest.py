@@ -16,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = sys.executable
+FIXTURE_DISTS = REPO / "tests" / "fixtures" / "dists"
 
 
 @pytest.fixture(scope="session")
@@ -123,3 +124,27 @@ def run_python(code: str, *, env: dict[str, str] | None = None, cwd: Path | None
 @pytest.fixture
 def python_subprocess() -> Callable[..., subprocess.CompletedProcess]:
     return run_python
+
+
+@pytest.fixture(scope="session")
+def fixture_dist(tmp_path_factory) -> Callable[[str], Path]:
+    """``fixture_dist(name)``: tests/fixtures/dists/NAME installed by pip as a real distribution into a
+    folder of its own (built from a copy, once per session). Put the folder on ``sys.path`` (or
+    ``PYTHONPATH`` of a subprocess) and its entry points are discovered like any installed plugin's."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("fixture-dists")
+    installed: dict[str, Path] = {}
+
+    def install(name: str) -> Path:
+        if name not in installed:
+            source, target = root / "src" / name, root / name
+            shutil.copytree(FIXTURE_DISTS / name, source)
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                            "--no-input", "--target", str(target), str(source)], check=True, capture_output=True,
+                           timeout=300)
+            installed[name] = target
+        return installed[name]
+
+    return install
+

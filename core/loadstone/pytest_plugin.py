@@ -10,6 +10,11 @@ Any project with loadstone installed gets these fixtures:
 ``plugin_manager(**kw)``
     A fresh :class:`loadstone.PluginManager` (not the process-wide one), e.g.
     ``plugin_manager(disable=["hub"], extra_plugins=[("mine", MyPlugin())])``.
+``loadstone_conformance``
+    The conformance kit with one work folder per session
+    (:class:`loadstone.testing.conformance.ConformanceSession`):
+    ``loadstone_conformance.backend("my-method", only=[check]).assert_ok()``; likewise
+    ``.engine(name)``, ``.placement(spec)``, ``.resolver(name, own=[...])``.
 """
 
 from __future__ import annotations
@@ -64,3 +69,10 @@ def plugin_manager() -> Callable[..., Any]:
         return PluginManager(**kwargs)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def loadstone_conformance(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from .testing.conformance import ConformanceSession
+
+    return ConformanceSession(tmp_path_factory.mktemp("conformance"))

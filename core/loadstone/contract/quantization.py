@@ -76,7 +76,8 @@ class QuantizationContext:
     user's options after :meth:`QuantizationBackend.normalize_options`. ``checkpoint_config`` is
     the checkpoint's ``quantization_config`` dict when it is pre-quantized, else ``None``.
     ``device_map`` is ``None`` while sizes are estimated and placement is checked; the kernel sets
-    it to the final device map before the engine is chosen, so a backend can configure
+    it to the final device map before transient bytes are asked again for the plan's peak and
+    before the engine is chosen, so a backend can count device-specific work space and configure
     offloading for the layout actually used. ``loading`` is ``False`` when
     the kernel only plans (``loadstone.plan``): skip work only a real load needs, such as
     importing the quantization library to probe the device.
@@ -203,7 +204,12 @@ class QuantizationBackend(ABC):
                         module: Any, ctx: QuantizationContext) -> float:
         """Extra bytes on the tensor's device while it is being loaded, on top of what the model
         holds at rest: the plan's peak per device is its resting bytes plus the largest of these.
-        Default: the full-precision tensor for a converted one (:meth:`converts_tensor`), else 0."""
+        Count everything in flight at once: the full-precision tensor and the work tensors your
+        conversion allocates. Asked twice: before placement (``ctx.device_map`` is ``None``; the
+        placement strategy sees these) and once the device map is chosen (``ctx.device_map`` set;
+        the plan's peak uses these), so work space that differs per device can be counted where
+        it is spent. Default: the full-precision tensor for a converted one
+        (:meth:`converts_tensor`), else 0."""
         if self.converts_tensor(module_name, param_name, module, ctx):
             return tensor.numel() * tensor.element_size()
         return 0.0

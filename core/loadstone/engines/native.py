@@ -132,20 +132,25 @@ class NativeEngine(Engine):
                 ctx.note(f"engine loadstone: {stream.readers} pread reader threads, {stream.chunk >> 20} MiB chunks"
                          + (", pinned buffers and CUDA streams" if stream.accelerated else ""))
             pending: list[tuple[Any, Any]] = []
+            # No name may hold a tensor once it is handed over: its budget is given back next, and a
+            # lingering reference would keep it alive while readers fill that budget again.
             for item, tensor in stream:
                 progress(item.info.nbytes)
                 owner = owners[id(item)]
                 if isinstance(owner, TensorGroup):
                     pending.append((item, tensor))
+                    tensor = None
                     if len(pending) < len(owner.sources):
                         continue
+                    done = [i for i, _ in pending]
                     self._group(plan, ctx, modules, model, owner, [t for _, t in pending])
-                    for done, _ in pending:
-                        stream.release(done)
                     pending = []
+                    for finished in done:
+                        stream.release(finished)
                 else:  # an extra tensor the backend accepted: as stored
                     module_name, name = owner
                     ctx.backend.load_tensor(module_name, modules[module_name], name, tensor, qctx)
+                    tensor = None
                     stream.release(item)
             if stream.accelerated:
                 torch.cuda.synchronize()  # the copies are done before the clock says so

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any, Mapping
 
-from loadstone import PlacementError, QuantizationBackend, QuantizationContext, QuantizationError
+from loadstone import PlacementError, QuantizationBackend, QuantizationContext, QuantizationError, map_entry
 
 from . import cpu_kernel, memory, native, options
 from .options import BnbSettings
@@ -113,7 +113,23 @@ class BitsAndBytesBackend(QuantizationBackend):
                         ctx: QuantizationContext) -> float:
         if ctx.pre_quantized:  # packed tensors are taken as they are: nothing full-precision in flight
             return 0.0
-        return super().transient_bytes(module_name, param_name, tensor, module, ctx)
+        in_flight = super().transient_bytes(module_name, param_name, tensor, module, ctx)
+        if in_flight and self.quantizes_on_cpu(f"{module_name}.{param_name}", ctx):
+            import torch
+
+            in_flight += memory.cpu_quantize_workspace(tensor.numel(), self.settings(ctx).method,
+                                                       element_size=tensor.element_size(),
+                                                       transposed=not isinstance(module, torch.nn.Linear))
+        return in_flight
+
+    @staticmethod
+    def quantizes_on_cpu(tensor_name: str, ctx: QuantizationContext) -> bool:
+        """Whether the tensor is placed, and so quantized, on the CPU; unknown before placement
+        (``ctx.device_map`` is ``None``), when the kernel asks for the placement strategy's view."""
+        if ctx.device_map is None:
+            return False
+        key = map_entry(tensor_name, ctx.device_map)
+        return key is not None and device_type(ctx.device_map[key]) == "cpu"
 
     def quantizes(self, module_name: str, module: Any, settings: BnbSettings, ctx: QuantizationContext) -> bool:
         """Whether transformers swaps this module for a bitsandbytes layer, decided by transformers'

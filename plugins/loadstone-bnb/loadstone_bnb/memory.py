@@ -43,6 +43,25 @@ def int8_bytes(numel: int, out_features: int) -> int:
     return numel + out_features * FLOAT32
 
 
+# Bytes per weight element that bitsandbytes' CPU quantization allocates besides its input and
+# outputs, for a float32 input (bitsandbytes 0.50, ``backends/default/ops.py``: element-wise torch
+# ops in float32, an int32 bucket index, fp4's int64 reordering). Measured with loadstone's
+# conformance kit (``AllocationPeak.transient_peak``) on weights from 64x64 to 4096x4096, which
+# agree within 0.07 B per element; the kit's peak check fails when a release needs more. On CUDA
+# bitsandbytes quantizes in its kernels, without work tensors of this size.
+CPU_WORKSPACE_PER_ELEMENT = {"nf4": 9.57, "fp4": 24.07, "int8": 10.07}
+
+
+def cpu_quantize_workspace(numel: int, method: str, *, element_size: int, transposed: bool = False) -> int:
+    """Work bytes bitsandbytes allocates on the CPU to quantize one weight of ``numel`` values
+    arriving with ``element_size`` bytes each; ``transposed``: GPT-2's ``Conv1D`` weight, which
+    4-bit quantization first copies into a contiguous layout."""
+    per_element = CPU_WORKSPACE_PER_ELEMENT[method]
+    if method != "int8":
+        per_element += (4 if element_size != 4 else 0) + (element_size if transposed else 0)
+    return math.ceil(numel * per_element)
+
+
 def bits_per_parameter(method: str, *, double_quant: bool = True) -> float:
     """Asymptotic bits per quantized parameter (large layers; per-weight constants vanish)."""
     if method == "int8":

@@ -34,6 +34,7 @@ from .memory import (
     peak_by_device,
     present_devices,
     tensor_sizes,
+    transient_sizes,
 )
 from .offload import check_offload_folder
 from .skeleton import SkeletonFactory, module_budget
@@ -66,11 +67,10 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     build = SkeletonFactory(auto_class, config, dtype, request, config_path=sources.base.path / CONFIG,
                             max_modules=module_budget(len(inventory.tensors)))
     skeleton = build.build()
-    sizes, transient, converted = tensor_sizes(skeleton, qreg, qctx, plugins)
+    sizes, converted = tensor_sizes(skeleton, qreg, qctx, plugins)
     tensor_map, notes = _map_tensors(skeleton, found, sources, qreg, qctx, plugins, converted)
     report.notes.extend(notes)
-    if tensor_map is not None:
-        add_read_transients(transient, tensor_map, inventory, qctx)
+    transient = _in_flight(skeleton, qreg, qctx, plugins, tensor_map, inventory)
 
     spec = request.placement
     preg = plugins.placement_strategy("explicit" if isinstance(spec, dict) else spec)
@@ -84,6 +84,9 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     report.decide(Decision.from_registration("placement", preg.name if not isinstance(spec, str) or spec == preg.name
                                              else f"{preg.name} ({spec})", preg, "; ".join(pctx.notes)))
     per_device = bytes_by_device(sizes, device_map)
+    # Asked again now that every tensor's device is known: work space can depend on it (bitsandbytes
+    # quantizes with large temporaries on the CPU, in place on CUDA).
+    transient = _in_flight(skeleton, qreg, qctx, plugins, tensor_map, inventory)
     peaks = peak_by_device(per_device, transient, device_map)
     budget = pctx.memory_budget() if any(v not in ("disk",) for v in device_map.values()) else {}
     total = int(sum(sizes.values()))
@@ -128,6 +131,16 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     if loading:  # the engine's first build_skeleton() gets this one (see SkeletonFactory)
         build.keep(skeleton)
     return plan
+
+
+def _in_flight(skeleton: Any, qreg: Any, qctx: Any, plugins: PluginManager, tensor_map: Any,
+               inventory: Any) -> dict[str, float]:
+    """Bytes in flight per tensor while it loads: the backend's ``transient_bytes`` for ``qctx`` as
+    it stands (before or after placement), plus what the engines read besides (add_read_transients)."""
+    transient = transient_sizes(skeleton, qreg, qctx, plugins)
+    if tensor_map is not None:
+        add_read_transients(transient, tensor_map, inventory, qctx)
+    return transient
 
 
 def _map_tensors(skeleton: Any, found: Inspection, sources: Sources, qreg: Any, qctx: Any, plugins: PluginManager,

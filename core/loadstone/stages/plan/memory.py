@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from ...contract.errors import ComponentNotFoundError, PlacementError
 from ...contract.placement import map_entry
@@ -14,31 +14,43 @@ from ...plugins import PluginManager
 
 
 def tensor_sizes(model: Any, reg: Registration, qctx: QuantizationContext,
-                 plugins: PluginManager) -> tuple[dict[str, float], dict[str, float], frozenset[str]]:
-    """Per tensor of the skeleton (tied weights once): resting bytes, transient bytes while it is
-    loaded, and the names the backend converts."""
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    modules = dict(model.named_modules())
+                 plugins: PluginManager) -> tuple[dict[str, float], frozenset[str]]:
+    """Per tensor of the skeleton (tied weights once): resting bytes, and the names the backend
+    converts (:func:`transient_sizes` gives the bytes in flight)."""
     sizes: dict[str, float] = {}
-    transient: dict[str, float] = {}
     converted: set[str] = set()
     backend = reg.component
+    for name, module_name, leaf, module, tensor in _tensors(model):
+        with plugins.guard(reg, "plan", "parameter_bytes"):
+            sizes[name] = float(backend.parameter_bytes(module_name, leaf, tensor, module, qctx))
+        with plugins.guard(reg, "plan", "converts_tensor"):
+            if backend.converts_tensor(module_name, leaf, module, qctx):
+                converted.add(name)
+    return sizes, frozenset(converted)
+
+
+def transient_sizes(model: Any, reg: Registration, qctx: QuantizationContext, plugins: PluginManager) -> dict[str, float]:
+    """The backend's ``transient_bytes`` per tensor (non-zero ones only), for ``qctx`` as it is:
+    asked before placement and again once ``qctx.device_map`` is set."""
+    transient: dict[str, float] = {}
+    for name, module_name, leaf, module, tensor in _tensors(model):
+        with plugins.guard(reg, "plan", "transient_bytes"):
+            extra = float(reg.component.transient_bytes(module_name, leaf, tensor, module, qctx))
+        if extra:
+            transient[name] = extra
+    return transient
+
+
+def _tensors(model: Any) -> Iterator[tuple[str, str, str, Any, Any]]:
+    """``(name, module name, leaf, module, tensor)`` for every parameter and buffer, tied ones once."""
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    modules = dict(model.named_modules())
     for kind in ("parameters", "buffers"):
         for name, tensor in getattr(model, f"named_{kind}")():
             if name in tied:
                 continue
             module_name, _, leaf = name.rpartition(".")
-            module = modules[module_name]
-            with plugins.guard(reg, "plan", "parameter_bytes"):
-                sizes[name] = float(backend.parameter_bytes(module_name, leaf, tensor, module, qctx))
-            with plugins.guard(reg, "plan", "converts_tensor"):
-                if backend.converts_tensor(module_name, leaf, module, qctx):
-                    converted.add(name)
-            with plugins.guard(reg, "plan", "transient_bytes"):
-                extra = float(backend.transient_bytes(module_name, leaf, tensor, module, qctx))
-            if extra:
-                transient[name] = extra
-    return sizes, transient, frozenset(converted)
+            yield name, module_name, leaf, modules[module_name], tensor
 
 
 def add_read_transients(transient: dict[str, float], tensor_map: Any, inventory: Any, qctx: QuantizationContext) -> None:

@@ -1,7 +1,8 @@
 """Tests for loadstone-example-plugin, written with the fixtures loadstone ships for plugin authors.
 
-``tiny_checkpoint``, ``tiny_adapter`` and ``plugin_manager`` come from ``loadstone.pytest_plugin``,
-which pytest picks up automatically wherever loadstone is installed.
+``tiny_checkpoint``, ``tiny_adapter``, ``plugin_manager`` and ``loadstone_conformance`` (the
+conformance kit) come from ``loadstone.pytest_plugin``, which pytest picks up automatically wherever
+loadstone is installed.
 """
 
 import json
@@ -137,3 +138,26 @@ def test_memory_fraction_spills_what_does_not_fit(tmp_path, manager, tiny_checkp
 def test_memory_fraction_rejects_a_bad_fraction(manager, tiny_checkpoint):
     with pytest.raises(loadstone.PlacementError, match="0 < F <= 1"):
         loadstone.plan(str(tiny_checkpoint("llama")), placement="memory-fraction:1.5", plugins=manager)
+
+
+# The conformance kit runs the contract's checks on the installed distribution (its real entry
+# points: the kit also lists plugins in a fresh interpreter and checks nothing heavy is imported).
+@pytest.fixture
+def installed(plugin_manager):
+    return plugin_manager(allow=["loadstone-example-plugin"])
+
+
+def test_catalog_resolver_conforms(loadstone_conformance, installed, catalog_file):
+    report = loadstone_conformance.resolver(
+        "catalog", plugins=installed, distribution="loadstone-example-plugin",
+        own=["catalog://tiny-llama", "catalog://tiny-lora"], broken=["catalog://tiny-lama", "catalog://../etc"])
+    report.assert_ok()
+
+
+def test_memory_fraction_placement_conforms(loadstone_conformance, installed):
+    # A 1 MB budget, half of it used: the larger tiny models spill to disk, hence the offload folder.
+    report = loadstone_conformance.placement(
+        "memory-fraction:0.5", plugins=installed, distribution="loadstone-example-plugin",
+        load_kwargs={"max_memory": {"cpu": "1MB"}}, offload=True)
+    report.assert_ok()
+

@@ -1,8 +1,5 @@
-"""Helpers for testing loadstone and loadstone plugins: tiny real checkpoints.
-
-Plugin authors use these in their own test suites (the ``loadstone.testing`` module ships with
-the kernel, like ``tox.pytest``). Every builder writes a real ``save_pretrained`` folder with
-random weights for a real transformers architecture; nothing is downloaded.
+"""Tiny real checkpoints: every builder writes a real ``save_pretrained`` folder with random
+weights for a real transformers architecture; nothing is downloaded.
 
 >>> from loadstone.testing import make_checkpoint
 >>> folder = make_checkpoint("llama", tmp_path / "llama")       # doctest: +SKIP
@@ -161,7 +158,3 @@ def main(argv: list[str] | None = None) -> int:
                                    base_reference=args.base_reference)
     print(folder)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
