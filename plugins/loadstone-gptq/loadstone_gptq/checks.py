@@ -10,9 +10,10 @@ safetensors headers; :func:`check_tensor` guards the same facts as each tensor i
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
-from loadstone import WeightsMismatchError
+from loadstone import ConfigError, WeightsMismatchError
 
 from .layers import INTEGER_PIECES, PIECES, packed_shapes
 from .settings import GPTQSettings
@@ -21,19 +22,21 @@ _SHOW = 6
 INTEGER_DTYPES = ("I32", "int32")
 
 
+def packed_group_size(name: str, shape: tuple[int, ...], in_features: int) -> int | None:
+    """The group size a stored ``scales`` or ``qzeros`` was packed with (its row count), if whole."""
+    rows = shape[0] if name in ("scales", "qzeros") and shape else 0
+    if not rows or in_features % rows:
+        return None
+    return in_features // rows if rows > 1 else -1
+
+
 def piece_problem(layer: str, name: str, shape: tuple[int, ...], dtype: str, in_features: int, out_features: int,
                   settings: GPTQSettings) -> str | None:
     """What is wrong with one stored tensor of a quantized layer, or ``None``."""
     want = packed_shapes(in_features, out_features, settings.bits, settings.group_size)[name]
     if tuple(shape) != want:
-        problem = (f"{layer}.{name} is {list(shape)}, expected {list(want)} for {in_features} -> {out_features} "
-                   f"at {settings.bits} bits, group_size {settings.group_size}")
-        rows = shape[0] if shape else 0
-        if name in ("scales", "qzeros") and rows and in_features % rows == 0 and rows != want[0]:
-            packed_with = in_features // rows if rows > 1 else -1
-            problem += (f" ({rows} groups over {in_features} inputs: the tensors were packed with group_size "
-                        f"{packed_with}, the config says {settings.group_size})")
-        return problem
+        return (f"{layer}.{name} is {list(shape)}, expected {list(want)} for {in_features} -> {out_features} "
+                f"at {settings.bits} bits, group_size {settings.group_size}")
     if name in INTEGER_PIECES and dtype.replace("torch.", "") not in INTEGER_DTYPES:
         return f"{layer}.{name} is stored as {dtype}, expected int32"
     return None
@@ -52,23 +55,29 @@ def problems_of_layer(layer: str, in_features: int, out_features: int, settings:
 
 
 def mismatch_error(problems: list[str], settings: GPTQSettings, file: Any) -> WeightsMismatchError:
-    group = any("group_size" in p and "packed with" in p for p in problems)
     shown = "; ".join(problems[:_SHOW]) + (f"; ... ({len(problems) - _SHOW} more)" if len(problems) > _SHOW else "")
-    fix = ("correct group_size in the checkpoint's quantization config (config.json quantization_config or "
-           "quantize_config.json) to the value the tensors were packed with" if group else
-           "re-save or re-download the checkpoint: its GPTQ tensors do not match its own quantization config "
-           f"({settings.bits} bits, group_size {settings.group_size})")
     return WeightsMismatchError(
         f"the GPTQ tensors of this checkpoint do not fit the model: {len(problems)} problem(s).", file=file,
         field="GPTQ tensors (qweight, qzeros, scales, g_idx)",
         expected=f"every quantized layer stored as qweight, qzeros, scales and g_idx for {settings.bits} bits, "
-                 f"group_size {settings.group_size}", found=shown, fix=fix)
+                 f"group_size {settings.group_size}", found=shown,
+        fix="re-save or re-download the checkpoint: its GPTQ tensors do not match its own quantization config")
 
 
-def check_plan(plan: Any, settings: GPTQSettings, layers: Mapping[str, tuple[int, int]]) -> None:
+def group_size_error(packed_with: int, settings: GPTQSettings, config: str) -> ConfigError:
+    name = Path(config).name
+    return ConfigError(
+        f"the GPTQ tensors were packed with group_size {packed_with}, but {name} says {settings.group_size} (every "
+        f"quantized layer's scales and qzeros have the rows of group_size {packed_with}).", file=config,
+        field="quantization_config.group_size", expected=packed_with, found=settings.group_size,
+        fix=f"set group_size to {packed_with} in {name}")
+
+
+def check_plan(plan: Any, settings: GPTQSettings, layers: Mapping[str, tuple[int, int]], config: str) -> None:
     """Check every quantized layer's stored tensors against the plan's tensor map and headers.
 
-    ``layers`` maps each quantized layer's name to ``(in_features, out_features)``."""
+    ``layers`` maps each quantized layer's name to ``(in_features, out_features)``; ``config`` is
+    the file the checkpoint's quantization settings came from."""
     tensor_map = plan.tensor_map
     if tensor_map is None:  # no headers before loading: check_tensor guards the load instead
         return
@@ -77,12 +86,17 @@ def check_plan(plan: Any, settings: GPTQSettings, layers: Mapping[str, tuple[int
     for key, (module_name, name) in tensor_map.extras.items():
         if module_name in by_layer:
             by_layer[module_name][name] = (tuple(infos[key].shape), str(infos[key].dtype))
-    problems = []
+    problems, group_sizes = [], set()
     for layer, (in_features, out_features) in sorted(layers.items()):
         problems += problems_of_layer(layer, in_features, out_features, settings, by_layer[layer])
-    if problems:
-        where = plan.inventory.index_file or (plan.inventory.files[0] if plan.inventory.files else None)
-        raise mismatch_error(problems, settings, where)
+        group_sizes |= {packed_group_size(name, shape, in_features) for name, (shape, _) in by_layer[layer].items()
+                        if name in ("scales", "qzeros")}
+    if not problems:
+        return
+    if len(group_sizes) == 1 and None not in group_sizes and group_sizes != {settings.group_size}:
+        raise group_size_error(group_sizes.pop(), settings, config)
+    where = plan.inventory.index_file or (plan.inventory.files[0] if plan.inventory.files else None)
+    raise mismatch_error(problems, settings, where)
 
 
 def check_tensor(layer: str, name: str, tensor: Any, module: Any, settings: GPTQSettings, file: Any) -> None:

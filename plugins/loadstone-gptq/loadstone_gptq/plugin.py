@@ -12,6 +12,7 @@ import loadstone
 
 from .backend import GPTQBackend
 from .checks import check_plan
+from .settings import config_file
 
 
 @loadstone.hookimpl
@@ -25,4 +26,4 @@ def loadstone_after_plan(plan, request):
     if not isinstance(backend, GPTQBackend) or not plan.quantization.pre_quantized:
         return
     ctx = plan.quantization
-    check_plan(plan, backend.settings(ctx), ctx.state.get("layers", {}))
+    check_plan(plan, backend.settings(ctx), ctx.state.get("layers", {}), config_file(ctx))

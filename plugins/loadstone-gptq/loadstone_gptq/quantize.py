@@ -104,8 +104,10 @@ def quantize(model: str | Path, output: str | Path, calibration: Sequence[Any], 
                                     format=checkpoint_format)
     if damp_percent is not None:
         settings["damp_percent"] = damp_percent
-    if desc_act:
-        settings["act_group_aware"] = False  # gptqmodel turns it off for act-order anyway, with a warning
+    if desc_act or group_size == -1:
+        # Group-aware reordering needs groups and no act-order: gptqmodel turns it off for act-order
+        # with a warning, and refuses it for group_size -1.
+        settings["act_group_aware"] = False
     started = time.monotonic()
     try:
         wrapper = GPTQModel.load(str(source), QuantizeConfig(**settings), device=device)

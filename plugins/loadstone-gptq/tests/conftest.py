@@ -14,32 +14,15 @@ load), so they are set only around those and never leak into other tests of the 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # gptq_reference (tests are not a package)
+sys.path.insert(0, str(Path(__file__).parent))  # gptq_reference, gptq_support (tests are not a package)
 
-CPU_SETTINGS = {"GPTQMODEL_DISABLE_PACK_EXT": "1", "TORCHDYNAMO_DISABLE": "1"}
-CALIBRATION = [f"the quick brown fox number {i} jumps over the lazy dog while the cat sleeps" for i in range(24)]
-
-
-@contextlib.contextmanager
-def cpu_settings() -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in CPU_SETTINGS}
-    os.environ.update(CPU_SETTINGS)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+from gptq_support import CALIBRATION, cpu_settings  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +90,7 @@ def packed_checkpoint(tiny_checkpoint: Callable[..., Path], tmp_path_factory) ->
             root = tmp_path_factory.mktemp("packed")
             weights = write_gptq_checkpoint(plain, root / "gptq", **kwargs)
             # The model as the kernel computes it: each weight rounded to float16 once.
-            twin = write_plain_twin(plain, root / "plain", {k: w.half().float() for k, w in weights.items()})
+            twin = write_plain_twin(root / "gptq", root / "plain", {k: w.half() for k, w in weights.items()})
             cache[key] = (root / "gptq", weights, twin)
         return cache[key]
 

@@ -110,13 +110,18 @@ def write_gptq_checkpoint(plain: Path, out: Path, *, bits: int, group_size: int,
     return reference
 
 
-def write_plain_twin(plain: Path, out: Path, weights: dict[str, torch.Tensor]) -> Path:
-    """The plain checkpoint with the given layers' weights replaced: the unquantized model that a
-    GPTQ checkpoint means, for comparing logits."""
+def write_plain_twin(base: Path, out: Path, weights: dict[str, torch.Tensor]) -> Path:
+    """The checkpoint in ``base`` (plain or GPTQ) with the given layers stored as plain ``weight``
+    tensors and no quantization config: the unquantized model a GPTQ checkpoint means, for
+    comparing logits. Everything else is taken as ``base`` stores it."""
     out.mkdir(parents=True, exist_ok=True)
-    state = load_file(str(plain / "model.safetensors"))
+    state = load_file(str(base / "model.safetensors"))
     for layer, weight in weights.items():
-        state[f"{layer}.weight"] = weight.to(state[f"{layer}.weight"].dtype).contiguous()
+        for piece in ("qweight", "qzeros", "scales", "g_idx"):
+            state.pop(f"{layer}.{piece}", None)
+        state[f"{layer}.weight"] = weight.float().contiguous()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text((plain / "config.json").read_text())
+    config = json.loads((base / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return out

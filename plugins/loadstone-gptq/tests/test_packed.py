@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import loadstone
+from gptq_support import layer_weight
 
 CASES = {
     "v1-4bit-sym-modern": dict(bits=4, group_size=32, desc_act=False, sym=True, v1=True, legacy=False),
@@ -21,17 +22,6 @@ CASES = {
     "v2-2bit-actorder-sym": dict(bits=2, group_size=32, desc_act=True, sym=True, v1=False, legacy=False),
     "v1-3bit-asym-legacy": dict(bits=3, group_size=32, desc_act=False, sym=False, v1=True, legacy=True),
 }
-
-
-def layer_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The ``[out, in]`` weight a loaded layer applies, read through its own forward: the identity
-    matrix in, the weight's rows out (minus the bias). Independent of how the kernel stores it."""
-    eye = torch.eye(module.in_features, dtype=torch.float32)
-    with torch.no_grad():
-        out = module(eye)
-    if getattr(module, "bias", None) is not None:
-        out = out - module.bias.float()
-    return out.T.float()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
