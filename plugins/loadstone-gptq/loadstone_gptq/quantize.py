@@ -9,9 +9,10 @@ like any GPTQ checkpoint. The command line is ``loadstone-gptq quantize``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from loadstone import ConfigError, OptionError, QuantizationError
 
@@ -112,7 +113,7 @@ def quantize(model: str | Path, output: str | Path, calibration: Sequence[Any], 
     try:
         wrapper = GPTQModel.load(str(source), QuantizeConfig(**settings), device=device)
         total = int(getattr(wrapper.model.config.get_text_config(), "num_hidden_layers", 0) or 0)
-        with LayerProgress(progress, total) as layer_done:
+        with LayerProgress(progress, total) as layer_done, logs_in(target / "logs"):
             wrapper.layer_callback = layer_done
             wrapper.quantize(_samples(calibration), batch_size=batch_size)
         wrapper.save(str(target))
@@ -123,6 +124,25 @@ def quantize(model: str | Path, output: str | Path, calibration: Sequence[Any], 
                                     "options; the message above is gptqmodel's") from exc
     _report(progress, f"quantized {source} to {target} in {time.monotonic() - started:.1f} s")
     return target
+
+
+@contextlib.contextmanager
+def logs_in(folder: Path) -> Iterator[None]:
+    """gptqmodel 7.6 writes a log file per quantization step into ``./logs`` of the current
+    directory; the output folder is where a user looks for them (next to gptqmodel's
+    quant_log.csv). Its module-level setting is swapped for the duration, so one quantization at a
+    time per process."""
+    from gptqmodel.looper import loop_processor
+
+    saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    if saved is None:  # another gptqmodel release: leave its logging as it is
+        yield
+        return
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        loop_processor._PROJECT_LOG_DIR = saved
 
 
 class LayerProgress:

@@ -71,10 +71,12 @@ def test_progress_reports_each_decoder_layer(source_model, tmp_path):
     assert loadstone.plan(str(out), placement="cpu").report.quantization["settings"]["group_size"] == 64
 
 
-def test_token_ids_calibrate_too(source_model, tmp_path):
+def test_token_ids_calibrate_too_and_logs_stay_in_the_output(source_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     ids = [list(range(3 + i, 40 + i)) for i in range(6)]
     out = quantize(source_model, tmp_path / "q", ids, group_size=32, progress=False)
     assert loadstone.plan(str(out), placement="cpu").report.decision("quantization").choice == "gptq"
+    assert not (tmp_path / "logs").exists() and any((out / "logs").iterdir())  # gptqmodel's, not in the cwd
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
