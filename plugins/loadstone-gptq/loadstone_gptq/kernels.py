@@ -3,14 +3,15 @@
 gptqmodel ships a dozen kernels for the same GPTQ tensors; they differ in devices, speed, exactness
 and whether they have a backward pass. Measured on the CPU with gptqmodel 7.6.0 (see docs/gptq.md):
 ``gptq_torch`` (``TorchLinear``) reproduces the dequantized weights exactly and trains LoRA through
-peft's ``GPTQLoraLinear``; gptqmodel's own CPU choice ``gptq_torch_aten`` is lossy (~1e-3);
-``gptq_torch_int8`` has no backward. The GPU inference kernels (exllama, marlin, machete) have no
-backward either. So loadstone asks for:
+peft's ``GPTQLoraLinear``; gptqmodel's own CPU choice ``gptq_torch_aten`` is lossy (about 0.5% of
+the largest weight); ``gptq_torch_fused`` is as lossy for symmetric checkpoints and wrong (~50%)
+for asymmetric ones; ``gptq_torch_int8`` has no backward. The GPU inference kernels (exllama,
+marlin, machete) have no backward either. So loadstone asks for:
 
 * ``gptq_torch`` for every trainable load and for CPU inference (exactness first);
 * gptqmodel's ``auto`` choice for inference on accelerators (its fastest kernel there);
 * whatever the user named with the ``backend`` option, refused for training when the kernel has no
-  backward pass.
+  backward pass, and refused where it is known to compute wrong weights.
 
 Importing this module is cheap; gptqmodel is imported only by :func:`import_gptqmodel`.
 """
@@ -71,7 +72,7 @@ def choose(settings: GPTQSettings, device_map: Mapping[str, Any], trainable: boo
                                    "through it) and dequantizes exactly")
     if device_kinds(device_map) <= {"cpu"}:
         return KernelChoice(EXACT, "inference on the CPU: TorchLinear reproduces the dequantized weights exactly; "
-                                   "gptqmodel's own CPU choice (gptq_torch_aten) is lossy, about 1e-3")
+                                   "gptqmodel's own CPU choice (gptq_torch_aten) is lossy, about 0.5%")
     return KernelChoice("auto", "inference on an accelerator: gptqmodel's fastest kernel for the device")
 
 
@@ -102,6 +103,15 @@ def resolve(choice: KernelChoice, settings: GPTQSettings, device_map: Mapping[st
                      f"desc_act={settings.desc_act}, sym={settings.sym} on {devices}",
             fix="use backend='auto' (loadstone picks gptq_torch, which runs everywhere), or a kernel for this "
                 "device (gptq_marlin and gptq_exllama_v2 need CUDA)") from None
+    if cls.__name__ == "TorchFusedLinear" and not settings.sym and "cpu" in device_kinds(device_map):
+        # Measured with gptqmodel 7.6.0 (bench/cpu_gptq_kernels.py): on the CPU this kernel ignores
+        # per-group zero points, so asymmetric checkpoints come out with ~50% weight error.
+        raise OptionError(
+            "gptqmodel's kernel TorchFusedLinear (gptq_torch_fused) computes wrong weights on the CPU for "
+            "asymmetric checkpoints (sym=False): about 50% of the largest weight off, measured with gptqmodel "
+            "7.6.0.", field="quantization option backend", found=choice.backend,
+            expected="an exact kernel for sym=False on the CPU: gptq_torch (default)",
+            fix="drop the backend option (loadstone picks gptq_torch), or use gptq_torch_aten (lossy, ~0.5%)")
     if trainable and not getattr(cls, "SUPPORTS_TRAINING", False):
         raise OptionError(
             f"gptqmodel's kernel {cls.__name__} ({choice.backend}) has no backward pass, and this load is for "

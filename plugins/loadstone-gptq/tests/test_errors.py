@@ -158,3 +158,15 @@ def test_disk_offload_is_refused(packed_checkpoint, tmp_path):
     folder, _, _ = packed_checkpoint(**BASE)
     with pytest.raises(loadstone.PlacementError, match="offloads .* to disk"):
         loadstone.plan(str(folder), placement={"": "disk"}, offload_folder=str(tmp_path))
+
+
+def test_a_kernel_known_to_compute_wrong_weights_is_refused(packed_checkpoint, loaded):
+    asymmetric, _, _ = packed_checkpoint(**{**BASE, "sym": False})
+    with pytest.raises(loadstone.OptionError, match="computes wrong weights on the CPU for asymmetric") as info:
+        loadstone.load(str(asymmetric), placement="cpu", trainable=False, progress=False,
+                       quantization_options={"backend": "gptq_torch_fused"})
+    assert "gptq_torch" in info.value.fix
+    symmetric, _, _ = packed_checkpoint(**BASE)
+    kernel = loaded(symmetric, quantization_options={"backend": "gptq_torch_fused"}).report.quantization["kernel"]
+    assert kernel == {"backend": "gptq_torch_fused", "class": "TorchFusedLinear",
+                      "reason": "requested with the quantization option backend"}
