@@ -18,7 +18,9 @@ Importing this module is cheap; gptqmodel is imported only by :func:`import_gptq
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -50,7 +52,10 @@ def import_gptqmodel() -> Any:
     if ((os.cpu_count() or 1) + 1) // 2 < 2:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     try:
-        import gptqmodel
+        # Its import prints a banner and environment notes to stdout, which belongs to the program
+        # (`loadstone load --json` writes its report there): they go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            import gptqmodel
     except Exception as exc:  # ImportError, or a native extension that fails to load
         raise QuantizationError(f"gptqmodel is installed but cannot be imported: {type(exc).__name__}: {exc}",
                                 field="gptqmodel", fix=f"reinstall it for this torch and platform: {PIP_FIX}",

@@ -10,6 +10,8 @@ like any GPTQ checkpoint. The command line is ``loadstone-gptq quantize``.
 from __future__ import annotations
 
 import contextlib
+import io
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -110,13 +112,17 @@ def quantize(model: str | Path, output: str | Path, calibration: Sequence[Any], 
         # with a warning, and refuses it for group_size -1.
         settings["act_group_aware"] = False
     started = time.monotonic()
+    # gptqmodel prints its progress, tables and saved configs to stdout; a quiet call keeps them
+    # (for the error message), a visible one shows them on stderr, stdout stays the caller's.
+    console = io.StringIO() if progress is False else sys.stderr
     try:
-        wrapper = GPTQModel.load(str(source), QuantizeConfig(**settings), device=device)
-        total = int(getattr(wrapper.model.config.get_text_config(), "num_hidden_layers", 0) or 0)
-        with LayerProgress(progress, total) as layer_done, logs_in(target / "logs"):
-            wrapper.layer_callback = layer_done
-            wrapper.quantize(_samples(calibration), batch_size=batch_size)
-        wrapper.save(str(target))
+        with contextlib.redirect_stdout(console):
+            wrapper = GPTQModel.load(str(source), QuantizeConfig(**settings), device=device)
+            total = int(getattr(wrapper.model.config.get_text_config(), "num_hidden_layers", 0) or 0)
+            with LayerProgress(progress, total) as layer_done, logs_in(target / "logs"):
+                wrapper.layer_callback = layer_done
+                wrapper.quantize(_samples(calibration), batch_size=batch_size)
+            wrapper.save(str(target))
     except (ValueError, RuntimeError, TypeError, KeyError, OSError) as exc:
         raise QuantizationError(f"gptqmodel could not quantize {source}: {type(exc).__name__}: {exc}",
                                 file=source, field="quantize", found=type(exc).__name__,
@@ -174,6 +180,4 @@ class LayerProgress:
 
 def _report(progress: bool | Progress, message: str) -> None:
     if progress is True:
-        import sys
-
         print(message, file=sys.stderr)
