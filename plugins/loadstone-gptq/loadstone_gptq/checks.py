@@ -86,8 +86,11 @@ def check_plan(plan: Any, settings: GPTQSettings, layers: Mapping[str, tuple[int
     for key, (module_name, name) in tensor_map.extras.items():
         if module_name in by_layer:
             by_layer[module_name][name] = (tuple(infos[key].shape), str(infos[key].dtype))
+    plain = tensor_map.targets()
     problems, group_sizes = [], set()
     for layer, (in_features, out_features) in sorted(layers.items()):
+        if f"{layer}.weight" in plain:
+            problems.append(f"{layer} is stored unquantized (as weight), but the config quantizes it")
         problems += problems_of_layer(layer, in_features, out_features, settings, by_layer[layer])
         group_sizes |= {packed_group_size(name, shape, in_features) for name, (shape, _) in by_layer[layer].items()
                         if name in ("scales", "qzeros")}

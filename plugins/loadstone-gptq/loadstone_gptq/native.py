@@ -60,6 +60,13 @@ def convert_skeleton(model: Any, ctx: QuantizationContext, choice: KernelChoice)
             f"numbered decoder blocks", found=f"{len(swapped)} layers",
             fix="set block_name_to_quantize (and modules_in_block_to_quantize) in the checkpoint's "
                 "quantization_config to the layers that were quantized, or load with engine='transformers'")
+    for name in swapped:
+        # TorchLinear answers `.weight` with a shape-and-dtype stand-in; a model initialiser that
+        # re-initialises layers by name after loading (GPT-2 scales every c_proj.weight) must
+        # leave it alone, as it leaves loaded tensors alone.
+        stand_in = getattr(model.get_submodule(name), "_weight_metadata", None)
+        if stand_in is not None:
+            stand_in._is_hf_initialized = True
     ctx.state["hf_quantizer"] = hf_quantizer
     ctx.state["pieces"] = {name: set() for name in swapped}
 

@@ -77,16 +77,16 @@ def gptqmodel_checkpoint(source_model: Path, tmp_path_factory) -> Callable[..., 
 
 @pytest.fixture(scope="session")
 def packed_checkpoint(tiny_checkpoint: Callable[..., Path], tmp_path_factory) -> Callable[..., tuple]:
-    """``packed_checkpoint(bits=, group_size=, desc_act=, sym=, v1=, legacy=)`` -> (GPTQ folder,
-    {layer: exact float32 weight}, folder of the same model unquantized), cached."""
+    """``packed_checkpoint(arch="llama", bits=, group_size=, desc_act=, sym=, v1=, legacy=)`` -> (GPTQ
+    folder, {layer: exact float32 weight}, folder of the same model unquantized), cached."""
     from gptq_reference import write_gptq_checkpoint, write_plain_twin
 
     cache: dict[str, tuple] = {}
 
-    def build(**kwargs: Any) -> tuple:
-        key = repr(sorted(kwargs.items()))
+    def build(arch: str = "llama", **kwargs: Any) -> tuple:
+        key = repr((arch, sorted(kwargs.items())))
         if key not in cache:
-            plain = tiny_checkpoint("llama")
+            plain = tiny_checkpoint(arch)
             root = tmp_path_factory.mktemp("packed")
             weights = write_gptq_checkpoint(plain, root / "gptq", **kwargs)
             # The model as the kernel computes it: each weight rounded to float16 once.

@@ -59,9 +59,15 @@ def dequantize(qweight: Any, qzeros: Any, scales: Any, g_idx: Any, bits: int, v1
 
 
 def quantized_layers(state: dict[str, torch.Tensor]) -> list[str]:
-    """Linear layers inside the numbered decoder blocks, by their checkpoint names."""
-    return sorted(k[: -len(".weight")] for k, v in state.items()
-                  if k.endswith("_proj.weight") and ".layers." in k and v.dim() == 2)
+    """Linear layers inside the numbered decoder blocks, by their checkpoint names (Llama-style
+    ``model.layers.N.*_proj``, GPT-2's ``transformer.h.N`` Conv1D layers)."""
+    return sorted(k[: -len(".weight")] for k, v in state.items() if v.dim() == 2 and (
+        (k.endswith("_proj.weight") and ".layers." in k) or (k.startswith("transformer.h.") and "ln_" not in k)))
+
+
+def is_conv1d(layer: str) -> bool:
+    """GPT-2's Conv1D stores its weight as [in, out]; nn.Linear as [out, in]."""
+    return layer.startswith("transformer.h.")
 
 
 def write_gptq_checkpoint(plain: Path, out: Path, *, bits: int, group_size: int, desc_act: bool, sym: bool,
@@ -77,6 +83,8 @@ def write_gptq_checkpoint(plain: Path, out: Path, *, bits: int, group_size: int,
     reference: dict[str, torch.Tensor] = {}
     for layer in quantized_layers(state):
         n_out, n_in = state.pop(f"{layer}.weight").shape
+        if is_conv1d(layer):
+            n_in, n_out = n_out, n_in
         size = n_in if group_size == -1 else group_size
         groups = -(-n_in // size)
         codes = rng.integers(0, maxq + 1, size=(n_in, n_out))
@@ -119,7 +127,7 @@ def write_plain_twin(base: Path, out: Path, weights: dict[str, torch.Tensor]) ->
     for layer, weight in weights.items():
         for piece in ("qweight", "qzeros", "scales", "g_idx"):
             state.pop(f"{layer}.{piece}", None)
-        state[f"{layer}.weight"] = weight.float().contiguous()
+        state[f"{layer}.weight"] = (weight.T if is_conv1d(layer) else weight).float().contiguous()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())
     config.pop("quantization_config", None)

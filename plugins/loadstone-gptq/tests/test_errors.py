@@ -88,6 +88,15 @@ def test_missing_packed_tensor(broken, engine):
     assert error.file.endswith("model.safetensors") and "re-save or re-download" in error.fix
 
 
+def test_a_quantized_layer_stored_unquantized(broken):
+    import torch
+
+    folder = broken(change={f"{LAYER}.weight": torch.zeros(64, 128)})
+    with pytest.raises(loadstone.LoadstoneError) as info:
+        loadstone.plan(str(folder), placement="cpu")
+    assert f"{LAYER} is stored unquantized (as weight), but the config quantizes it" in info.value.found
+
+
 def test_missing_layer_entirely(broken):
     folder = broken(drop=tuple(f"{LAYER}.{n}" for n in ("qweight", "qzeros", "scales", "g_idx")))
     with pytest.raises(loadstone.WeightsMismatchError, match="missing") as info:

@@ -79,3 +79,21 @@ def test_plan_estimate_matches_the_loaded_bytes(packed_checkpoint, loaded, case)
     real = measured_bytes(loaded(folder).model)
     planned = loadstone.plan(str(folder), placement="cpu", trainable=False).report.placement["estimated_bytes"]
     assert abs(planned - real) <= 0.05 * real, (planned, real)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_biases_and_conv1d_layers(packed_checkpoint, loaded, tiny_adapter, input_ids, arch):
+    """Qwen2's q/k/v projections carry a bias (kept in float16 by the GPTQ layer, as from_pretrained
+    keeps it); GPT-2's layers are Conv1D, stored [in, out], and its initialiser re-scales every
+    c_proj.weight after loading."""
+    folder, weights, twin = packed_checkpoint(arch, **CASES["v1-4bit-actorder-asym-legacy"])
+    model = loaded(folder).model
+    for layer, exact in weights.items():
+        assert torch.equal(layer_weight(model.get_submodule(layer)), exact.half().float()), layer
+    with torch.no_grad():
+        a, b = model(input_ids).logits, loaded(twin).model(input_ids).logits
+    assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
+    trained = loadstone.load(str(tiny_adapter(arch)), base=str(folder), placement="cpu", progress=False).model
+    trained(input_ids=input_ids, labels=input_ids).loss.backward()
+    with_grad = {n for n, p in trained.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
