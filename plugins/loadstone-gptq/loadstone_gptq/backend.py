@@ -103,6 +103,19 @@ class GPTQBackend(QuantizationBackend):
                 f"tensors from the device they run on.", field="placement", expected="cpu and accelerators only",
                 found=", ".join(sorted({str(d) for d in device_map.values()})),
                 fix="give the devices more memory (max_memory), or place the model on the cpu (placement='cpu')")
+        kinds = kernels.device_kinds(device_map)
+        if "cpu" in kinds and len(kinds) > 1:
+            # accelerate would serve the cpu part through offload hooks (weights on meta until a
+            # forward), which gptqmodel's post-load steps (zero-point conversion, kernel buffers)
+            # cannot work on: not verified, so not offered.
+            on_cpu = sorted(name or "(everything)" for name, d in device_map.items() if str(d) == "cpu")
+            raise PlacementError(
+                f"the device map puts {', '.join(on_cpu[:5])} on the cpu next to accelerators; a GPTQ model loads "
+                f"onto accelerators only, or onto the cpu only.", field="placement",
+                expected="every module on accelerators, or everything on the cpu",
+                found=", ".join(sorted({str(d) for d in device_map.values()})),
+                fix="give the accelerators more memory (max_memory) or spread the model over more GPUs "
+                    "(placement='auto'), or load on the cpu (placement='cpu')")
         if ctx.loading:
             # A load imports gptqmodel anyway: an impossible kernel is refused before any weight is read.
             ctx.device_map = dict(device_map)

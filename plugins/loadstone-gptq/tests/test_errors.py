@@ -169,13 +169,14 @@ def test_disk_offload_is_refused(packed_checkpoint, tmp_path):
         loadstone.plan(str(folder), placement={"": "disk"}, offload_folder=str(tmp_path))
 
 
-def test_a_kernel_known_to_compute_wrong_weights_is_refused(packed_checkpoint, loaded):
-    asymmetric, _, _ = packed_checkpoint(**{**BASE, "sym": False})
-    with pytest.raises(loadstone.OptionError, match="computes wrong weights on the CPU for asymmetric") as info:
-        loadstone.load(str(asymmetric), placement="cpu", trainable=False, progress=False,
-                       quantization_options={"backend": "gptq_torch_fused"})
-    assert "gptq_torch" in info.value.fix
-    symmetric, _, _ = packed_checkpoint(**BASE)
-    kernel = loaded(symmetric, quantization_options={"backend": "gptq_torch_fused"}).report.quantization["kernel"]
-    assert kernel == {"backend": "gptq_torch_fused", "class": "TorchFusedLinear",
-                      "reason": "requested with the quantization option backend"}
+def test_cpu_next_to_a_gpu_is_refused():
+    # A map with a GPU cannot be planned on this CPU-only machine (the placement checks the devices
+    # first), so the backend's own check is called directly, as the plan stage calls it.
+    from loadstone_gptq import GPTQBackend
+
+    ctx = loadstone.QuantizationContext("gptq", {}, {"quant_method": "gptq", "bits": 4}, None, loading=False)
+    with pytest.raises(loadstone.PlacementError) as info:
+        GPTQBackend().check_placement({"model": 0, "lm_head": "cpu"}, ctx)
+    assert "lm_head on the cpu next to accelerators" in info.value.message
+    assert "placement='cpu'" in info.value.fix
+    assert GPTQBackend().check_placement({"model": 0, "lm_head": 1}, ctx) == {"model": 0, "lm_head": 1}
