@@ -5,7 +5,7 @@ backend. For GPTQ that is every quantized layer's ``qweight``, ``qzeros``, ``sca
 ``g_idx``: all four must be there, with the shapes the layer's size, the bits and the group size
 imply. A wrong group size is the usual way a hand-written ``quantize_config.json`` goes wrong, so it
 gets its own message. :func:`check_plan` runs from the plugin's ``loadstone_after_plan`` hook on the
-safetensors headers; :func:`check_tensor` guards the same facts as each tensor is loaded.
+safetensors headers; :func:`tensor_problem` guards the same facts as each tensor is loaded.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def check_plan(plan: Any, settings: GPTQSettings, layers: Mapping[str, tuple[int
     ``layers`` maps each quantized layer's name to ``(in_features, out_features)``; ``config`` is
     the file the checkpoint's quantization settings came from."""
     tensor_map = plan.tensor_map
-    if tensor_map is None:  # no headers before loading: check_tensor guards the load instead
+    if tensor_map is None:  # no headers before loading: tensor_problem guards the load instead
         return
     infos = plan.inventory.tensors
     by_layer: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {name: {} for name in layers}
@@ -102,9 +102,10 @@ def check_plan(plan: Any, settings: GPTQSettings, layers: Mapping[str, tuple[int
     raise mismatch_error(problems, settings, where)
 
 
-def check_tensor(layer: str, name: str, tensor: Any, module: Any, settings: GPTQSettings, file: Any) -> None:
-    """One packed tensor as it is loaded: its shape and dtype, and group indices that point at
-    existing groups (an out-of-range ``g_idx`` would fail only at the first forward)."""
+def tensor_problem(layer: str, name: str, tensor: Any, module: Any, settings: GPTQSettings) -> str | None:
+    """What is wrong with one packed tensor as it is loaded into ``module``: its shape and dtype,
+    and group indices that point at existing groups (an out-of-range ``g_idx`` would fail only at
+    the first forward). ``None`` if nothing."""
     problem = piece_problem(layer, name, tuple(tensor.shape), str(tensor.dtype), module.in_features,
                             module.out_features, settings)
     if problem is None and name == "g_idx" and tensor.numel():
@@ -112,5 +113,4 @@ def check_tensor(layer: str, name: str, tensor: Any, module: Any, settings: GPTQ
         low, high = int(tensor.min()), int(tensor.max())
         if low < 0 or high >= groups:
             problem = f"{layer}.g_idx holds group numbers {low}..{high}, expected 0..{groups - 1}"
-    if problem:
-        raise mismatch_error([problem], settings, file)
+    return problem

@@ -14,10 +14,10 @@ from typing import Any
 
 from loadstone import QuantizationContext, QuantizationError, WeightsMismatchError, set_module_tensor
 
-from .checks import check_tensor
+from .checks import mismatch_error, tensor_problem
 from .kernels import KernelChoice
 from .layers import PIECES, quantized
-from .settings import AUTO_GPTQ, GPTQSettings, config_file
+from .settings import GPTQSettings, checkpoint_asks_for_auto_gptq, config_file
 
 # Checkpoint settings a load never needs and transformers' GPTQConfig validates anyway (a custom
 # calibration dataset name in an old config would otherwise stop a load that does not calibrate).
@@ -79,7 +79,9 @@ def load_tensor(module_name: str, module: Any, name: str, tensor: Any, ctx: Quan
             tensor = tensor.to(module.bias.dtype)
         set_module_tensor(module, name, tensor)
         return
-    check_tensor(module_name, name, tensor, module, settings, config_file(ctx))
+    problem = tensor_problem(module_name, name, tensor, module, settings)
+    if problem:
+        raise mismatch_error([problem], settings, config_file(ctx))
     set_module_tensor(module, name, tensor)
     ctx.state["pieces"][module_name].add(name)
 
@@ -108,8 +110,8 @@ def kernel_notes(model: Any, choice: KernelChoice, ctx: QuantizationContext) -> 
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
     kernels = ", ".join(f"{name} in {n} layers" for name, n in sorted(counts.items())) or "no GPTQ layers"
     notes = [f"gptqmodel kernel: {kernels} (backend {choice.backend!r}: {choice.reason})"]
-    asked = str((ctx.checkpoint_config or {}).get("backend") or "")
-    if asked.lower() in AUTO_GPTQ:
+    if checkpoint_asks_for_auto_gptq(ctx.checkpoint_config or {}):
+        asked = (ctx.checkpoint_config or {})["backend"]
         notes.append(f"the checkpoint's config asks for the auto-gptq runtime (backend={asked!r}); auto-gptq is "
                      f"archived and fails to import with transformers 5, so gptqmodel runs it instead")
     return notes
