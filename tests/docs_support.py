@@ -22,8 +22,11 @@ EXAMPLE_DIST = "loadstone-example-plugin"
 BIN = Path(sys.executable).parent
 # Documents whose examples assume the example plugin is installed (the tutorial's readers did).
 NEEDS_EXAMPLE_PLUGIN = {"docs/plugin-tutorial.md", "docs/examples/loadstone-example-plugin/README.md"}
-# Environment every example runs in: no network, no GPU, no user cache.
-EXAMPLE_ENV = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TRANSFORMERS_VERBOSITY": "error"}
+# Environment every example runs in: no network, no GPU, no user cache; and for docs/gptq.md, none
+# of gptqmodel's one-time compilations (its C++ packing extension, ~33 s on the first quantize, and
+# TorchLinear's torch.compile on each layer's first forward), which would dominate the examples.
+EXAMPLE_ENV = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TRANSFORMERS_VERBOSITY": "error",
+               "GPTQMODEL_DISABLE_PACK_EXT": "1", "TORCHDYNAMO_DISABLE": "1"}
 
 
 # ------------------------------------------------------------------ reading the documents

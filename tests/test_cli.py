@@ -97,6 +97,25 @@ def test_plan_json_matches_the_python_api(capsys, sharded_llama, tmp_path):
     assert from_cli["request"]["max_memory"] == {"cpu": 400_000} and from_cli["dtype"] == "bfloat16"
 
 
+class Chatty:
+    """A plugin whose libraries print to stdout while a model loads (gptqmodel logs that way)."""
+
+    @loadstone.hookimpl
+    def loadstone_after_plan(self, plan, request):
+        print("INFO  Kernel: selected: `SomeKernel`")
+
+
+@pytest.mark.parametrize("command", ["load", "plan"])
+def test_json_on_stdout_survives_libraries_that_print(capsys, monkeypatch, sharded_llama, command):
+    import loadstone.plugins
+
+    monkeypatch.setattr(loadstone.plugins, "_default", loadstone.PluginManager(extra_plugins=[("chatty", Chatty())]))
+    code, out, err = run(capsys, command, str(sharded_llama), "--placement", "cpu", "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == command
+    assert "Kernel: selected" in err
+
+
 def test_text_report_is_a_readable_table(capsys, sharded_llama):
     code, out, _ = run(capsys, "plan", str(sharded_llama), "--placement", "cpu")
     assert code == 0

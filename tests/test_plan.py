@@ -147,3 +147,21 @@ def test_budget_for_an_absent_gpu_plans_for_that_machine_and_refuses_to_load_her
     with pytest.raises(loadstone.PlacementError) as info:  # accelerate alone would only warn, then crash later
         loadstone.load(str(sharded_llama), max_memory={"cuda:0": "1GiB"}, progress=False)
     assert info.value.field == "max_memory" and info.value.found == "cuda:0"
+
+
+@pytest.mark.parametrize(("written", "method"), [({"bits": 4, "group_size": 128}, "gptq"),
+                                                 ({"quant_method": "somequant", "bits": 4}, "somequant")])
+def test_a_quantize_config_nobody_reads_is_refused_not_loaded_plain(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                     written, method):
+    # auto-gptq wrote only quantize_config.json; transformers ignores it and loads random layers.
+    folder = tmp_path / "legacy"
+    shutil.copytree(tiny_checkpoint("llama"), folder)
+    (folder / "quantize_config.json").write_text(json.dumps(written))
+    monkeypatch.setenv("LOADSTONE_PLUGINS", "")  # only the built-ins: nobody reads the file
+    with pytest.raises(loadstone.ComponentNotFoundError) as info:
+        loadstone.plan(str(folder), placement="cpu", plugins=loadstone.PluginManager())
+    error = info.value
+    assert error.file == str(folder / "quantize_config.json") and error.found == method
+    assert "silently wrong" in error.message and error.fix
+    if method == "gptq":
+        assert "loadstone-gptq" in error.fix

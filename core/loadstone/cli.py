@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -227,12 +228,14 @@ def _cmd_load_or_plan(args: argparse.Namespace) -> int:
     import loadstone
 
     kwargs = request_kwargs(args)
-    if args.command == "plan":
-        kwargs.pop("progress")
-        result = loadstone.plan(args.reference, **kwargs)
-        report = result.report
-    else:
-        report = loadstone.load(args.reference, **kwargs).report
+    # stdout carries the report alone (`--json` is parsed by programs); what libraries print while
+    # loading (gptqmodel logs its kernel choice there) goes to stderr with the progress bars.
+    with contextlib.redirect_stdout(sys.stderr):
+        if args.command == "plan":
+            kwargs.pop("progress")
+            report = loadstone.plan(args.reference, **kwargs).report
+        else:
+            report = loadstone.load(args.reference, **kwargs).report
     print(report.to_json() if args.json else report.render())
     return 0
 

@@ -36,6 +36,11 @@ KNOWN_PROVIDERS: dict[str, dict[str, str]] = {
     "engine": {},
 }
 
+# Files that mark a pre-quantized checkpoint whose config.json says nothing (auto-gptq wrote only
+# quantize_config.json), and the quant_method they stand for: without a backend that reads them, the
+# checkpoint is refused as pre-quantized rather than mapped as plain weights.
+KNOWN_QUANTIZATION_FILES: dict[str, str] = {"quantize_config.json": "gptq"}
+
 REGISTRATION_HOOKS = {
     "quantization": ("loadstone_register_quantization_backends", QuantizationBackend),
     "placement": ("loadstone_register_placement_strategies", PlacementStrategy),

@@ -187,8 +187,11 @@ class QuantizationBackend(ABC):
         loads it (quantizes it, or unpacks a pre-quantized form). Asked at plan time, on the
         skeleton before :meth:`convert_skeleton`. Converted tensors reach :meth:`load_tensor` in
         the load dtype, their loaded dtype and shape are the backend's to decide (the kernel checks
-        neither), and the estimate counts one full-precision copy of each in flight. Default:
-        ``False`` (nothing is converted)."""
+        neither), and the estimate counts one full-precision copy of each in flight. A pre-quantized
+        checkpoint may store a converted tensor only as pieces under other names (GPTQ keeps a
+        layer's ``weight`` as ``qweight``, ``qzeros``, ``scales``, ``g_idx``): it is then not missing
+        if :meth:`accepts_tensor` takes pieces for its module, and never reaches :meth:`load_tensor`
+        under its own name. Default: ``False`` (nothing is converted)."""
         return False
 
     def parameter_bytes(self, module_name: str, param_name: str, tensor: "torch.Tensor",

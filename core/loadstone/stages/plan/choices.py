@@ -4,6 +4,7 @@ quantization backend loads it with which options."""
 from __future__ import annotations
 
 import inspect
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ...contract.records import Registration
 from ...contract.report import Decision
 from ...contract.request import PEFT_TASKS, TASKS, LoadRequest
 from ...contract.sources import Sources
+from ...plugin_policy import KNOWN_QUANTIZATION_FILES
 from ...plugins import PluginManager
 from ..inspect import CONFIG, read_raw_config
 
@@ -76,6 +78,16 @@ def checkpoint_quantization(config: Any, plugins: PluginManager, folder: Path) -
         if found:
             config.quantization_config = dict(found)
             return dict(found), f"{reg.name} ({reg.owner()}) read it from the checkpoint's own files"
+    for name, quant_method in KNOWN_QUANTIZATION_FILES.items():
+        if (folder / name).is_file():  # no installed backend read it: refuse it, never plain weights
+            try:
+                quant_method = str(json.loads((folder / name).read_text()).get("quant_method") or quant_method)
+            except (OSError, ValueError, AttributeError):
+                pass  # unreadable: the file's name says enough
+            raise ComponentNotFoundError(
+                f"{folder / name} says the checkpoint is pre-quantized ({quant_method}), and no installed plugin "
+                f"reads it (loading it as plain weights would be silently wrong).", file=folder / name,
+                field=name, found=quant_method, fix=plugins.missing_checkpoint_backend(quant_method).fix)
     return None, ""
 
 

@@ -11,8 +11,10 @@ would report after reading everything, and the resulting :class:`~loadstone.cont
 is what the native engine streams by.
 
 For a pre-quantized checkpoint, tensors the skeleton has no parameter for (``weight.absmax``,
-``SCB``) are handed to the quantization backend's ``accepts_tensor``; what it refuses is
-unexpected, and the shapes of the tensors it converts are its own to check.
+``SCB``, GPTQ's ``qweight``) are handed to the quantization backend's ``accepts_tensor``; what it
+refuses is unexpected, and the shapes of the tensors it converts are its own to check. A
+converted tensor the checkpoint lacks under its own name (GPTQ stores no ``weight``) is assembled
+by the backend from the tensors it accepted for the same module, and missing only without them.
 """
 
 from __future__ import annotations
@@ -198,6 +200,12 @@ def build_tensor_map(model: Any, inventory: CheckpointInventory, config: Any, fo
 
     wrong_dtype = _dtype_problems(groups, extras, inventory, state, converts, pre_quantized)
     missing = set(state) - filled
+    # A converted tensor the checkpoint stores only in pieces under other names (GPTQ keeps a
+    # layer's weight as qweight, qzeros, scales and g_idx) is the backend's to assemble from what
+    # it accepted for that module; it is missing only when the backend accepted nothing there.
+    pieces_for = {module_name for module_name, _ in extras.values()}
+    assembled = {name for name in missing if converts(name) and name.rpartition(".")[0] in pieces_for}
+    missing -= assembled
     info = SimpleNamespace(missing_keys=missing, unexpected_keys=unexpected)
     adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
     if adjust is not None:  # the model's own ignore patterns (e.g. rotary inv_freq), as from_pretrained applies
@@ -227,7 +235,7 @@ def build_tensor_map(model: Any, inventory: CheckpointInventory, config: Any, fo
         raise _mismatch_error(model, inventory, folder, missing, unexpected,
                               sorted(mismatched, key=lambda m: m[0]), broken, wrong_dtype)
     dtypes = _planned_dtypes(model, state, dtype)
-    converted = frozenset(t for t in filled if converts(t))
+    converted = frozenset(t for t in filled if converts(t)) | frozenset(assembled)
     tensor_map = TensorMap(groups, extras, {k: v for k, v in dtypes.items() if k not in converted}, converted, tied,
                            frozenset(new_head))
     return tensor_map, notes
