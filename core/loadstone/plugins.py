@@ -234,7 +234,8 @@ class PluginManager:
         return list(self._registry[kind].values())
 
     def _missing(self, kind: str, name: str, available: list[str], field_name: str) -> ComponentNotFoundError:
-        provider = KNOWN_PROVIDERS.get(kind, {}).get(name)
+        known = KNOWN_PROVIDERS.get(kind, {})
+        provider = known.get(name) or known.get(name.partition(":")[0])  # "file:map.yaml" -> "file"
         what = {"quantization": "quantization method", "placement": "placement strategy",
                 "resolver": "resolver", "engine": "engine"}[kind]
         fix = f"choose one of: {', '.join(sorted(available)) or '(none installed)'}"

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import re
 from typing import Any, Iterator
 
 from ..contract.engines import Engine, EngineContext
-from ..contract.errors import LoadstoneError, WeightsMismatchError
+from ..contract.errors import LoadstoneError, PlacementError, WeightsMismatchError
 from ..contract.plan import Plan
+from ..contract.units import format_size
 
 
 @contextlib.contextmanager
@@ -88,9 +91,41 @@ class TransformersEngine(Engine):
                     raise WeightsMismatchError(
                         f"the checkpoint's tensors do not fit the model: {exc}", file=plan.sources.base.path,
                         field="tensor shapes", fix="check that config.json belongs to these weights") from exc
-                raise
+                raise offload_write_error(exc, plan) or exc
+            except Exception as exc:
+                raise offload_write_error(exc, plan) or exc
         check_loading_info(info, plan)
         return model
+
+
+# errno values of a write that failed for lack of room (or a file size limit): ENOSPC, EFBIG, EDQUOT
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def offload_write_error(exc: BaseException, plan: Plan) -> PlacementError | None:
+    """A failed write into the offload folder (disk full, quota, file size limit), from
+    ``from_pretrained`` re-saving offloaded tensors, as a :class:`PlacementError`; ``None`` for
+    anything else. The pipeline removes what the load wrote before the error reaches the caller."""
+    folder = plan.request.offload_folder
+    if not folder or "disk" not in {str(d) for d in plan.device_map.values()}:
+        return None
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        reason = None
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+            reason = exc.strerror or str(exc)
+        elif type(exc).__name__ == "SafetensorError" and "serializ" in str(exc):  # safetensors' save_file
+            reason = re.sub(r"^.*I/O error: ", "", str(exc))
+        if reason:
+            offloaded = plan.bytes_per_device.get("disk", 0)
+            return PlacementError(
+                f"writing offloaded weights into {folder} failed: {reason}; nothing the load wrote was kept.",
+                file=folder, field="offload_folder", expected=f"room for up to {format_size(offloaded)} (what the "
+                "plan sends to disk)", found=reason, fix="free space there, pass another offload_folder on a larger "
+                "disk, or raise max_memory['cpu'] so that fewer tensors go to disk")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def check_loading_info(info: dict[str, Any], plan: Plan) -> None:

@@ -16,10 +16,7 @@ from loadstone import PlacementContext, PlacementError, PlacementStrategy
 from .resolve import listing, model_tensors, owner
 from .rules import device_label
 from .split import Block, Device, Split, spill, split_layers
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+from .units import size
 
 
 def visible_gpus(ctx: PlacementContext) -> list[int]:
@@ -89,6 +86,8 @@ class Blocks:
                 target = members[max((pos, name) for pos, name in layer_at if pos < position)[1]]
             if key not in target:
                 target.append(key)
+        for names in (before, after, *members.values()):
+            names.sort(key=lambda n: order.get(n, order.get(owner(n), -1)))
         self.tied_ends = self._tied_ends(ctx, before, after, layers)
         self.layers = [self._block(ctx, members[name]) for _, name in layer_at]
         self.input = self._block(ctx, before) if before else None
@@ -149,7 +148,7 @@ def even_split(ctx: PlacementContext, gpus: list[int]) -> dict[str, Any]:
                  f"is shown regardless")
     on_gpus = {d: n for d, n in split.loads.items() if d not in ("cpu", "disk")}
     ctx.note(f"{len(blocks.layers)} decoder layers split evenly by bytes over {names} (largest share "
-             f"{_gib(max(on_gpus.values(), default=0))}, smallest {_gib(min(on_gpus.values(), default=0))}); "
+             f"{size(max(on_gpus.values(), default=0))}, smallest {size(min(on_gpus.values(), default=0))}); "
              + (f"tied embeddings and head on {device_label(split.input)}" if blocks.tied_ends else
                 "; ".join(part for part in (
                     f"embeddings on {device_label(split.input)}" if blocks.input else "",

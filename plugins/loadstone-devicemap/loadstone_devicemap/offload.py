@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from loadstone import PlacementError, map_entry
 
+from .units import size
+
 _HEADER = 256  # a one-tensor safetensors header: 8 length bytes + JSON with the name, dtype, shape
 
 
@@ -30,7 +32,7 @@ def free_bytes(folder: str | os.PathLike) -> int:
     return shutil.disk_usage(path).free
 
 
-def block_size(folder: str | os.PathLike) -> int:
+def blocksize(folder: str | os.PathLike) -> int:
     path = Path(folder).expanduser().absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -87,7 +89,7 @@ def check_offload_space(plan: Any) -> None:
     if not folder or "disk" not in {str(d) for d in plan.device_map.values()}:
         return
     writes = offloaded_writes(plan)
-    block = block_size(folder)
+    block = blocksize(folder)
     need = sum(-(-(nbytes + _HEADER) // block) * block for nbytes in writes.values())
     free = int(_probe(str(folder)))
     plan.report.placement["offload"] = {"folder": str(folder), "files": len(writes), "write_bytes": need,
@@ -96,11 +98,11 @@ def check_offload_space(plan: Any) -> None:
         plan.report.notes.append(f"disk offload writes nothing into {folder}: the offloaded tensors are read from the "
                                  f"checkpoint's own safetensors files")
         return
-    plan.report.notes.append(f"disk offload writes {_size(need)} ({len(writes)} files) into {folder}; "
-                             f"{_size(free)} free there")
+    plan.report.notes.append(f"disk offload writes {size(need)} ({len(writes)} files) into {folder}; "
+                             f"{size(free)} free there")
     if need <= free:
         return
-    message = (f"disk offload would write {_size(need)} ({len(writes)} tensors) into {folder}, but only {_size(free)} "
+    message = (f"disk offload would write {size(need)} ({len(writes)} tensors) into {folder}, but only {size(free)} "
                f"is free there")
     fix = ("free space there, pass another offload_folder on a larger disk (CLI: --offload-folder), or raise "
            "max_memory['cpu'] so that fewer tensors go to disk")
@@ -110,12 +112,5 @@ def check_offload_space(plan: Any) -> None:
         plan.report.fit = {"fits": False, "advice": list(plan.advice)}
         return
     raise PlacementError(message + "; nothing was written.", file=folder, field="offload_folder",
-                         expected=f"at least {_size(need)} free", found=f"{_size(free)} free", fix=fix)
+                         expected=f"at least {size(need)} free", found=f"{size(free)} free", fix=fix)
 
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover

@@ -107,14 +107,26 @@ def _place_tied(placed: dict[str, Any], ctx: PlacementContext, claims: dict[str,
 
 
 def _unplaced_error(unplaced: list[str], ctx: PlacementContext, file: Any) -> PlacementError:
-    owners = list(dict.fromkeys(owner(t) or t for t in unplaced))
+    """Names the largest modules left entirely unplaced (``model.layers.1``, not its seven linears)."""
+    missing = set(unplaced)
+    under: dict[str, list[str]] = defaultdict(list)
+    for tensor in model_tensors(ctx.model):
+        parts = tensor.split(".")
+        for i in range(1, len(parts)):
+            under[".".join(parts[:i])].append(tensor)
+    names: list[str] = []
+    for module, _ in ctx.model.named_modules():
+        if module and under[module] and set(under[module]) <= missing \
+                and not any(module.startswith(n + ".") for n in names):
+            names.append(module)
+    names += [t for t in unplaced if not any(t.startswith(n + ".") for n in names)]
     params = {n for n, _ in ctx.model.named_parameters(remove_duplicate=False)}
-    buffers_only = [o for o in owners if not any(owner(t) == o and t in params for t in unplaced)]
+    buffers_only = [n for n in names if n in under and not any(t in params for t in under[n])]
     note = f" ({listing(buffers_only, 3)} hold only buffers, e.g. rotary frequencies)" if buffers_only else ""
     return PlacementError(
-        f"the device map leaves {len(unplaced)} tensor(s) of {len(owners)} module(s) unplaced: {listing(owners)}"
-        f"{note}.", file=file, field="rules", expected="every parameter and buffer placed by one rule",
-        found=listing(unplaced), fix="add rules for them, e.g. " + "; ".join(f"{o}: cpu" for o in owners[:3]))
+        f"the device map leaves {len(unplaced)} tensor(s) unplaced: {listing(names)}{note}.", file=file,
+        field="rules", expected="every parameter and buffer placed by one rule", found=listing(unplaced),
+        fix="add rules for them, e.g. " + "; ".join(f"{n}: cpu" for n in names[:3]))
 
 
 def _check_whole(placed: dict[str, Any], ctx: PlacementContext, file: Any) -> None:
