@@ -14,10 +14,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .fsdp import FsdpEngine, FsdpPlacement, shard_model  # noqa: E402
 from .mapfile import read_rules  # noqa: E402
 from .offload import free_bytes, set_free_space_probe  # noqa: E402
 from .rules import Rule, parse_rule  # noqa: E402
 from .split import Block, Device, Split, split_layers  # noqa: E402
 
-__all__ = ["__version__", "read_rules", "Rule", "parse_rule", "Block", "Device", "Split", "split_layers",
+__all__ = ["__version__", "FsdpEngine", "FsdpPlacement", "shard_model", "read_rules", "Rule", "parse_rule", "Block", "Device", "Split", "split_layers",
            "free_bytes", "set_free_space_probe"]

@@ -80,6 +80,8 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     report.decide(Decision.from_registration("placement", preg.name if not isinstance(spec, str) or spec == preg.name
                                              else f"{preg.name} ({spec})", preg, "; ".join(pctx.notes)))
     per_device = bytes_by_device(sizes, device_map)
+    if pctx.sharded_over > 1:  # each process holds 1/N of every tensor (FSDP); in flight, one whole tensor
+        per_device = {dev: -(-n // pctx.sharded_over) for dev, n in per_device.items()}
     peaks = peak_by_device(per_device, transient, device_map)
     budget = pctx.memory_budget() if any(v not in ("disk",) for v in device_map.values()) else {}
     total = int(sum(sizes.values()))
@@ -102,7 +104,7 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
                         "version": preg.version, "device_map": {k: device_label(v) for k, v in device_map.items()},
                         "bytes_per_device": per_device, "peak_bytes_per_device": peaks, "estimated_bytes": total,
                         "budget": {device_label(k): v for k, v in budget.items()},
-                        "offload_folder": request.offload_folder}
+                        "offload_folder": request.offload_folder, "sharded_over": pctx.sharded_over}
     report.parameters = {"total": n_params}
     report.fit = {"fits": fits, "advice": advice}
     report.request = request.to_dict()
