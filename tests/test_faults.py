@@ -126,6 +126,32 @@ def test_an_interrupted_load_leaves_no_partial_files(folder_exists, tiny_checkpo
         assert not offload.exists()
 
 
+def test_a_failed_write_into_the_offload_folder_is_a_placement_error(tiny_checkpoint, tmp_path):
+    """A real write failure (a file size limit: EFBIG, as ENOSPC on a full disk) while
+    from_pretrained re-saves offloaded experts: a PlacementError naming the folder, not the
+    engine's crash, and the folder as it was."""
+    import resource
+
+    checkpoint = str(tiny_checkpoint("mixtral"))
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    (offload / "notes.txt").write_text("the user's own file")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(loadstone.PlacementError) as info:
+            loadstone.load(checkpoint, placement=_disk_map(), offload_folder=str(offload), progress=False,
+                           engine="transformers", plugins=loadstone.PluginManager(allow=[]))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    error = info.value
+    assert "writing offloaded weights into" in error.message and "File too large" in error.message
+    assert error.field == "offload_folder" and error.file == str(offload) and "offload_folder" in error.fix
+    assert sorted(p.name for p in offload.iterdir()) == ["notes.txt"]
+
+
 def _tied(model) -> bool:
     return model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 

@@ -169,12 +169,22 @@ class _Unit:
 
 
 def _units(model: Any, plan: Plan) -> tuple[list[_Unit], list[Any]]:
-    """The modules that own parameters, children before parents (FSDP2 shards inner units first),
-    with tied modules and modules that one conversion fills merged into one unit; each with the
-    tensor groups (and pre-quantized state tensors) that fill it. Also the groups that fill only
-    buffers, which are never sharded."""
+    """The FSDP units of the base model and the tensor groups (and pre-quantized state tensors)
+    that fill each; also the groups that fill only buffers, which are never sharded.
+
+    A unit is the parameter-owning modules of one decoder layer (one all-gather per layer, while
+    the layer module itself stays free for the adapters' unit), or one module outside the layers;
+    tied modules, and modules one conversion fills, are merged into one unit."""
     owning = {name: m for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
-    parent = {name: name for name in owning}
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [name for name, m in model.named_modules() if type(m).__name__ in classes]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+    def home(name: str) -> str:
+        return next((layer for layer in layers if name.startswith(layer + ".")), name)
+
+    parent = {name: home(name) for name in owning}
+    parent.update({h: h for h in parent.values()})
 
     def find(name: str) -> str:
         while parent[name] != name:
@@ -186,25 +196,35 @@ def _units(model: Any, plan: Plan) -> tuple[list[_Unit], list[Any]]:
         module, _, leaf = tensor.rpartition(".")
         return module if module in owning and leaf in owning[module]._parameters else None
 
-    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
-        a, b = param_owner(target), param_owner(source)
-        if a and b:
-            parent[find(a)] = find(b)
+    links = [(a, b) for a, b in ((param_owner(t), param_owner(s)) for t, s in
+                                 (getattr(model, "all_tied_weights_keys", None) or {}).items()) if a and b]
     tensor_map = plan.tensor_map
     items: list[tuple[list[str], Any]] = [([o for o in map(param_owner, g.targets) if o], g) for g in tensor_map.groups]
     # a pre-quantized layer's state tensors ("weight.absmax") go with the layer they belong to
     items += [([module] if module in owning else [], (key, module, name))
               for key, (module, name) in tensor_map.extras.items()]
-    for owners, _ in items:
-        for other in owners[1:]:
-            parent[find(other)] = find(owners[0])
+    links += [(owners[0], other) for owners, _ in items for other in owners[1:]]
+    for a, b in links:
+        parent[find(a)] = find(b)
     units: dict[str, _Unit] = {}
-    for name in reversed(list(owning)):  # children before their parents
+    for name in owning:
         units.setdefault(find(name), _Unit([])).modules.append(name)
+    for unit in units.values():  # a module's own subtree is its unit's already
+        unit.modules = [m for m in unit.modules if not any(m.startswith(o + ".") for o in unit.modules)]
     loose = []
     for owners, item in items:
         (units[find(owners[0])].groups if owners else loose).append(item)
-    return list(units.values()), loose
+    ordered = sorted(units.values(), key=lambda u: min(order[m] for m in u.modules))
+    # FSDP2 shards inner units first: a unit holding an ancestor of another's module goes after it
+    def contains(outer: _Unit, inner: _Unit) -> bool:
+        return any(m.startswith(o + ".") for o in outer.modules for m in inner.modules)
+
+    for _ in range(len(ordered) ** 2):
+        late = next((i for i, u in enumerate(ordered) if any(contains(u, v) for v in ordered[i + 1:])), None)
+        if late is None:
+            break
+        ordered.append(ordered.pop(late))
+    return ordered, loose
 
 
 class _Stream:

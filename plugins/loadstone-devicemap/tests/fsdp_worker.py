@@ -6,6 +6,7 @@ process, then LoRA training with FSDP2. Writes what it saw to OUT/rank<N>.json.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -16,10 +17,10 @@ from loadstone_devicemap import FsdpEngine, shard_model
 
 checkpoint, out = sys.argv[1], sys.argv[2]
 backend = "nccl" if torch.cuda.is_available() else "gloo"
+if backend == "nccl":
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 dist.init_process_group(backend)
 rank, world = dist.get_rank(), dist.get_world_size()
-if backend == "nccl":
-    torch.cuda.set_device(rank)
 device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
 
 
@@ -90,4 +91,5 @@ check("bf16", {})
 check("nf4_rank0", NF4, engine="fsdp-rank0")
 with open(f"{out}/rank{rank}.json", "w") as fh:
     json.dump(seen, fh, default=str)
+dist.barrier()  # nobody tears its connections down while a peer still uses them
 dist.destroy_process_group()
