@@ -3,20 +3,21 @@
 Each process ends up holding only its shard of every parameter (``torch.distributed.fsdp.fully_shard``,
 dimension 0), and no process ever holds a full copy of the model: the engine builds the model on
 the meta device, lets the quantization backend swap its layers in, and then streams the
-checkpoint one *unit* at a time (a module with its own parameters; tied modules together). Each
-unit's tensors are read, converted by the backend on this process's device (bitsandbytes
-quantizes them there), and the unit is sharded at once, which frees everything but this
-process's rows. Peak memory is the shards plus one unit in flight.
+checkpoint one *unit* at a time. Each unit's tensors are read, converted by the backend on this
+process's device (bitsandbytes quantizes them there), and the unit is sharded at once, which
+frees everything but this process's rows. Peak memory is the shards plus one unit in flight.
 
-The base model's units are the modules that own parameters (each Linear, norm, embedding), not
-whole decoder layers: adapters are added after loading (peft wraps those Linears), and a standard
-``fully_shard(layer)`` then ``fully_shard(model)`` afterwards (:func:`shard_model`) puts the
-adapters' parameters into the layer units, so training, gradient reduction and optimizers work as
-in any FSDP2 program.
+A unit is the parameter-owning modules of one decoder layer (its linears and norms, sharded as
+one FSDP group: one all-gather per layer), or one module outside the layers (embeddings, final
+norm, head; tied modules together). The decoder layer module itself is left free: adapters are
+added after loading (peft wraps those linears), and a standard ``fully_shard(layer)`` then
+``fully_shard(model)`` afterwards (:func:`shard_model`) makes each layer a unit of the adapters'
+parameters, so training, gradient reduction and optimizers work as in any FSDP2 program.
 
 Where the bytes come from (``FsdpEngine.source``): ``"each"`` (default) -- every process reads
 the checkpoint itself with ``pread``; ``"rank0"`` -- process 0 reads each tensor and broadcasts
-it. bench/fsdp_loading.py measures both; "each" won on both CPU (gloo) and GPU (see docs/devicemap.md).
+it. bench/fsdp_loading.py measures both: on a CPU with gloo they tie in memory and time, and "each"
+needs no single reader that the other processes wait for (docs/devicemap.md has the numbers).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from loadstone import (
     Plan,
     SafetensorsReader,
     finish_loading,
-    map_entry,
 )
 
 from .rules import device_label

@@ -5,7 +5,7 @@ distribution found by its entry points)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 
