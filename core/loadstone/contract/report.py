@@ -102,10 +102,11 @@ class LoadReport:
         p = self.placement
         if p:
             rows.append(("placement", f"{p.get('strategy')} ({p.get('distribution')} {p.get('version')})"))
-            shards = int(p.get("sharded_over") or 1)
+            shards = p.get("sharded_over")
             for dev, nbytes in (p.get("bytes_per_device") or {}).items():
                 modules = [k or "(everything)" for k, v in (p.get("device_map") or {}).items() if str(v) == dev]
-                share = f" (1/{shards} of each tensor: sharded over {shards} processes)" if shards > 1 else ""
+                share = f" (1/{shards} of each tensor: sharded over {shards} process{'es' if shards > 1 else ''})" \
+                    if shards else ""
                 rows.append((f"  {dev}", f"{format_size(nbytes)}{share}: {compact_names(modules)}"))
         if self.fit:
             rows.append(("fits", "yes" if self.fit.get("fits") else "NO"))

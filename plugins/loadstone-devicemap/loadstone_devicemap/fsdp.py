@@ -84,14 +84,20 @@ class FsdpPlacement(PlacementStrategy):
         ctx.sharded_over = world
         ctx.note(f"FSDP over {world} process(es): this one (LOCAL_RANK={local_rank}) holds 1/{world} of every "
                  f"tensor on {device_label(device)}")
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            ctx.note("no torch.distributed process group here: a load of this plan needs torchrun and "
+                     "init_process_group()")
         return {"": device}
 
 
 class FsdpEngine(Engine):
     name = "fsdp"
-    # Before the native engine (100), so that engine="auto" runs placement="fsdp" plans here;
-    # every other plan it declines (problems).
-    preference = 50
+    # The kernel gives sharded plans only to engines that shard, and this one declines every other
+    # plan: after the built-ins, so that engine="auto" never has to pass it over.
+    preference = 1000
+    shards = True
     description = "FSDP2 shards streamed from safetensors: each torchrun process reads, converts and keeps its shard"
 
     def __init__(self, source: str = "each"):
@@ -100,17 +106,18 @@ class FsdpEngine(Engine):
         self.source = source
 
     def problems(self, plan: Plan) -> list[str]:
-        if plan.placement_strategy.name != FsdpPlacement.name:
-            return ["it loads placement='fsdp' plans only"]
+        if not plan.sharded_over:
+            return ["it loads sharded plans only (placement='fsdp')"]
         import torch.distributed as dist
 
         problems = []
-        if not (dist.is_available() and dist.is_initialized()):
+        # A plan may be made anywhere (for a torchrun job elsewhere); a load needs the processes.
+        if plan.report.kind == "load" and not (dist.is_available() and dist.is_initialized()):
             problems.append("torch.distributed is not initialized: start the script with torchrun and call "
                             "torch.distributed.init_process_group() before loading")
-        elif dist.get_world_size() != plan.report.placement.get("sharded_over"):
-            problems.append(f"the plan shards over {plan.report.placement.get('sharded_over')} processes but "
-                            f"{dist.get_world_size()} are running")
+        elif plan.report.kind == "load" and dist.get_world_size() != plan.sharded_over:
+            problems.append(f"the plan shards over {plan.sharded_over} processes but {dist.get_world_size()} are "
+                            f"running")
         if plan.inventory.format != "safetensors" or plan.tensor_map is None:
             problems.append("it streams safetensors checkpoints whose tensors were mapped at plan time")
         backend = plan.quantization_backend.component

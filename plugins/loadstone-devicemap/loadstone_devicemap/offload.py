@@ -92,8 +92,8 @@ def check_offload_space(plan: Any) -> None:
     block = blocksize(folder)
     need = sum(-(-(nbytes + _HEADER) // block) * block for nbytes in writes.values())
     free = int(_probe(str(folder)))
-    plan.report.placement["offload"] = {"folder": str(folder), "files": len(writes), "write_bytes": need,
-                                        "free_bytes": free}
+    # free space is a measurement of the moment, so it stays out of the plan (a load's plan equals it)
+    plan.report.placement["offload"] = {"folder": str(folder), "files": len(writes), "write_bytes": need}
     if not writes:
         plan.report.notes.append(f"disk offload writes nothing into {folder}: the offloaded tensors are read from the "
                                  f"checkpoint's own safetensors files")

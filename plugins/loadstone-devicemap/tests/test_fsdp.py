@@ -33,30 +33,35 @@ def test_a_plan_divides_each_devices_bytes_by_the_processes(bf16_llama, plugins)
     assert planned.device_map == {"": "cpu"} and planned.report.placement["sharded_over"] == 4
     assert planned.bytes_per_device["cpu"] == -(-whole.bytes_per_device["cpu"] // 4)
     assert "1/4 of each tensor: sharded over 4 processes" in planned.render()
+    assert planned.engine.name == "fsdp"  # the built-in engines load whole tensors: the kernel keeps them off
+    assert "shards every tensor over 4 processes" in " ".join(planned.engine_problems["loadstone"])
     if not dist.is_initialized():
-        assert any("fsdp engine under torchrun" in note and "not initialized" in note for note in planned.report.notes)
+        assert "a load of this plan needs torchrun" in planned.report.decision("placement").reason
     # planning for GPUs from a CPU machine: budgets name them
     planned = loadstone.plan(str(bf16_llama), placement="fsdp:8", max_memory={"cuda:0": "1GiB"}, plugins=plugins, **NF4)
     assert planned.device_map == {"": 0}
 
 
 def test_the_engine_says_what_it_needs(bf16_llama, plugins):
-    planned = loadstone.plan(str(bf16_llama), placement="fsdp:2", quantization="nf4", plugins=plugins)
-    problems = " ".join(planned.engine_problems["fsdp"])
+    with pytest.raises(loadstone.EngineError) as info:  # at plan time: nothing can load it as asked
+        loadstone.plan(str(bf16_llama), placement="fsdp:2", quantization="nf4", plugins=plugins)
+    problems = str(info.value)
     assert "quant_storage': 'bfloat16'" in problems and "'upcast': False" in problems
+    assert "loadstone: it loads whole tensors" in problems
     other = loadstone.plan(str(bf16_llama), placement="cpu", plugins=plugins)
-    assert other.engine_problems["fsdp"] == ["it loads placement='fsdp' plans only"]
-    assert other.engine.name == "loadstone"
+    assert other.engine_problems["fsdp"] == ["it loads sharded plans only (placement='fsdp')"]
+    assert other.engine.name == "loadstone" and "passed over" not in other.report.decision("engine").reason
+    with pytest.raises(loadstone.EngineError, match="shards every tensor over 2 processes"):
+        loadstone.plan(str(bf16_llama), placement="fsdp:2", plugins=plugins, engine="loadstone")
     with pytest.raises(loadstone.PlacementError, match="cannot read the number of processes"):
         loadstone.plan(str(bf16_llama), placement="fsdp:0", plugins=plugins)
 
 
 @pytest.mark.skipif(dist.is_available() and dist.is_initialized(), reason="checks a process without torch.distributed")
 def test_loading_outside_torchrun_is_refused_before_reading_weights(bf16_llama, plugins):
-    with pytest.raises(loadstone.LoadstoneError) as info:
+    with pytest.raises(loadstone.EngineError) as info:
         loadstone.load(str(bf16_llama), placement="fsdp", plugins=plugins, progress=False)
-    assert isinstance(info.value.__cause__, loadstone.EngineError)
-    assert "torchrun" in info.value.fix and "init_process_group" in str(info.value)
+    assert "torchrun" in str(info.value) and "init_process_group" in str(info.value)
 
 
 @pytest.fixture

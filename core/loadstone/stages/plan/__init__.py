@@ -80,7 +80,7 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     report.decide(Decision.from_registration("placement", preg.name if not isinstance(spec, str) or spec == preg.name
                                              else f"{preg.name} ({spec})", preg, "; ".join(pctx.notes)))
     per_device = bytes_by_device(sizes, device_map)
-    if pctx.sharded_over > 1:  # each process holds 1/N of every tensor (FSDP); in flight, one whole tensor
+    if pctx.sharded_over:  # each process holds 1/N of every tensor (FSDP); in flight, one whole tensor
         per_device = {dev: -(-n // pctx.sharded_over) for dev, n in per_device.items()}
     peaks = peak_by_device(per_device, transient, device_map)
     budget = pctx.memory_budget() if any(v not in ("disk",) for v in device_map.values()) else {}
@@ -110,7 +110,7 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     report.request = request.to_dict()
     plan = Plan(request, sources, config, inventory, task, auto_class, dtype, qctx, qreg, preg, device_map,
                 per_device, n_params, fits, advice, report, module_names, quantization_config, tensor_map, peaks,
-                skeleton_factory=build)
+                skeleton_factory=build, sharded_over=pctx.sharded_over)
     choose_engine(plan, plugins, report, override=engine)
     with plugins.guard(plan.engine, "plan", "extra_bytes"):
         extra = {str(k): int(v) for k, v in (plan.engine.component.extra_bytes(plan) or {}).items()}
