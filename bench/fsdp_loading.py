@@ -6,7 +6,7 @@ Builds a Llama-shaped bf16 checkpoint, then for each row starts ``torchrun --npr
 (NCCL on GPUs, gloo on the CPU) and loads it in every process:
 
   fsdp_each    placement="fsdp", engine "fsdp": every process reads the checkpoint itself (pread)
-  fsdp_rank0   the same engine with source="rank0": process 0 reads, broadcasts each tensor
+  fsdp_rank0   the same engine with engine_options={"source": "rank0"}: process 0 reads, broadcasts
   rank_full    placement="rank": one full copy per process (what DDP does), for contrast
 
 each as bf16 and as NF4 (quant_storage=bfloat16). Every process records its RSS before the load,
@@ -61,27 +61,17 @@ def worker(folder: str, mode: str, quant: str, out: str) -> None:
     import torch.distributed as dist
 
     import loadstone
-    from loadstone_devicemap import FsdpEngine
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
 
-    class Rank0(FsdpEngine):
-        name = "fsdp-rank0"
-
-    class Plugin:
-        @staticmethod
-        @loadstone.hookimpl
-        def loadstone_register_engines(register):
-            register(Rank0(source="rank0"))
-
-    plugins = loadstone.PluginManager(extra_plugins=[("bench-fsdp-rank0", Plugin())])
+    plugins = loadstone.PluginManager()
     kwargs = {"quantization": "nf4", "quantization_options": {"quant_storage": "bfloat16", "upcast": False}} \
         if quant == "nf4" else {}
     placement = "rank" if mode == "rank_full" else "fsdp"
-    engine = "fsdp-rank0" if mode == "fsdp_rank0" else "auto"
+    engine_options = {"source": "rank0" if mode == "fsdp_rank0" else "each"} if placement == "fsdp" else {}
 
     def rss() -> int:
         with open("/proc/self/statm") as fh:
@@ -101,7 +91,7 @@ def worker(folder: str, mode: str, quant: str, out: str) -> None:
 
         make_checkpoint("llama", tiny, dtype="bfloat16")
     dist.barrier()
-    loadstone.load(tiny, placement=placement, engine=engine, dtype="bfloat16", trainable=False, progress=False,
+    loadstone.load(tiny, placement=placement, engine_options=engine_options, dtype="bfloat16", trainable=False, progress=False,
                    plugins=plugins, **kwargs)
     gc.collect()
     dist.barrier()
@@ -111,7 +101,7 @@ def worker(folder: str, mode: str, quant: str, out: str) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = loadstone.load(folder, placement=placement, engine=engine, dtype="bfloat16", trainable=False,
+    result = loadstone.load(folder, placement=placement, engine_options=engine_options, dtype="bfloat16", trainable=False,
                             progress=False, plugins=plugins, **kwargs)
     if cuda:
         torch.cuda.synchronize()
@@ -129,7 +119,7 @@ def worker(folder: str, mode: str, quant: str, out: str) -> None:
         gc.collect()
         dist.barrier()
         started = time.perf_counter()
-        again = loadstone.load(folder, placement=placement, engine=engine, dtype="bfloat16", trainable=False,
+        again = loadstone.load(folder, placement=placement, engine_options=engine_options, dtype="bfloat16", trainable=False,
                                progress=False, plugins=plugins, **kwargs)
         if cuda:
             torch.cuda.synchronize()

@@ -14,7 +14,7 @@ added after loading (peft wraps those linears), and a standard ``fully_shard(lay
 ``fully_shard(model)`` afterwards (:func:`shard_model`) makes each layer a unit of the adapters'
 parameters, so training, gradient reduction and optimizers work as in any FSDP2 program.
 
-Where the bytes come from (``FsdpEngine.source``): ``"each"`` (default) -- every process reads
+Where the bytes come from (engine option ``source``): ``"each"`` (default) -- every process reads
 the checkpoint itself with ``pread``; ``"rank0"`` -- process 0 reads each tensor and broadcasts
 it. bench/fsdp_loading.py measures both: on a CPU with gloo they tie in memory and time, and "each"
 needs no single reader that the other processes wait for (docs/devicemap.md has the numbers).
@@ -28,6 +28,7 @@ from typing import Any
 from loadstone import (
     Engine,
     EngineContext,
+    OptionError,
     PlacementContext,
     PlacementError,
     PlacementStrategy,
@@ -100,10 +101,21 @@ class FsdpEngine(Engine):
     shards = True
     description = "FSDP2 shards streamed from safetensors: each torchrun process reads, converts and keeps its shard"
 
-    def __init__(self, source: str = "each"):
-        if source not in ("each", "rank0"):
-            raise ValueError(f"source must be 'each' or 'rank0', not {source!r}")
-        self.source = source
+    SOURCES = ("each", "rank0")
+
+    def option_help(self) -> dict[str, str]:
+        return {"source": "where each process's bytes come from: each (default: every process reads its tensors "
+                          "itself) or rank0 (process 0 reads every tensor and broadcasts it)"}
+
+    def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        options = super().normalize_options(options)
+        source = str(options.get("source", "each")).strip().lower()
+        if source not in self.SOURCES:
+            raise OptionError(f"engine 'fsdp' does not know the source {options['source']!r}.",
+                              field="engine option source", expected=" or ".join(self.SOURCES),
+                              found=repr(options["source"]), fix="pass engine_options={'source': 'each'} (CLI: "
+                              "--engine-option source=each) or 'rank0'")
+        return {"source": source}
 
     def problems(self, plan: Plan) -> list[str]:
         if not plan.sharded_over:
@@ -145,7 +157,8 @@ class FsdpEngine(Engine):
         model = plan.build_skeleton()
         ctx.backend.convert_skeleton(model, plan.quantization)
         units, loose = _units(model, plan)
-        stream = _Stream(plan, ctx, model, device, self.source)
+        source = plan.engine_options.get("source", "each")
+        stream = _Stream(plan, ctx, model, device, source)
         with SafetensorsReader(plan.inventory) as reader, torch.no_grad():
             stream.reader = reader
             for group in loose:  # buffers saved in the checkpoint: small, never sharded
@@ -162,7 +175,7 @@ class FsdpEngine(Engine):
 
         fully_shard(model, mesh=mesh)  # one root over the units, so that the model runs as it is
         mine = sum(_local_bytes(p) for p in model.parameters())
-        ctx.note(f"fsdp ({self.source}): rank {dist.get_rank()} of {dist.get_world_size()} holds {size(mine)} of "
+        ctx.note(f"fsdp (source={source}): rank {dist.get_rank()} of {dist.get_world_size()} holds {size(mine)} of "
                  f"parameters in {len(units)} FSDP units on {device}")
         return model
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import loadstone
-from loadstone_devicemap import FsdpEngine, shard_model
+from loadstone_devicemap import shard_model
 
 checkpoint, out = sys.argv[1], sys.argv[2]
 backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -24,16 +24,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
 
 
-class Rank0Engine(FsdpEngine):
-    name = "fsdp-rank0"
-
-
-@loadstone.hookimpl
-def loadstone_register_engines(register):
-    register(Rank0Engine(source="rank0"))
-
-
-plugins = loadstone.PluginManager(extra_plugins=[("fsdp-rank0", sys.modules[__name__])])
+plugins = loadstone.PluginManager()
 NF4 = {"quantization": "nf4", "quantization_options": {"quant_storage": "bfloat16", "upcast": False}}
 seen = {"rank": rank, "world": world}
 
@@ -44,9 +35,9 @@ def local(param):
     return param.to_local() if isinstance(param, DTensor) else param
 
 
-def check(name, kwargs, engine="auto"):
+def check(name, kwargs, source="each"):
     result = loadstone.load(checkpoint, placement="fsdp", dtype="bfloat16", progress=False, plugins=plugins,
-                            engine=engine, **kwargs)
+                            engine_options={"source": source}, **kwargs)
     # the same load on one device (trainable too: bitsandbytes then picks the same CPU kernel)
     reference = loadstone.load(checkpoint, placement="cpu" if backend == "gloo" else f"cuda:{rank}",
                                dtype="bfloat16", progress=False, plugins=plugins, **kwargs).model
@@ -77,7 +68,8 @@ def check(name, kwargs, engine="auto"):
     lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
     dist.all_gather_object(gathered, local(lora_b).detach().float().cpu().tolist())
     seen[name] = {
-        "engine": result.report.engine["name"], "placement": result.report.placement,
+        "engine": result.report.engine["name"], "options": result.report.engine["options"],
+        "placement": result.report.placement,
         "same_logits": torch.equal(ours, theirs), "max_diff": float((ours.float() - theirs.float()).abs().max()),
         "held": held, "full": full, "dtensors": all(type(p).__name__ == "DTensor" for p in params.values()),
         "losses": losses, "trainable": sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}),
@@ -88,7 +80,7 @@ def check(name, kwargs, engine="auto"):
 
 check("nf4", NF4)
 check("bf16", {})
-check("nf4_rank0", NF4, engine="fsdp-rank0")
+check("nf4_rank0", NF4, source="rank0")
 with open(f"{out}/rank{rank}.json", "w") as fh:
     json.dump(seen, fh, default=str)
 dist.barrier()  # nobody tears its connections down while a peer still uses them

@@ -55,6 +55,10 @@ def test_the_engine_says_what_it_needs(bf16_llama, plugins):
         loadstone.plan(str(bf16_llama), placement="fsdp:2", plugins=plugins, engine="loadstone")
     with pytest.raises(loadstone.PlacementError, match="cannot read the number of processes"):
         loadstone.plan(str(bf16_llama), placement="fsdp:0", plugins=plugins)
+    with pytest.raises(loadstone.OptionError, match="does not know the source 'disk'"):
+        loadstone.plan(str(bf16_llama), placement="fsdp:2", plugins=plugins, engine_options={"source": "disk"})
+    planned = loadstone.plan(str(bf16_llama), placement="fsdp:2", plugins=plugins, engine_options={"source": "RANK0"})
+    assert planned.engine_options == {"source": "rank0"}
 
 
 @pytest.mark.skipif(dist.is_available() and dist.is_initialized(), reason="checks a process without torch.distributed")
@@ -140,7 +144,8 @@ def test_two_torchrun_processes_hold_one_shard_each(tiny_checkpoint, tmp_path):
         assert (report["rank"], report["world"]) == (rank, 2)
         for case in ("nf4", "bf16", "nf4_rank0"):
             run = report[case]
-            assert run["engine"] == ("fsdp-rank0" if case == "nf4_rank0" else "fsdp")
+            assert run["engine"] == "fsdp"
+            assert run["options"] == {"source": "rank0" if case == "nf4_rank0" else "each"}
             assert run["dtensors"] and run["held"] * 2 == run["full"], (case, run["held"], run["full"])
             assert run["same_logits"], (case, run["max_diff"])
             assert run["losses"][-1] < run["losses"][0] - 0.1, run["losses"]
