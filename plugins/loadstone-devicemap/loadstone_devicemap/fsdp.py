@@ -137,12 +137,12 @@ class FsdpEngine(Engine):
         settings = (plan.report.quantization or {}).get("settings") or {}
         storage = settings.get("quant_storage")
         if storage is not None and storage != plan.dtype:
-            problems.append(f"4-bit weights are packed as {storage}, but FSDP shards need the model's dtype: pass "
-                            f"quantization_options={{'quant_storage': '{plan.dtype}'}}")
+            problems.append(f"4-bit weights would be packed as {storage}; FSDP needs them stored in the model's dtype, "
+                            f"so that its all-gathers and mixed-precision casts treat them like every other parameter: "
+                            f"pass quantization_options={{'quant_storage': '{plan.dtype}'}}")
         if settings.get("upcast") and plan.request.trainable:
-            problems.append("the k-bit training preparation would cast the sharded packed weights to float32: "
-                            "pass quantization_options={'upcast': False} (FSDP keeps one dtype; use "
-                            "MixedPrecisionPolicy for float32 adapters)")
+            problems.append("peft's k-bit training preparation (upcast) would cast the sharded packed 4-bit weights to "
+                            "float32, destroying them: pass quantization_options={'upcast': False}")
         return problems
 
     def load(self, plan: Plan, ctx: EngineContext) -> Any:
