@@ -22,7 +22,7 @@ mkdir -p "$OUT" "$SITE"
 
 wheels=(); for w in .whl/*.whl; do [ -e "$w" ] && wheels+=("$w"); done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target "$SITE" \
-    "${wheels[@]}" . plugins/loadstone-bnb plugins/loadstone-devicemap
+    ${wheels[@]+"${wheels[@]}"} . plugins/loadstone-bnb plugins/loadstone-devicemap
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import loadstone, loadstone_bnb, loadstone_devicemap, bitsandbytes; \
 m = loadstone.PluginManager(); m.engine('fsdp'); m.quantization_backend('nf4'); print('plugins registered')"

@@ -137,9 +137,10 @@ class FsdpEngine(Engine):
         settings = (plan.report.quantization or {}).get("settings") or {}
         storage = settings.get("quant_storage")
         if storage is not None and storage != plan.dtype:
-            problems.append(f"4-bit weights would be packed as {storage}; FSDP needs them stored in the model's dtype, "
-                            f"so that its all-gathers and mixed-precision casts treat them like every other parameter: "
-                            f"pass quantization_options={{'quant_storage': '{plan.dtype}'}}")
+            problems.append(f"4-bit weights would be packed as {storage} in a {plan.dtype} model; FSDP needs them stored "
+                            f"in the model's dtype, so that its all-gathers and mixed-precision casts treat them like "
+                            f"every other parameter: pass quantization_options={{'quant_storage': '{plan.dtype}'}}"
+                            + (f" (or load with dtype='{storage}')" if storage != "uint8" else ""))
         if settings.get("upcast") and plan.request.trainable:
             problems.append("peft's k-bit training preparation (upcast) would cast the sharded packed 4-bit weights to "
                             "float32, destroying them: pass quantization_options={'upcast': False}")
