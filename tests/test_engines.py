@@ -58,7 +58,8 @@ def test_both_engines_give_bit_equal_models_in_every_dtype(arch, dtype, tiny_che
 
 
 def test_auto_prefers_the_native_engine_and_says_why(tiny_checkpoint):
-    plan = loadstone.plan(str(tiny_checkpoint("llama")), placement="cpu")
+    builtins_only = loadstone.PluginManager(allow=[])  # whatever engine plugins are installed
+    plan = loadstone.plan(str(tiny_checkpoint("llama")), placement="cpu", plugins=builtins_only)
     assert plan.engine.name == "loadstone" and plan.engine_problems == {"loadstone": [], "transformers": []}
     decision = plan.report.decision("engine")
     assert (decision.by, decision.plugin, decision.distribution) == ("engine loadstone", "builtin-engines", "loadstone")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import weakref
@@ -107,6 +108,37 @@ def test_a_failing_plugin_hook_is_named_and_no_model_is_returned(plugin, stage, 
                  "LOADSTONE_DISABLE_PLUGINS=audit-log"):
         assert word in str(error), word
     assert all(ref() is None for ref in broken.models), "a half-built model survived the failed load"
+
+
+def _disk_map() -> dict[str, str]:
+    return {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+            "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+
+def test_a_failed_write_into_the_offload_folder_is_a_placement_error(tiny_checkpoint, tmp_path):
+    """A real write failure (a file size limit: EFBIG, as ENOSPC on a full disk) while
+    from_pretrained re-saves offloaded experts: a PlacementError naming the folder, not the
+    engine's crash, and the folder as it was."""
+    import resource
+
+    checkpoint = str(tiny_checkpoint("mixtral"))
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    (offload / "notes.txt").write_text("the user's own file")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(loadstone.PlacementError) as info:
+            loadstone.load(checkpoint, placement=_disk_map(), offload_folder=str(offload), progress=False,
+                           engine="transformers", plugins=loadstone.PluginManager(allow=[]))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    error = info.value
+    assert "writing offloaded weights into" in error.message and "File too large" in error.message
+    assert error.field == "offload_folder" and error.file == str(offload) and "offload_folder" in error.fix
+    assert sorted(p.name for p in offload.iterdir()) == ["notes.txt"]
 
 
 def _tied(model) -> bool:

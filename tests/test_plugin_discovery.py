@@ -183,8 +183,12 @@ def test_missing_backend_names_the_distribution_that_provides_it(monkeypatch):
     with pytest.raises(loadstone.ComponentNotFoundError) as info:
         manager.quantization_backend("gptq")
     assert "loadstone-gptq" in str(info.value)
+    for spec in ("file", "file:map.yaml", "even", "layers:2", "fsdp", "fsdp:8"):
+        with pytest.raises(loadstone.ComponentNotFoundError) as info:
+            manager.placement_strategy(spec)
+        assert "loadstone-devicemap" in str(info.value), spec
     with pytest.raises(loadstone.ComponentNotFoundError) as info:
-        manager.placement_strategy("file")
+        manager.engine("fsdp")
     assert "loadstone-devicemap" in str(info.value)
 
 

@@ -111,3 +111,24 @@ def test_training_preparation_is_reported(llama_lora):
     assert "gradient checkpointing enabled (use_reentrant=False)" in result.report.training["notes"]
     step = one_training_step(result.model)
     assert step["all_gradients_on_adapter"] and not step["base_parameters_with_gradients"]
+
+
+def test_the_placement_section_lists_each_devices_modules(sharded_llama):
+    """Numbered runs fold (model.layers.0-1); every map entry on a device is named with its bytes."""
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "disk", "model.rotary_emb": "disk", "lm_head": "disk"}
+    text = loadstone.plan(str(sharded_llama), placement=device_map).render()
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and ":" in line}
+    assert lines["cpu"].endswith(": model.embed_tokens, model.layers.0")
+    assert lines["disk"].endswith(": model.layers.1, model.norm, model.rotary_emb, lm_head")
+    everything = loadstone.plan(str(sharded_llama), placement="cpu").render()
+    assert any(line.startswith("  cpu") and line.endswith(": (everything)") for line in everything.splitlines())
+
+
+def test_compact_names_fold_numbered_runs():
+    from loadstone.contract.report import compact_names
+
+    names = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(16)), "model.layers.18", "model.layers.19",
+             "lm_head", "h.3"]
+    assert compact_names(names) == "model.embed_tokens, model.layers.0-15, model.layers.18-19, lm_head, h.3"
+    assert compact_names([f"m{i}" for i in range(10)], show=3) == "m0, m1, m2 ... (7 more)"

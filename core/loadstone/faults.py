@@ -165,7 +165,8 @@ def offload_workspace(folder: str | os.PathLike | None, needed: bool) -> Iterato
         raise
 
 
-_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# no room: a full disk, a quota, a file size limit (EFBIG)
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -191,8 +192,8 @@ def offload_disk_full(exc: BaseException, workspace: OffloadWorkspace | None,
     except OSError:
         free = "unknown free space"
     return PlacementError(
-        f"the disk holding the offload folder {workspace.root} filled up while offloading weights: "
-        f"{cause}. The files this load wrote there were removed.", file=workspace.root, field="offload_folder",
+        f"writing offloaded weights into {workspace.root} failed: {cause} (the disk filled up, or a quota or "
+        f"file size limit was reached). The files this load wrote there were removed.", file=workspace.root, field="offload_folder",
         expected=f"room for the {needed} bytes placed on 'disk'" if needed else "room for the weights placed on 'disk'",
         found=free,
         fix="free space there, pass an offload_folder on a bigger disk (CLI: --offload-folder), or give the CPU "

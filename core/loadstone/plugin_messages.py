@@ -50,7 +50,8 @@ def missing_component_error(manager: Any, kind: str, name: str, available: list[
                             field_name: str) -> ComponentNotFoundError:
     """Nobody provides ``name``: what is available, and why the usual provider is not there
     (not installed, failed, disabled, not allowed), the disable list's source included."""
-    provider = KNOWN_PROVIDERS.get(kind, {}).get(name)
+    known = KNOWN_PROVIDERS.get(kind, {})
+    provider = known.get(name) or known.get(name.partition(":")[0])  # "file:map.yaml" -> "file"
     what = {"quantization": "quantization method", "placement": "placement strategy",
             "resolver": "resolver", "engine": "engine"}[kind]
     fix = f"choose one of: {', '.join(sorted(available)) or '(none installed)'}"

@@ -31,9 +31,10 @@ KNOWN_PROVIDERS: dict[str, dict[str, str]] = {
         "nf4": "loadstone-bnb", "fp4": "loadstone-bnb", "int8": "loadstone-bnb",
         "bitsandbytes": "loadstone-bnb", "gptq": "loadstone-gptq",
     },
-    "placement": {"file": "loadstone-devicemap"},
+    "placement": {"file": "loadstone-devicemap", "even": "loadstone-devicemap", "layers": "loadstone-devicemap",
+                  "fsdp": "loadstone-devicemap"},
     "resolver": {},
-    "engine": {},
+    "engine": {"fsdp": "loadstone-devicemap"},
 }
 
 # Files that mark a pre-quantized checkpoint whose config.json says nothing (auto-gptq wrote only

@@ -59,6 +59,10 @@ class Engine(ABC):
     #: ``engine="auto"`` tries engines in ascending preference (built-ins: loadstone 100,
     #: transformers 900)
     preference: ClassVar[int] = 500
+    #: whether it loads plans whose placement shards every tensor over processes
+    #: (``Plan.sharded_over``, e.g. loadstone-devicemap's ``fsdp``); the kernel keeps other
+    #: engines from such plans, which they would load as a full copy per process
+    shards: ClassVar[bool] = False
 
     def option_help(self) -> dict[str, str]:
         """Option name -> one-line help for ``engine_options`` (CLI ``--engine-option KEY=VALUE``),

@@ -41,6 +41,11 @@ class PlacementContext:
     :ivar transient_bytes: full tensor name -> bytes in flight while that tensor is loaded
         (the full-precision copy a quantizing backend converts); the peak a device must hold
         is its resting bytes plus the largest of these placed on it.
+    :ivar sharded_over: ``None`` (every process holds whole tensors), or the number of processes
+        that share every tensor, each holding ``1/sharded_over`` of it (FSDP). A strategy that
+        shards sets it; the plan divides each device's resting bytes by it (the transient peak
+        stays whole: a tensor is whole while it is converted), and only an engine that shards
+        (``Engine.shards``) may load the plan.
     """
 
     spec: Any
@@ -50,6 +55,7 @@ class PlacementContext:
     request: "LoadRequest"
     transient_bytes: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    sharded_over: int | None = None
 
     @property
     def max_memory(self) -> dict[str | int, int] | None:

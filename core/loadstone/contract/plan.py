@@ -34,6 +34,9 @@ class Plan:
         included); ``None`` when the checkpoint's tensors could not be listed beforehand.
     :ivar engine: the engine registration chosen for the load; ``engine_problems`` says why any
         other engine could not run this plan.
+    :ivar sharded_over: ``None``, or the number of processes that share every tensor (set by a
+        sharding placement such as loadstone-devicemap's ``fsdp``): ``bytes_per_device`` is then
+        one process's share, and only an engine with ``Engine.shards`` loads the plan.
     """
 
     request: "LoadRequest"
@@ -62,6 +65,7 @@ class Plan:
     #: the chosen engine's options after its ``normalize_options``
     engine_options: dict[str, Any] = field(default_factory=dict)
     skeleton_factory: Callable[[], Any] | None = field(default=None, repr=False)
+    sharded_over: int | None = None
 
     @property
     def torch_dtype(self) -> Any:

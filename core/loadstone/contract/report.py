@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -101,9 +102,12 @@ class LoadReport:
         p = self.placement
         if p:
             rows.append(("placement", f"{p.get('strategy')} ({p.get('distribution')} {p.get('version')})"))
+            shards = p.get("sharded_over")
             for dev, nbytes in (p.get("bytes_per_device") or {}).items():
-                count = sum(1 for v in (p.get("device_map") or {}).values() if str(v) == dev)
-                rows.append((f"  {dev}", f"{format_size(nbytes)} in {count} map entr{'y' if count == 1 else 'ies'}"))
+                modules = [k or "(everything)" for k, v in (p.get("device_map") or {}).items() if str(v) == dev]
+                share = f" (1/{shards} of each tensor: sharded over {shards} process{'es' if shards > 1 else ''})" \
+                    if shards else ""
+                rows.append((f"  {dev}", f"{format_size(nbytes)}{share}: {compact_names(modules)}"))
         if self.fit:
             rows.append(("fits", "yes" if self.fit.get("fits") else "NO"))
             for line in self.fit.get("advice", []):
@@ -139,6 +143,27 @@ class LoadReport:
         if self.notes:
             lines += ["", "notes"] + [f"  - {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def compact_names(names: list[str], show: int = 8) -> str:
+    """Module names with numbered runs folded: ``model.layers.0`` ... ``model.layers.15`` ->
+    ``model.layers.0-15``; at most ``show`` items, then how many more."""
+    items: list[list] = []  # [prefix, first, last] for numbered names, [name] otherwise
+    for name in names:
+        match = _NUMBERED.match(name)
+        if match and items and len(items[-1]) == 3 and items[-1][0] == match.group(1) \
+                and items[-1][2] + 1 == int(match.group(2)):
+            items[-1][2] += 1
+        elif match:
+            items.append([match.group(1), int(match.group(2)), int(match.group(2))])
+        else:
+            items.append([name])
+    text = [item[0] if len(item) == 1 else f"{item[0]}{item[1]}" + (f"-{item[2]}" if item[2] > item[1] else "")
+            for item in items]
+    return ", ".join(text[:show]) + (f" ... ({len(text) - show} more)" if len(text) > show else "")
+
+
+_NUMBERED = re.compile(r"^(.*\.)(\d+)$")
 
 
 def _source_line(src: dict[str, Any]) -> str:

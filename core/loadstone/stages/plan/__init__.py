@@ -87,6 +87,8 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     # Asked again now that every tensor's device is known: work space can depend on it (bitsandbytes
     # quantizes with large temporaries on the CPU, in place on CUDA).
     transient = _in_flight(skeleton, qreg, qctx, plugins, tensor_map, inventory)
+    if pctx.sharded_over:  # each process holds 1/N of every tensor (FSDP); in flight, one whole tensor
+        per_device = {dev: -(-n // pctx.sharded_over) for dev, n in per_device.items()}
     peaks = peak_by_device(per_device, transient, device_map)
     budget = pctx.memory_budget() if any(v not in ("disk",) for v in device_map.values()) else {}
     total = int(sum(sizes.values()))
@@ -111,13 +113,13 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
                         "version": preg.version, "device_map": {k: device_label(v) for k, v in device_map.items()},
                         "bytes_per_device": per_device, "peak_bytes_per_device": peaks, "estimated_bytes": total,
                         "budget": {device_label(k): v for k, v in budget.items()},
-                        "offload_folder": request.offload_folder}
+                        "offload_folder": request.offload_folder, "sharded_over": pctx.sharded_over}
     report.parameters = {"total": n_params}
     report.fit = {"fits": fits, "advice": advice}
     report.request = request.to_dict()
     plan = Plan(request, sources, config, inventory, task, auto_class, dtype, qctx, qreg, preg, device_map,
                 per_device, n_params, fits, advice, report, module_names, quantization_config, tensor_map, peaks,
-                skeleton_factory=build)
+                skeleton_factory=build, sharded_over=pctx.sharded_over)
     choose_engine(plan, plugins, report, override=engine)
     with plugins.guard(plan.engine, "plan", "extra_bytes"):
         extra = {str(k): int(v) for k, v in (plan.engine.component.extra_bytes(plan) or {}).items()}

@@ -23,6 +23,9 @@ def choose_engine(plan: Plan, plugins: PluginManager, report: LoadReport, *,
     for reg in engines:
         with plugins.guard(reg, "plan", "problems"):
             problems[reg.name] = [str(p) for p in reg.component.problems(plan)]
+        if plan.sharded_over and not reg.component.shards:
+            problems[reg.name].append(f"it loads whole tensors, and this plan shards every tensor over "
+                                      f"{plan.sharded_over} processes ({plan.placement_strategy.name} placement)")
     plan.engine_problems = problems
     wanted = plan.request.engine
     able = [r.name for r in engines if not problems[r.name]]
