@@ -113,7 +113,10 @@ def test_json_on_stdout_survives_libraries_that_print(capsys, monkeypatch, shard
     code, out, err = run(capsys, command, str(sharded_llama), "--placement", "cpu", "--json", "--quiet")
     assert code == 0, err
     assert json.loads(out)["kind"] == command
-    assert "Kernel: selected" in err
+    assert "Kernel: selected" not in err  # library output, dropped without --verbose
+    code, out, err = run(capsys, command, str(sharded_llama), "--placement", "cpu", "--json", "--quiet", "--verbose")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == command and "Kernel: selected" in err
 
 
 def test_text_report_is_a_readable_table(capsys, sharded_llama):

@@ -235,7 +235,10 @@ import json, os, sys
 import loadstone
 checkpoint, mount, disk_map = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 try:
-    loadstone.load(checkpoint, placement=disk_map, offload_folder=os.path.join(mount, "offload"), progress=False)
+    # built-ins only: the kernel's own handling of a real write failure, whatever plugins are
+    # installed (a placement plugin may refuse the lack of space earlier, at plan time)
+    loadstone.load(checkpoint, placement=disk_map, offload_folder=os.path.join(mount, "offload"), progress=False,
+                   plugins=loadstone.PluginManager(allow=[]))
     out = {"loaded": True}
 except loadstone.LoadstoneError as error:
     out = {"error": type(error).__name__, "field": error.field, "message": error.message}

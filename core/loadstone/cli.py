@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -228,9 +229,13 @@ def _cmd_load_or_plan(args: argparse.Namespace) -> int:
     import loadstone
 
     kwargs = request_kwargs(args)
-    # stdout carries the report alone (`--json` is parsed by programs); what libraries print while
-    # loading (gptqmodel logs its kernel choice there) goes to stderr with the progress bars.
-    with contextlib.redirect_stdout(sys.stderr):
+    # stdout carries the report alone (`--json` is parsed by programs). What libraries print while
+    # loading (gptqmodel's banner and kernel choice) is library output: shown on stderr with
+    # --verbose, dropped otherwise, like their warnings.
+    verbose = args.verbose or args.debug
+    with contextlib.ExitStack() as stack:
+        sink = sys.stderr if verbose else stack.enter_context(open(os.devnull, "w"))
+        stack.enter_context(contextlib.redirect_stdout(sink))
         if args.command == "plan":
             kwargs.pop("progress")
             report = loadstone.plan(args.reference, **kwargs).report

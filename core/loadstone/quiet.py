@@ -28,11 +28,25 @@ LOADSTONE_WARNINGS: tuple[type[Warning], ...] = (PluginLoadWarning,)
 #: Loggers of libraries that set their own level (so the root logger's level does not reach them),
 #: silenced by name; every other library logger inherits the root logger's level.
 LIBRARY_LOGGERS = ("transformers", "accelerate", "peft", "bitsandbytes", "torch", "huggingface_hub",
-                   "safetensors", "gptqmodel", "optimum", "urllib3", "filelock", "httpx")
+                   "safetensors", "gptqmodel", "optimum", "torchao", "urllib3", "filelock", "httpx")
+
+
+def _library_loggers() -> list[str]:
+    """The library loggers above, and their children that carry a level of their own (torch's logging
+    setup gives e.g. ``torch.utils._pytree`` one), which their parent's level would not reach."""
+    names = list(LIBRARY_LOGGERS)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (isinstance(logger, logging.Logger) and logger.level != logging.NOTSET
+                and name.split(".")[0] in LIBRARY_LOGGERS and name not in names):
+            names.append(name)
+    return names
 
 # Read by transformers and huggingface_hub when they first configure their loggers (maybe later
 # in the block than this module runs).
-_VERBOSITY_ENV = ("TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY")
+_VERBOSITY_ENV = ("TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY", "TORCH_LOGS")
+# torch sets its own loggers' levels when it is imported (from TORCH_LOGS), which would undo a level
+# set before a lazy `import torch` inside the block.
+_QUIET_VALUES = {"TORCH_LOGS": "-all"}
 _DEBUG_FORMAT = "%(name)s: %(levelname)s: %(message)s"
 
 
@@ -40,7 +54,8 @@ _DEBUG_FORMAT = "%(name)s: %(levelname)s: %(message)s"
 def library_output(*, verbose: bool) -> Iterator[None]:
     """Silence library warnings and log lines below ERROR (``verbose=False``), or show them as the
     libraries emit them plus loadstone's debug lines (``verbose=True``)."""
-    levels = {name: logging.getLogger(name).level for name in ("", "loadstone", *LIBRARY_LOGGERS)}
+    libraries = _library_loggers()
+    levels = {name: logging.getLogger(name).level for name in ("", "loadstone", *libraries)}
     env = {name: os.environ.get(name) for name in _VERBOSITY_ENV}
     handler: logging.Handler | None = None
     try:
@@ -57,12 +72,12 @@ def library_output(*, verbose: bool) -> Iterator[None]:
                 for category in LOADSTONE_WARNINGS:
                     warnings.filterwarnings("default", category=category)
                 logging.getLogger().setLevel(logging.ERROR)
-                for name in LIBRARY_LOGGERS:
+                for name in libraries:
                     logging.getLogger(name).setLevel(logging.ERROR)
                 # loadstone's own warnings (a plugin hook that raised while a load failed) stay.
                 logging.getLogger("loadstone").setLevel(logging.WARNING)
                 for name in _VERBOSITY_ENV:
-                    os.environ.setdefault(name, "error")  # a user's explicit choice wins
+                    os.environ.setdefault(name, _QUIET_VALUES.get(name, "error"))  # a user's explicit choice wins
             yield
     finally:
         if handler is not None:

@@ -64,7 +64,7 @@ def test_the_method_resolves_to_this_distribution():
 
 
 @pytest.mark.parametrize(("variable", "value", "said"), [
-    ("LOADSTONE_DISABLE_PLUGINS", "gptq", "disabled by LOADSTONE_DISABLE_PLUGINS (gptq)"),
+    ("LOADSTONE_DISABLE_PLUGINS", "gptq", "disabled by LOADSTONE_DISABLE_PLUGINS=gptq"),
     ("LOADSTONE_PLUGINS", "", "loadstone-gptq")])
 def test_without_the_plugin_a_gptq_checkpoint_is_refused(packed_checkpoint, monkeypatch, variable, value, said):
     folder, _, _ = packed_checkpoint(bits=4, group_size=32, desc_act=False, sym=True, v1=True, legacy=False)

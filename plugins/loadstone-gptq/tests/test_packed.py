@@ -64,7 +64,8 @@ def test_legacy_checkpoint_writes_its_config_for_both_engines(packed_checkpoint,
 def test_native_engine_is_chosen_and_reported(packed_checkpoint, loaded):
     folder, _, _ = packed_checkpoint(**CASES["v2-4bit-actorder-asym-modern"])
     report = loaded(folder).report
-    assert report.decision("engine").choice == "loadstone" and not report.engine["not_able"]
+    assert report.decision("engine").choice == "loadstone"
+    assert not {"loadstone", "transformers"} & set(report.engine["not_able"])  # a plugin's engine may decline
     kernel = report.quantization["kernel"]
     assert (kernel["backend"], kernel["class"]) == ("gptq_torch", "TorchLinear")
     assert "exactly" in kernel["reason"]
