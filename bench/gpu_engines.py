@@ -16,7 +16,9 @@ checkpoint's bytes over wall time), peak host RSS of the process (``VmHWM``: ``r
 carry the parent's peak over the exec), peak GPU memory
 (``torch.cuda.max_memory_allocated``) and, for loadstone rows, the report's stage times and
 engine. ``cold_*`` rows drop the page cache first (root and a writable drop_caches needed; they
-are skipped, and say so, where that fails). Writes OUTDIR/gpu_engines.json and prints the table
+are skipped, and say so, where that fails). On the CPU every row sums every weight inside its clock:
+``from_pretrained`` memory-maps the files and would otherwise read the weights only at the first
+forward. Writes OUTDIR/gpu_engines.json (``cpu_engines.json`` with ``--cpu``) and prints the table
 with ratios against ``transformers_bf16`` / ``transformers_nf4`` / ``transformers_int8``.
 """
 
@@ -213,6 +215,14 @@ def child(row: str, ckpt: str, device: str) -> dict:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    elif model is not None:
+        # On the CPU from_pretrained maps the files and reads a weight when it is first used: "ready"
+        # means every weight in memory, so every row touches every weight inside its clock.
+        tensors = model.values() if isinstance(model, dict) else [*model.parameters(), *model.buffers()]
+        # one element per 4 KiB page: every page is read, little is computed
+        touched = float(sum(t.reshape(-1)[::max(1, 4096 // t.element_size())].float().sum().item()
+                            for t in tensors if t.numel()))
+        del touched
     wall = time.perf_counter() - start
     nbytes = sum(os.path.getsize(p) for p in files_of(ckpt))
     record = {"row": row, "wall_s": round(wall, 3), "gb_per_s": round(nbytes / wall / 1e9, 2),
