@@ -99,3 +99,24 @@ def test_listing_survives_a_crashing_backend(plugin_manager):
 def test_gradient_checkpointing_needs_a_trainable_load(tiny_checkpoint):
     with pytest.raises(loadstone.OptionError, match="trainable=False"):
         loadstone.plan(str(tiny_checkpoint("llama")), gradient_checkpointing=True, trainable=False)
+
+
+def test_a_resolver_returning_something_else_is_named(tiny_checkpoint):
+    """A resolver that returns a plain path instead of a ResolvedSource: the plugin is named."""
+
+    class PathResolver(loadstone.Resolver):
+        name = "returns-a-path"
+        priority = 1
+
+        def resolve(self, reference, ctx):
+            return str(tiny_checkpoint("llama"))
+
+    class Plugin:
+        @loadstone.hookimpl
+        def loadstone_register_resolvers(self, register):
+            register(PathResolver())
+
+    plugins = loadstone.PluginManager(allow=[], extra_plugins=[("path-resolver", Plugin())])
+    with pytest.raises(loadstone.PluginHookError) as info:
+        loadstone.plan("anything", plugins=plugins)
+    assert info.value.plugin == "path-resolver" and "not a ResolvedSource" in str(info.value)

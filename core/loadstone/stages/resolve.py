@@ -31,6 +31,10 @@ def resolve_reference(reference: str, ctx: ResolveContext, plugins: PluginManage
             raise ResolutionError(exc.message, file=exc.file, field=field, expected=exc.expected,
                                   found=exc.found if exc.found is not None else reference, fix=exc.fix) from exc
         tried.append(reg.name)
+        if found is not None and not isinstance(found, ResolvedSource):
+            raise plugins.hook_error(reg.plugin, "resolve", TypeError(
+                f"resolve() returned {type(found).__name__} {str(found)[:120]!r}, not a ResolvedSource or None"),
+                f"resolver {reg.name!r}: resolve")
         if found is not None:
             # .strip(): in-process plugins have no version
             found.resolver, found.distribution = reg.name, f"{reg.distribution} {reg.version}".strip()
