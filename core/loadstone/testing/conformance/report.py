@@ -6,6 +6,7 @@ hides the others."""
 from __future__ import annotations
 
 import atexit
+from abc import ABC, abstractmethod
 import json
 import shutil
 import sys
@@ -140,7 +141,7 @@ def default_workdir() -> Path:
         return _default_workdir
 
 
-class Kit:
+class Kit(ABC):
     """Shared machinery of the four kits. Subclasses set ``kind`` and ``checks`` (check name ->
     what it proves) and implement ``check_<name>(result)`` for each, plus ``_find()``."""
 
@@ -157,8 +158,9 @@ class Kit:
         self.heavy_modules = tuple(heavy_modules)
         self.registration = self._find()
 
-    def _find(self) -> Any:  # pragma: no cover - every kit overrides it
-        raise NotImplementedError
+    @abstractmethod
+    def _find(self) -> Any:
+        """The registration of the component under test (each kit knows its kind)."""
 
     # -- tiny checkpoints, built once per work folder ---------------------------------
     def checkpoint(self, arch: str, **kwargs: Any) -> Path:
