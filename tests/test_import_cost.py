@@ -113,3 +113,28 @@ def test_import_time_is_its_own_entry_not_a_stage(tiny_checkpoint, python_subpro
     assert max(stages.values()) < min(1.0, first["imports"]), first
     accounted = sum(v for k, v in first.items() if k != "wall")
     assert accounted <= first["wall"] and accounted > 0.9 * first["wall"] - 0.05, first
+
+
+ADAPTER_WITHOUT_GPTQMODEL = """
+import json, os, sys
+import loadstone
+environment = dict(os.environ)
+result = loadstone.load({adapter!r}, placement="cpu", progress=False)
+print(json.dumps({{"peft": type(result.model).__name__, "gptqmodel": "gptqmodel" in sys.modules,
+                  "environment_changed": sorted(k for k in os.environ if os.environ[k] != environment.get(k))}}))
+"""
+
+
+@pytest.mark.slow
+def test_an_adapter_load_does_not_import_an_unused_gptqmodel(tiny_adapter, python_subprocess):
+    """peft imports gptqmodel for every layer it wraps when gptqmodel is installed (seconds, a banner,
+    and process-wide environment such as PYTORCH_ALLOC_CONF); a model without gptqmodel layers
+    does not need it, in the plan's adapter check or in the load."""
+    import importlib.util
+
+    if importlib.util.find_spec("gptqmodel") is None:
+        pytest.skip("gptqmodel is not installed here, so peft cannot import it either (./dev installs it)")
+    done = python_subprocess(ADAPTER_WITHOUT_GPTQMODEL.format(adapter=str(tiny_adapter("llama"))), timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {"peft": "PeftModelForCausalLM", "gptqmodel": False, "environment_changed": []}

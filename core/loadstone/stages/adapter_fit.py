@@ -25,6 +25,7 @@ from ..contract.errors import AdapterError
 from ..contract.request import LoadRequest
 from ..contract.sources import ADAPTER_CONFIG, AdapterSource
 from ..safetensors_header import TORCH_DTYPE_NAMES, read_safetensors_header
+from .peft_support import without_unused_gptqmodel
 
 _SHOW = 6
 _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
@@ -100,11 +101,12 @@ def check_adapters_fit(skeleton: Any, adapters: list[AdapterSource], request: Lo
             if isinstance(getattr(config, "init_lora_weights", None), str):
                 config.init_lora_weights = True  # same layers and shapes, without an initialiser that reads weights
             try:
-                if index == 0:
-                    peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
-                    model = peft_class(skeleton, config, adapter.name)
-                else:
-                    model.add_adapter(adapter.name, config)
+                with without_unused_gptqmodel():
+                    if index == 0:
+                        peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+                        model = peft_class(skeleton, config, adapter.name)
+                    else:
+                        model.add_adapter(adapter.name, config)
                 expected = get_peft_model_state_dict(model, adapter_name=adapter.name)
             except Exception as exc:  # noqa: BLE001 - what peft raises building layers from this config
                 raise _peft_refuses(adapter, exc, "building its layers on the base model") from exc

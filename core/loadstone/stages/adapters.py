@@ -12,6 +12,7 @@ from ..contract.errors import AdapterError, LoadstoneError, UnsafeCheckpointErro
 from ..contract.request import LoadRequest
 from ..contract.sources import ADAPTER_CONFIG, AdapterSource, ResolvedSource
 from ..safetensors_header import read_safetensors_header
+from .peft_support import without_unused_gptqmodel
 
 _PREFIX = "base_model.model."
 _LORA_LEAVES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "eA", "lora_embedding_B": "eB"}
@@ -160,11 +161,11 @@ def attach_adapters(model: Any, adapters: list[AdapterSource], request: LoadRequ
     from peft import PeftModel
 
     first, rest = adapters[0], adapters[1:]
-    with _peft_errors(first):
+    with _peft_errors(first), without_unused_gptqmodel():
         peft_model = PeftModel.from_pretrained(model, str(first.source.path), adapter_name=first.name,
                                                is_trainable=request.trainable)
     for adapter in rest:
-        with _peft_errors(adapter):
+        with _peft_errors(adapter), without_unused_gptqmodel():
             peft_model.load_adapter(str(adapter.source.path), adapter_name=adapter.name,
                                     is_trainable=request.trainable)
     active = request.active_adapter or first.name
