@@ -78,19 +78,12 @@ class RankPlacement(PlacementStrategy):
     description = "one full copy per process on cuda:$LOCAL_RANK (the DDP QLoRA layout); CPU without CUDA"
 
     def place(self, ctx: PlacementContext) -> dict[str, Any]:
-        import torch
-
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank, cuda = ctx.local_cuda_device()
         world = os.environ.get("WORLD_SIZE", "1")
         where = f"LOCAL_RANK={local_rank}, RANK={os.environ.get('RANK', '0')}, WORLD_SIZE={world}"
-        if torch.cuda.is_available():
-            if local_rank >= torch.cuda.device_count():
-                raise PlacementError(
-                    f"LOCAL_RANK is {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible.",
-                    field="LOCAL_RANK", found=local_rank, fix="start one process per visible GPU (torchrun "
-                    "--nproc-per-node) or fix CUDA_VISIBLE_DEVICES")
-            ctx.note(f"{where} -> cuda:{local_rank}")
-            return {"": local_rank}
+        if cuda is not None:
+            ctx.note(f"{where} -> cuda:{cuda}")
+            return {"": cuda}
         ctx.note(f"{where}; no CUDA device, so each process keeps its copy on the CPU")
         return {"": "cpu"}
 

@@ -115,6 +115,26 @@ class PlacementContext:
                 out[label] = out.get(label, 0.0) + nbytes
         return {k: int(round(v)) for k, v in out.items()}
 
+    def local_cuda_device(self) -> tuple[int, int | None]:
+        """This process's ``LOCAL_RANK`` (``torchrun`` sets it; 0 otherwise) and the CUDA device it
+        should use, or ``None`` on a machine without CUDA. A rank with no visible GPU of its own is a
+        :class:`~loadstone.PlacementError` (one process per GPU is the layout both DDP and FSDP need)."""
+        import os
+
+        import torch
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if not torch.cuda.is_available():
+            return local_rank, None
+        if local_rank >= torch.cuda.device_count():
+            from .errors import PlacementError
+
+            raise PlacementError(
+                f"LOCAL_RANK is {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible.",
+                field="LOCAL_RANK", found=local_rank, fix="start one process per visible GPU (torchrun "
+                "--nproc-per-node) or fix CUDA_VISIBLE_DEVICES")
+        return local_rank, local_rank
+
     def memory_budget(self) -> dict[str | int, int]:
         """The user's ``max_memory``, or what accelerate detects as free on each device."""
         from transformers.integrations.accelerate import get_max_memory

@@ -63,24 +63,16 @@ class FsdpPlacement(PlacementStrategy):
         return spec == self.name or spec.startswith(self.name + ":")
 
     def place(self, ctx: PlacementContext) -> dict[str, Any]:
-        import torch
-
         _, sep, text = str(ctx.spec).partition(":")
         if sep and (not text.strip().isdigit() or int(text) < 1):
             raise PlacementError(f"cannot read the number of processes in placement {ctx.spec!r}.", field="placement",
                                  expected="fsdp (this torchrun's world size) or fsdp:N with N >= 1", found=ctx.spec,
                                  fix="write placement='fsdp', or 'fsdp:8' to plan for 8 processes")
         world = int(text) if sep else world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank, cuda = ctx.local_cuda_device()
         budgeted = any(isinstance(k, int) for k in (ctx.max_memory or {}))
-        if torch.cuda.is_available():
-            if local_rank >= torch.cuda.device_count():
-                raise PlacementError(
-                    f"LOCAL_RANK is {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible.",
-                    field="LOCAL_RANK", found=local_rank, fix="start one process per visible GPU (torchrun "
-                    "--nproc-per-node) or fix CUDA_VISIBLE_DEVICES")
-            device: Any = local_rank
-        else:
+        device: Any = cuda
+        if cuda is None:
             device = local_rank if budgeted else "cpu"  # budgets for GPUs: a plan for a machine that has them
         ctx.sharded_over = world
         ctx.note(f"FSDP over {world} process(es): this one (LOCAL_RANK={local_rank}) holds 1/{world} of every "
