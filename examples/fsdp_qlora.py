@@ -16,6 +16,7 @@ as JSON. Needs loadstone, loadstone-bnb and loadstone-devicemap installed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import tempfile
@@ -54,6 +55,18 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        train(args, cuda)
+        # The FSDP model (its hooks form reference cycles) may still hold collectives' work
+        # objects: free them while the process group and the interpreter are alive. Left to
+        # interpreter shutdown, gloo's threads can abort the process (SIGABRT) after a good run.
+        gc.collect()
+        dist.barrier()  # nobody tears its connections down while a peer still uses them
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, cuda: bool) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
@@ -112,8 +125,6 @@ def main() -> None:
                            "model": args.model or "tiny random Llama (4 layers)", "losses": losses,
                            "torch": torch.__version__, "loadstone": loadstone.__version__,
                            "gpu": torch.cuda.get_device_name() if cuda else None, "ranks": everyone}, fh, indent=2)
-    dist.barrier()  # nobody tears its connections down while a peer still uses them
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ def test_fsdp_qlora_example_trains_with_two_torchrun_processes(tmp_path):
     """Two processes with gloo on the CPU, NF4 base sharded by the fsdp engine, LoRA under FSDP2:
     the loss goes down and each process held half of the base model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADSTONE_", "RANK", "LOCAL_RANK", "WORLD_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp_path))  # the tiny model goes there
+    # the tiny model goes to TMPDIR; a crash in C++ prints every thread's Python stack
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp_path), PYTHONFAULTHANDLER="1")
     report = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(EXAMPLES / "fsdp_qlora.py"), "--steps", "6", "--report", str(report)],
                           env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-6000:]}"
     assert "placement      fsdp" in done.stdout and "engine         fsdp" in done.stdout
     data = json.loads(report.read_text())
     losses = data["losses"]

@@ -5,6 +5,7 @@ process, then LoRA training with FSDP2. Writes what it saw to OUT/rank<N>.json.
     fsdp_worker.py CHECKPOINT OUT
 """
 
+import gc
 import json
 import os
 import sys
@@ -83,5 +84,6 @@ check("bf16", {})
 check("nf4_rank0", NF4, source="rank0")
 with open(f"{out}/rank{rank}.json", "w") as fh:
     json.dump(seen, fh, default=str)
+gc.collect()  # free the FSDP models (reference cycles) while the process group is alive
 dist.barrier()  # nobody tears its connections down while a peer still uses them
 dist.destroy_process_group()

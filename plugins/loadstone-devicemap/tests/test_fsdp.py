@@ -134,11 +134,11 @@ def test_adapters_from_a_folder_join_the_fsdp_units(tiny_adapter, plugins, world
 def test_two_torchrun_processes_hold_one_shard_each(tiny_checkpoint, tmp_path):
     checkpoint = tiny_checkpoint("llama", dtype="bfloat16")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADSTONE_", "RANK", "LOCAL_RANK", "WORLD_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1")  # a C++ abort shows its stacks
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(WORKER), str(checkpoint), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-6000:]}"
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank, report in enumerate(seen):
         assert (report["rank"], report["world"]) == (rank, 2)
