@@ -82,17 +82,17 @@ def test_out_of_memory_during_a_load_releases_the_model(tiny_checkpoint):
     oom.models.clear()
     baseline = _settled_rss()
     held = []  # the caller keeps each error, as a retry loop would: the models must be gone anyway
-    for _ in range(2):
+    for _ in range(4):
         with pytest.raises(PluginHookError) as caught:
             loadstone.load(folder, plugins=plugins, placement="cpu", progress=False)
         held.append(caught.value)
     assert all(isinstance(error.__cause__, torch.OutOfMemoryError) for error in held)
     assert held[0].stage == "load_weights"
-    assert len(oom.models) == 2 and all(ref() is None for ref in oom.models), "a half-built model is still alive"
-    # Two kept models would add twice their bytes; allocator noise in a busy test process stays
-    # well under one model's worth.
+    assert len(oom.models) == 4 and all(ref() is None for ref in oom.models), "a half-built model is still alive"
+    # Four kept models would add four times their bytes. Allocator noise was seen at +-16 MiB
+    # alone and above one model's worth (52 MiB) once in a busy CI worker: allow two.
     after = _settled_rss()
-    assert after - baseline < model_bytes, (baseline, after, model_bytes)
+    assert after - baseline < 2 * model_bytes, (baseline, after, model_bytes)
 
 
 @pytest.mark.parametrize("plugin,stage", [(FailAfterPlan, "plan"), (FailWhenModelLoaded, "load_weights"),
