@@ -43,6 +43,7 @@ ROWS = {
     "loadstone_transformers_bf16": ("loadstone", "bf16", "transformers"),
     "loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
     "loadstone_native_bf16_pread": ("loadstone", "bf16", "loadstone:reader=pread"),
+    "loadstone_native_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
     "loadstone_native_nf4_pread": ("loadstone", "nf4", "loadstone:reader=pread"),
     "loadstone_native_bf16_r12": ("loadstone", "bf16", "loadstone:reader=pread,readers=12"),
     "loadstone_native_bf16_c16": ("loadstone", "bf16", "loadstone:reader=pread,chunk_bytes=16MiB"),
@@ -61,6 +62,8 @@ ROWS = {
     "cold_disk_read": ("raw", "disk", None),
     "cold_transformers_bf16": ("transformers", "bf16", None),
     "cold_loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
+    "e2e_loadstone_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
+    "cold_loadstone_native_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
 }
 # the rows a plain run measures (the others are tuning variants: --rows picks any)
 DEFAULT_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "loadstone_native_bf16_pread",
@@ -73,9 +76,10 @@ SMALL_CKPT = "/tmp/loadstone-bench-engines-small"
 CPU_CKPT = "/tmp/loadstone-bench-engines-cpu"
 CPU_SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
-CPU_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "safetensors_load_file",
-            "e2e_transformers_bf16", "e2e_loadstone_bf16", "cold_disk_read", "cold_transformers_bf16",
-            "cold_loadstone_native_bf16"]
+CPU_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "loadstone_native_bf16_mmap",
+            "safetensors_load_file",
+            "e2e_transformers_bf16", "e2e_loadstone_bf16", "e2e_loadstone_bf16_mmap", "cold_disk_read",
+            "cold_transformers_bf16", "cold_loadstone_native_bf16", "cold_loadstone_native_bf16_mmap"]
 
 
 def files_of(ckpt: str) -> list[str]:
@@ -277,7 +281,9 @@ def main() -> None:
         if "wall_s" in record and "wall_s" in base and not record["row"].startswith(("e2e_", "cold_")):
             record["speedup_vs_transformers"] = round(base["wall_s"] / record["wall_s"], 2)
     for a, b in (("e2e_loadstone_bf16", "e2e_transformers_bf16"), ("e2e_loadstone_nf4", "e2e_transformers_nf4"),
-                 ("cold_loadstone_native_bf16", "cold_transformers_bf16")):
+                 ("e2e_loadstone_bf16_mmap", "e2e_transformers_bf16"),
+                 ("cold_loadstone_native_bf16", "cold_transformers_bf16"),
+                 ("cold_loadstone_native_bf16_mmap", "cold_transformers_bf16")):
         if "wall_s" in by_row.get(a, {}) and "wall_s" in by_row.get(b, {}):
             by_row[a]["speedup_vs_transformers"] = round(by_row[b]["wall_s"] / by_row[a]["wall_s"], 2)
     import torch

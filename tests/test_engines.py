@@ -198,7 +198,7 @@ def test_engine_options_are_checked_and_the_reader_settled_at_plan_time(tiny_che
     assert any("3 pread reader threads" in n for n in result.report.notes)
     assert set(result.report.engine["timings"]) == {"skeleton", "stream", "finish", "stream_gb_per_s"}
     for options, field in [({"readers": 0}, "engine option readers"), ({"chunk_bytes": "1KB"}, "engine option chunk_bytes"),
-                           ({"reader": "mmap"}, "engine option reader"), ({"turbo": True}, "engine options"),
+                           ({"reader": "io_uring"}, "engine option reader"), ({"turbo": True}, "engine options"),
                            ({"reader": "instanttensor"}, "engine option reader")]:
         with pytest.raises(loadstone.OptionError) as info:
             loadstone.plan(folder, placement="cpu", engine_options=options)

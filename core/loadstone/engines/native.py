@@ -2,7 +2,8 @@
 
 1. a fresh skeleton on the meta device (``plan.build_skeleton()``);
 2. the quantization backend swaps its module types in (``convert_skeleton``);
-3. every group of the plan's tensor map is read from safetensors (``pread``, no mmap), placed on
+3. every group of the plan's tensor map is read from safetensors (``pread``; memory-mapped only
+   with ``reader=mmap``, for tensors kept on the CPU as stored), placed on
    its planned device and cast there to its planned dtype, fused where transformers fuses
    (MoE experts, with transformers' own converters), and handed to the backend's ``load_tensor``,
    which quantizes it on that device; tensors bound for the CPU in their stored dtype go into
@@ -26,10 +27,12 @@ from ..contract.engines import Engine, EngineContext
 from ..contract.placement import map_entry
 from ..contract.plan import Plan
 from ..contract.tensors import TensorGroup
+from ..contract.units import format_size
 from .reader import SafetensorsReader
 from .streaming import DEFAULT_CHUNK_BYTES, InstantTensorStream, StreamItem, TensorStream
 
 INSTANT_BUFFER = 1 << 30  # instanttensor's GPU ring buffer, outside torch's allocator
+READERS = ("auto", "pread", "instanttensor", "mmap")
 
 
 class NativeEngine(Engine):
@@ -55,7 +58,9 @@ class NativeEngine(Engine):
                 "chunk_bytes": "bytes per read, e.g. 8MiB (default); each reader holds two pinned buffers of this "
                                "size when loading onto a GPU",
                 "reader": "auto (default: instanttensor where it is installed, the load goes to one CUDA device and its "
-                          "1 GiB ring buffer fits the budget; else pread), pread, or instanttensor"}
+                          "1 GiB ring buffer fits the budget; else pread), pread, instanttensor, or mmap (tensors "
+                          "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
+                          "then depends on the files; see docs/engines.md)"}
 
     def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
         from ..contract.errors import OptionError
@@ -68,9 +73,9 @@ class NativeEngine(Engine):
                 raise OptionError(f"engine option readers={readers!r} is not a thread count.",
                                   field="engine option readers", expected="an integer from 1 to 256",
                                   found=repr(readers), fix="pass e.g. readers=8")
-        if out.get("reader", "auto") not in ("auto", "pread", "instanttensor"):
+        if out.get("reader", "auto") not in READERS:
             raise OptionError(f"engine option reader={out['reader']!r} is not a reader.", field="engine option reader",
-                              expected="auto, pread, instanttensor", found=repr(out["reader"]), fix="pass reader=pread")
+                              expected=", ".join(READERS), found=repr(out["reader"]), fix="pass reader=pread")
         if "chunk_bytes" in out:
             out["chunk_bytes"] = parse_size(out["chunk_bytes"], field="engine option chunk_bytes")
             if not (1 << 20) <= out["chunk_bytes"] <= (1 << 30):
@@ -98,6 +103,13 @@ class NativeEngine(Engine):
             raise OptionError("engine option reader=instanttensor needs the instanttensor package and a load onto "
                               "one CUDA device.", field="engine option reader", found="instanttensor",
                               expected="pread here", fix="drop the option (reader=auto picks what can run)")
+        if wanted == "mmap" and "cpu" not in devices:
+            from ..contract.errors import OptionError
+
+            raise OptionError("engine option reader=mmap maps tensors kept on the CPU, and this plan places none "
+                              f"there (it loads onto {', '.join(sorted(devices))}).", field="engine option reader",
+                              found="mmap", expected="a placement that keeps tensors on the CPU",
+                              fix="drop the option, or load with placement='cpu'")
         if wanted == "auto":
             budget = (plan.report.placement.get("budget") or {}).get(label) if usable else None
             room = budget is None or budget - plan.peak_bytes_per_device.get(label, 0) >= INSTANT_BUFFER
@@ -121,6 +133,8 @@ class NativeEngine(Engine):
         total = sum(item.info.nbytes for item in items)
         with torch.no_grad(), SafetensorsReader(plan.inventory) as reader, \
                 _progress(total, ctx.progress) as progress:
+            if options.get("reader") == "mmap":
+                items = self._map(plan, ctx, reader, items, owners, modules, model, progress)
             if options.get("reader") == "instanttensor":
                 stream = InstantTensorStream(reader, items, buffer_bytes=INSTANT_BUFFER)
             else:
@@ -128,7 +142,7 @@ class NativeEngine(Engine):
                                       chunk_bytes=options.get("chunk_bytes", DEFAULT_CHUNK_BYTES), transient_limit=limits)
             if isinstance(stream, InstantTensorStream):
                 ctx.note("engine loadstone: instanttensor reader (a 1 GiB GPU ring buffer outside torch's allocator)")
-            else:
+            elif items:
                 ctx.note(f"engine loadstone: {stream.readers} pread reader threads, {stream.chunk >> 20} MiB chunks"
                          + (", pinned buffers and CUDA streams" if stream.accelerated else ""))
             pending: list[tuple[Any, Any]] = []
@@ -160,6 +174,25 @@ class NativeEngine(Engine):
         ctx.timings.update(skeleton=round(skeleton_s, 4), stream=round(streamed_s, 4), finish=round(finish_s, 4),
                            stream_gb_per_s=round(total / max(streamed_s, 1e-9) / 1e9, 2))
         return model
+
+    def _map(self, plan: Plan, ctx: EngineContext, reader: SafetensorsReader, items: list[StreamItem],
+             owners: dict[int, Any], modules: dict[str, Any], model: Any, progress: Any) -> list[StreamItem]:
+        """``reader=mmap``: hands every tensor kept on the CPU as stored (a group of one tensor, no
+        cast, no conversion) over as a view of its file; returns the items left to stream."""
+        left, mapped = [], 0
+        for item in items:
+            owner = owners[id(item)]
+            tensor = (reader.map(item.info) if item.device == "cpu" and not item.transient
+                      and isinstance(owner, TensorGroup) and len(owner.sources) == 1 else None)
+            if tensor is None:
+                left.append(item)
+                continue
+            self._group(plan, ctx, modules, model, owner, [tensor])
+            mapped += item.info.nbytes
+            progress(item.info.nbytes)
+        ctx.note(f"engine loadstone: {len(items) - len(left)} tensors ({format_size(mapped)}) are copy-on-write "
+                 f"views of the checkpoint files (reader=mmap): rewriting a file in place changes or kills the model")
+        return left
 
     def _items(self, plan: Plan) -> tuple[list[StreamItem], dict[int, Any], dict[str, int]]:
         """What to stream, in file order (each file read once, forwards); which group (or extra) each

@@ -1,13 +1,18 @@
 """Reading one tensor's bytes from a safetensors file with ``pread`` into its final storage.
 
-Not memory-mapped: a file truncated or replaced while a load reads it would kill the process
-with SIGBUS through a mapping; ``pread`` returns short instead, which becomes a
+Not memory-mapped by default: a file truncated or replaced while a load reads it would kill the
+process with SIGBUS through a mapping; ``pread`` returns short instead, which becomes a
 :class:`~loadstone.CheckpointError` naming the file. Each file is checked against what the plan
 read from its header (size and mtime) when it is opened.
+
+:meth:`SafetensorsReader.map` is the opt-in exception (the native engine's ``reader=mmap``): a
+copy-on-write view of the file's pages, no read and no copy, as ``from_pretrained`` does on the
+CPU. The tensor then depends on the file for as long as it lives.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -24,6 +29,7 @@ class SafetensorsReader:
     def __init__(self, inventory: CheckpointInventory):
         self.inventory = inventory
         self._files: dict[Path, tuple[int, int]] = {}  # path -> (fd, data section start)
+        self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
 
     def __enter__(self) -> "SafetensorsReader":
@@ -37,6 +43,7 @@ class SafetensorsReader:
             for fd, _ in self._files.values():
                 os.close(fd)
             self._files.clear()
+            self._maps.clear()  # the tensors made by map() hold their mappings themselves
 
     def open(self, path: Path) -> tuple[int, int]:
         """``(file descriptor, offset of the data section)`` of one weight file, opened once and
@@ -66,6 +73,35 @@ class SafetensorsReader:
             self._files[path] = opened
             return opened
 
+    def map(self, info: TensorInfo) -> Any | None:
+        """The tensor as stored, a copy-on-write view of its file's pages (``MAP_PRIVATE``): nothing
+        is read until it is touched, and writes to it stay in this process. ``None`` where the
+        tensor's bytes are not aligned for its dtype in the file (read it instead)."""
+        import torch
+
+        fd, data_start = self.open(info.file)
+        torch_dtype = _torch_dtype(info)
+        offset = data_start + info.start
+        if offset % torch_dtype.itemsize or not info.nbytes:
+            return None
+        with self._lock:
+            mapped = self._maps.get(info.file)
+            if mapped is None:
+                try:
+                    mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as exc:
+                    raise CheckpointError(f"{info.file.name} cannot be memory-mapped: {exc}.", file=info.file,
+                                          field="engine option reader", found="mmap",
+                                          fix="drop reader=mmap (the default reads the file instead)") from None
+                self._maps[info.file] = mapped
+        if len(mapped) < data_start + info.end:
+            raise CheckpointError(f"{info.file.name} is shorter than its header says: tensor {info.name!r} ends at "
+                                  f"byte {data_start + info.end}.", file=info.file, field="file size",
+                                  expected=f"at least {data_start + info.end} bytes", found=f"{len(mapped)} bytes",
+                                  fix="re-download or re-save the checkpoint")
+        flat = torch.frombuffer(mapped, dtype=torch_dtype, count=info.nbytes // torch_dtype.itemsize, offset=offset)
+        return flat.reshape(info.shape)
+
     def read(self, info: TensorInfo) -> Any:
         """The tensor as stored (its checkpoint dtype and shape), in new CPU memory."""
         import torch
@@ -88,9 +124,15 @@ class SafetensorsReader:
                     expected=f"at least {data_start + info.end} bytes", found=f"{data_start + info.start + done} bytes",
                     fix="do not rewrite a checkpoint while it loads; re-download or re-save it")
             done += n
-        name = TORCH_DTYPE_NAMES.get(info.dtype)
-        if name is None or not hasattr(torch, name):
-            raise CheckpointError(f"{info.file.name}: tensor {info.name!r} has dtype {info.dtype}, which this torch "
-                                  f"cannot hold.", file=info.file, field=f"header[{info.name!r}].dtype",
-                                  found=info.dtype, fix="upgrade torch, or convert the checkpoint")
-        return buffer.view(getattr(torch, name)).reshape(info.shape)
+        return buffer.view(_torch_dtype(info)).reshape(info.shape)
+
+
+def _torch_dtype(info: TensorInfo) -> Any:
+    import torch
+
+    name = TORCH_DTYPE_NAMES.get(info.dtype)
+    if name is None or not hasattr(torch, name):
+        raise CheckpointError(f"{info.file.name}: tensor {info.name!r} has dtype {info.dtype}, which this torch "
+                              f"cannot hold.", file=info.file, field=f"header[{info.name!r}].dtype",
+                              found=info.dtype, fix="upgrade torch, or convert the checkpoint")
+    return getattr(torch, name)
