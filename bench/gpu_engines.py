@@ -78,6 +78,7 @@ CPU_SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num
                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
 CPU_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "loadstone_native_bf16_mmap",
             "safetensors_load_file",
+            "transformers_nf4", "loadstone_native_nf4", "loadstone_transformers_nf4",
             "e2e_transformers_bf16", "e2e_loadstone_bf16", "e2e_loadstone_bf16_mmap", "cold_disk_read",
             "cold_transformers_bf16", "cold_loadstone_native_bf16", "cold_loadstone_native_bf16_mmap"]
 

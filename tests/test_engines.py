@@ -216,3 +216,40 @@ def test_chunked_reads_reassemble_every_tensor(tiny_checkpoint, tmp_path, same_w
                             progress=False)
     reference = loadstone.load(folder, placement="cpu", engine="transformers", progress=False)
     same_weights(native.model, reference.model)
+
+
+def test_host_scratch_goes_back_to_the_system_when_the_tensor_dies():
+    import torch
+
+    from loadstone.engines.streaming import host_scratch
+    from loadstone.telemetry import current_rss
+
+    before = current_rss()
+    scratch = host_scratch((16, 1 << 20), torch.float32, 64 << 20)
+    scratch.fill_(1.0)  # every page touched
+    assert scratch.shape == (16, 1 << 20) and float(scratch.sum()) == 16 * (1 << 20)
+    grown = current_rss() - before
+    del scratch
+    assert grown >= 60 << 20 and current_rss() - before < 8 << 20, (grown, current_rss() - before)
+
+
+def test_transient_host_tensors_come_from_scratch_mappings(tiny_checkpoint, same_weights, monkeypatch):
+    """A cast on the CPU (bf16 checkpoint, float32 model) streams each tensor through the host once:
+    those of 1 MiB and more come from host_scratch, the model equals the transformers engine's."""
+    import loadstone.engines.streaming as streaming
+
+    made = []
+    real = streaming.host_scratch
+
+    def counted(shape, dtype, nbytes):
+        made.append(nbytes)
+        return real(shape, dtype, nbytes)
+
+    monkeypatch.setattr(streaming, "host_scratch", counted)
+    folder = str(tiny_checkpoint("llama", dtype="bfloat16", hidden_size=512, intermediate_size=1024, vocab_size=4096))
+    plan = loadstone.plan(folder, placement="cpu", dtype="float32")
+    big = [t for t in plan.inventory.tensors.values() if t.nbytes >= streaming.SCRATCH_MIN_BYTES]
+    result = loadstone.load(folder, placement="cpu", dtype="float32", progress=False)
+    assert sorted(made) == sorted(t.nbytes for t in big) and big
+    same_weights(result.model, loadstone.load(folder, placement="cpu", dtype="float32", engine="transformers",
+                                              progress=False).model)
