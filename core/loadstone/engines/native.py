@@ -54,7 +54,7 @@ class NativeEngine(Engine):
         return problems
 
     def option_help(self) -> dict[str, str]:
-        return {"readers": "pread reader threads (default: 8, at most the CPU count)",
+        return {"readers": "pread reader threads (default: one per core, at least 4 and at most 8)",
                 "chunk_bytes": "bytes per read, e.g. 8MiB (default); each reader holds two pinned buffers of this "
                                "size when loading onto a GPU",
                 "reader": "auto (default: instanttensor where it is installed, the load goes to one CUDA device and its "

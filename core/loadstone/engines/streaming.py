@@ -16,6 +16,9 @@ copy in the stored dtype that is cast) draw from a per-device byte budget, relea
 consumer is done with them: the device never holds more of them than the plan's peak allows.
 
 Host memory is bounded by ``readers x 2 x chunk_bytes`` of pinned buffers, whatever the model size.
+A tensor bound for the CPU that is only transient there (quantized or cast next) is read into an
+anonymous mapping of its own (:func:`host_scratch`), which goes back to the system as soon as the
+tensor dies, rather than into malloc's per-thread arenas, which would keep it.
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ DEFAULT_CHUNK_BYTES = 8 << 20
 
 def default_readers(accelerated: bool) -> int:
     """Reader threads: 8 measured best on a 16-core H200 host (30.2 GB/s into the GPU; 12 and 16
-    threads lost more to the GIL than they gained in reads), and at most one per core."""
+    threads lost more to the GIL than they gained in reads), one per core, but at least 4: a read
+    from a cold page cache waits on the disk, not the CPU, and on the 2-core CPU machine 4 readers
+    streamed 1.5 GB from a dropped cache in 0.74-0.81 s against 1.32-1.43 s for 2, while a warm
+    load lost 0.02-0.04 s to them (bench/results, docs/benchmarks.md)."""
     cores = os.cpu_count() or 2
-    return max(2, min(8, cores))
+    return max(4, min(8, cores))
 
 
 @dataclass
