@@ -1,7 +1,7 @@
 """Engines side by side: plain transformers, loadstone's transformers engine, loadstone's native
 streaming engine, and raw-tensor readers, in one run, each load in its own process.
 
-    python3 bench/gpu_engines.py OUTDIR [--rows ROW,ROW...] [--cpu | --small]
+    python3 bench/gpu_engines.py OUTDIR [--rows ROW,ROW...] [--cpu | --small] [--repeat N]
 
 GPU (default): the 8B Llama-shaped bf16 checkpoint of shared/anchors (4 shards, 16.06 GB) onto
 cuda:0. ``--cpu``: a 1.5 GB Llama-shaped bf16 checkpoint (2 shards) onto the CPU, the rows that
@@ -20,6 +20,9 @@ are skipped, and say so, where that fails). On the CPU every row sums every weig
 ``from_pretrained`` memory-maps the files and would otherwise read the weights only at the first
 forward. Writes OUTDIR/gpu_engines.json (``cpu_engines.json`` with ``--cpu``) and prints the table
 with ratios against ``transformers_bf16`` / ``transformers_nf4`` / ``transformers_int8``.
+``--repeat N`` runs every row N times, in N interleaved rounds (so drift on a shared machine hits
+every row alike), and keeps the run with the median wall time, with every run's wall time in
+``wall_s_runs``.
 """
 
 from __future__ import annotations
@@ -254,6 +257,17 @@ def run_row(row: str, ckpt: str, device: str, timeout: int) -> dict:
     return record
 
 
+def median_run(records: list[dict]) -> dict:
+    """The run with the median wall time (the upper one of an even count), with every run's time."""
+    timed = sorted((r for r in records if "wall_s" in r), key=lambda r: r["wall_s"])
+    if not timed:
+        return records[-1]
+    chosen = dict(timed[len(timed) // 2])
+    if len(records) > 1:
+        chosen["wall_s_runs"] = [r.get("wall_s") for r in records]
+    return chosen
+
+
 def main() -> None:
     if sys.argv[1] == "--child":
         print(json.dumps(child(sys.argv[2], sys.argv[3], sys.argv[4])), flush=True)
@@ -271,11 +285,14 @@ def main() -> None:
         with open(path, "rb", buffering=0) as fh:
             while fh.read(64 << 20):
                 pass
-    results = []
-    for row in rows:
-        record = run_row(row, ckpt, device, timeout=300)
-        print(json.dumps(record), flush=True)
-        results.append(record)
+    repeat = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 1
+    runs: dict[str, list[dict]] = {row: [] for row in rows}
+    for _ in range(repeat):
+        for row in rows:
+            record = run_row(row, ckpt, device, timeout=300)
+            print(json.dumps(record), flush=True)
+            runs[row].append(record)
+    results = [median_run(runs[row]) for row in rows]
     by_row = {r["row"]: r for r in results}
     for record in results:
         base = by_row.get(BASELINE.get(ROWS[record["row"]][1], ""), {})
@@ -293,7 +310,8 @@ def main() -> None:
             "python": platform.python_version(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "checkpoint": ckpt, "checkpoint_bytes": sum(os.path.getsize(p) for p in files_of(ckpt)),
-            "command": "python3 bench/gpu_engines.py OUTDIR" + (" --small" if small else " --cpu" if cpu else "")}
+            "command": "python3 bench/gpu_engines.py OUTDIR" + (" --small" if small else " --cpu" if cpu else "")
+            + (f" --repeat {repeat}" if repeat > 1 else ""), "repeat": repeat}
     for lib in ("transformers", "bitsandbytes", "peft", "accelerate", "safetensors", "instanttensor"):
         try:
             from importlib.metadata import version

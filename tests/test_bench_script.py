@@ -1,0 +1,31 @@
+"""bench/gpu_engines.py runs (on a tiny model here): the rival and loadstone load the same weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_engines.py"
+
+
+@pytest.mark.slow
+def test_engines_benchmark_runs_every_row_in_its_own_process(tmp_path):
+    rows = "transformers_bf16,loadstone_native_bf16,loadstone_native_bf16_mmap"
+    done = subprocess.run([sys.executable, str(BENCH), str(tmp_path), "--small", "--rows", rows, "--repeat", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_engines.json").read_text())
+    assert data["meta"]["repeat"] == 2 and data["meta"]["command"].endswith("--small --repeat 2")
+    by_row = {r["row"]: r for r in data["rows"]}
+    assert list(by_row) == rows.split(",")
+    for record in by_row.values():
+        assert record["wall_s"] > 0 and len(record["wall_s_runs"]) == 2 and record["wall_s"] in record["wall_s_runs"]
+    # the same weights on every side (the checksum of every parameter)
+    assert by_row["loadstone_native_bf16"]["checksum"] == by_row["transformers_bf16"]["checksum"]
+    assert by_row["loadstone_native_bf16_mmap"]["checksum"] == by_row["transformers_bf16"]["checksum"]
+    assert by_row["loadstone_native_bf16_mmap"]["engine_options"]["reader"] == "mmap"
+    assert by_row["transformers_bf16"]["speedup_vs_transformers"] == 1.0
