@@ -98,7 +98,9 @@ class LoadReport:
                                          f"{q.get('version')})" + (", pre-quantized" if q.get("pre_quantized") else "")))
         e = self.engine
         if e:
-            rows.append(("engine", f"{e.get('name')} ({e.get('distribution')} {e.get('version')})".replace(" )", ")")))
+            options = ", ".join(f"{k}={v}" for k, v in (e.get("options") or {}).items())
+            rows.append(("engine", f"{e.get('name')} ({e.get('distribution')} {e.get('version')})".replace(" )", ")")
+                         + (f", {options}" if options else "")))
         p = self.placement
         if p:
             rows.append(("placement", f"{p.get('strategy')} ({p.get('distribution')} {p.get('version')})"))

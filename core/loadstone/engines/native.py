@@ -60,7 +60,7 @@ class NativeEngine(Engine):
                 "reader": "auto (default: instanttensor where it is installed, the load goes to one CUDA device and its "
                           "1 GiB ring buffer fits the budget; else pread), pread, instanttensor, or mmap (tensors "
                           "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
-                          "then depends on the files; see docs/engines.md)"}
+                          "then depends on the files; docs/user-guide.md, reader=mmap)"}
 
     def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
         from ..contract.errors import OptionError
