@@ -53,6 +53,7 @@ ROWS = {
     "loadstone_native_bf16_r16": ("loadstone", "bf16", "loadstone:reader=pread,readers=16"),
     "instanttensor_buffered": ("raw", "instanttensor", None),
     "safetensors_load_file": ("raw", "safetensors", None),
+    "fastsafetensors": ("raw", "fastsafetensors", None),
     "transformers_nf4": ("transformers", "nf4", None),
     "loadstone_native_nf4": ("loadstone", "nf4", "loadstone"),
     "loadstone_transformers_nf4": ("loadstone", "nf4", "transformers"),
@@ -70,7 +71,7 @@ ROWS = {
 }
 # the rows a plain run measures (the others are tuning variants: --rows picks any)
 DEFAULT_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "loadstone_native_bf16_pread",
-                "instanttensor_buffered", "safetensors_load_file", "transformers_nf4", "loadstone_native_nf4",
+                "instanttensor_buffered", "safetensors_load_file", "fastsafetensors", "transformers_nf4", "loadstone_native_nf4",
                 "loadstone_native_nf4_pread", "loadstone_transformers_nf4", "transformers_int8", "loadstone_native_int8",
                 "e2e_transformers_bf16", "e2e_loadstone_bf16", "e2e_transformers_nf4", "e2e_loadstone_nf4",
                 "cold_disk_read", "cold_transformers_bf16", "cold_loadstone_native_bf16"]
@@ -80,7 +81,7 @@ CPU_CKPT = "/tmp/loadstone-bench-engines-cpu"
 CPU_SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
 CPU_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "loadstone_native_bf16_mmap",
-            "safetensors_load_file",
+            "safetensors_load_file", "fastsafetensors",
             "transformers_nf4", "loadstone_native_nf4", "loadstone_transformers_nf4",
             "e2e_transformers_bf16", "e2e_loadstone_bf16", "e2e_loadstone_bf16_mmap", "cold_disk_read",
             "cold_transformers_bf16", "cold_loadstone_native_bf16", "cold_loadstone_native_bf16_mmap"]
@@ -192,6 +193,13 @@ def child(row: str, ckpt: str, device: str) -> dict:
         with it_open(files_of(ckpt), framework="pt", device=0, backend=BackendPolicy.BUFFERED) as fh:
             for key, value in fh.tensors():
                 model[key] = value
+    elif method == "fastsafetensors":  # its buffers are freed at close: each tensor is cloned out, as a loader must
+        from fastsafetensors import fastsafe_open
+
+        model = {}
+        with fastsafe_open(filenames=files_of(ckpt), nogds=True, device=device) as fh:
+            for key in fh.keys():
+                model[key] = fh.get_tensor(key).clone()
     elif method == "safetensors":
         from safetensors.torch import load_file
 
@@ -279,6 +287,11 @@ def main() -> None:
         rows = sys.argv[sys.argv.index("--rows") + 1].split(",")
     if small or cpu:
         rows = [r for r in rows if ROWS[r][1] != "instanttensor" and not (small and r.startswith("cold_"))]
+    # optional readers: measured where they are installed, and said so where they are not
+    import importlib.util
+
+    rows = [r for r in rows if ROWS[r][1] != "fastsafetensors" or importlib.util.find_spec("fastsafetensors")
+            or print(f"{r}: skipped (fastsafetensors is not installed)", flush=True)]
     ckpt = small_checkpoint() if small else cpu_checkpoint() if cpu else make_checkpoint(False)
     device = "cpu" if small or cpu else "cuda:0"
     for path in files_of(ckpt):  # warm the page cache once, for every warm row alike
