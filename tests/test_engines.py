@@ -194,6 +194,7 @@ def test_engine_options_are_checked_and_the_reader_settled_at_plan_time(tiny_che
     plan = loadstone.plan(folder, placement="cpu", engine_options={"readers": 3, "chunk_bytes": "2MiB"})
     assert plan.engine_options == {"readers": 3, "chunk_bytes": 2 << 20, "reader": "pread"}  # auto: CPU -> pread
     assert plan.report.engine["options"] == plan.engine_options and "extra_bytes" not in plan.report.engine
+    assert f"{loadstone.__version__}), readers=3, chunk_bytes=2.00 MiB, reader=pread" in plan.report.render()
     result = loadstone.load(folder, placement="cpu", engine_options={"readers": 3}, progress=False)
     assert any("3 pread reader threads" in n for n in result.report.notes)
     assert set(result.report.engine["timings"]) == {"skeleton", "stream", "finish", "stream_gb_per_s"}

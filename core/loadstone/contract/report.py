@@ -98,7 +98,8 @@ class LoadReport:
                                          f"{q.get('version')})" + (", pre-quantized" if q.get("pre_quantized") else "")))
         e = self.engine
         if e:
-            options = ", ".join(f"{k}={v}" for k, v in (e.get("options") or {}).items())
+            options = ", ".join(f"{k}={format_size(v) if k.endswith('_bytes') and isinstance(v, int) else v}"
+                                for k, v in (e.get("options") or {}).items())
             rows.append(("engine", f"{e.get('name')} ({e.get('distribution')} {e.get('version')})".replace(" )", ")")
                          + (f", {options}" if options else "")))
         p = self.placement
