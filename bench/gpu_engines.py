@@ -54,6 +54,8 @@ ROWS = {
     "instanttensor_buffered": ("raw", "instanttensor", None),
     "safetensors_load_file": ("raw", "safetensors", None),
     "fastsafetensors": ("raw", "fastsafetensors", None),
+    "transformers_fp32": ("transformers", "fp32", None),  # the bf16 checkpoint cast to float32 on load
+    "loadstone_native_fp32": ("loadstone", "fp32", "loadstone"),
     "transformers_nf4": ("transformers", "nf4", None),
     "loadstone_native_nf4": ("loadstone", "nf4", "loadstone"),
     "loadstone_transformers_nf4": ("loadstone", "nf4", "transformers"),
@@ -75,13 +77,14 @@ DEFAULT_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_n
                 "loadstone_native_nf4_pread", "loadstone_transformers_nf4", "transformers_int8", "loadstone_native_int8",
                 "e2e_transformers_bf16", "e2e_loadstone_bf16", "e2e_transformers_nf4", "e2e_loadstone_nf4",
                 "cold_disk_read", "cold_transformers_bf16", "cold_loadstone_native_bf16"]
-BASELINE = {"bf16": "transformers_bf16", "nf4": "transformers_nf4", "int8": "transformers_int8"}
+BASELINE = {"bf16": "transformers_bf16", "nf4": "transformers_nf4", "int8": "transformers_int8",
+            "fp32": "transformers_fp32"}
 SMALL_CKPT = "/tmp/loadstone-bench-engines-small"
 CPU_CKPT = "/tmp/loadstone-bench-engines-cpu"
 CPU_SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
 CPU_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "loadstone_native_bf16_mmap",
-            "safetensors_load_file", "fastsafetensors",
+            "safetensors_load_file", "fastsafetensors", "transformers_fp32", "loadstone_native_fp32",
             "transformers_nf4", "loadstone_native_nf4", "loadstone_transformers_nf4",
             "e2e_transformers_bf16", "e2e_loadstone_bf16", "e2e_loadstone_bf16_mmap", "cold_disk_read",
             "cold_transformers_bf16", "cold_loadstone_native_bf16", "cold_loadstone_native_bf16_mmap"]
@@ -153,7 +156,7 @@ def child(row: str, ckpt: str, device: str) -> dict:
         import torch
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        kwargs: dict = {"dtype": torch.bfloat16, "device_map": device}
+        kwargs: dict = {"dtype": torch.float32 if method == "fp32" else torch.bfloat16, "device_map": device}
         if method == "nf4":
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -175,8 +178,8 @@ def child(row: str, ckpt: str, device: str) -> dict:
         for pair in filter(None, option.split(",")):
             key, _, value = pair.partition("=")
             options[key] = int(value) if value.isdigit() else value
-        result = loadstone.load(ckpt, quantization=None if method == "bf16" else method, placement=device,
-                                dtype="bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,
+        result = loadstone.load(ckpt, quantization=None if method in ("bf16", "fp32") else method, placement=device,
+                                dtype="float32" if method == "fp32" else "bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,
                                 engine_options=options)
         model = result.model
         report = result.report
@@ -245,7 +248,7 @@ def child(row: str, ckpt: str, device: str) -> dict:
               "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2), **extra}
     if device.startswith("cuda"):
         record["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    if kind in ("transformers", "loadstone") and method == "bf16" and not isinstance(model, dict):
+    if kind in ("transformers", "loadstone") and method in ("bf16", "fp32") and not isinstance(model, dict):
         record["checksum"] = float(sum(p.float().sum().item() for p in list(model.parameters())[:3]))
     del model
     return record

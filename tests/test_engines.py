@@ -235,8 +235,9 @@ def test_host_scratch_goes_back_to_the_system_when_the_tensor_dies():
 
 
 def test_transient_host_tensors_come_from_scratch_mappings(tiny_checkpoint, same_weights, monkeypatch):
-    """A cast on the CPU (bf16 checkpoint, float32 model) streams each tensor through the host once:
-    those of 1 MiB and more come from host_scratch, the model equals the transformers engine's."""
+    """Mixtral's experts are fused from per-expert tensors: each source passes through the host
+    once, and comes from host_scratch (from any size here); the model equals the transformers
+    engine's."""
     import loadstone.engines.streaming as streaming
 
     made = []
@@ -247,10 +248,30 @@ def test_transient_host_tensors_come_from_scratch_mappings(tiny_checkpoint, same
         return real(shape, dtype, nbytes)
 
     monkeypatch.setattr(streaming, "host_scratch", counted)
-    folder = str(tiny_checkpoint("llama", dtype="bfloat16", hidden_size=512, intermediate_size=1024, vocab_size=4096))
-    plan = loadstone.plan(folder, placement="cpu", dtype="float32")
-    big = [t for t in plan.inventory.tensors.values() if t.nbytes >= streaming.SCRATCH_MIN_BYTES]
-    result = loadstone.load(folder, placement="cpu", dtype="float32", progress=False)
-    assert sorted(made) == sorted(t.nbytes for t in big) and big
-    same_weights(result.model, loadstone.load(folder, placement="cpu", dtype="float32", engine="transformers",
+    monkeypatch.setattr(streaming, "SCRATCH_MIN_BYTES", 1)
+    folder = str(tiny_checkpoint("mixtral"))
+    plan = loadstone.plan(folder, placement="cpu")
+    fused = [plan.inventory.tensors[s] for g in plan.tensor_map.groups if g.fused for s in g.sources]
+    result = loadstone.load(folder, placement="cpu", progress=False)
+    assert fused and sorted(made) == sorted(t.nbytes for t in fused)
+    same_weights(result.model, loadstone.load(folder, placement="cpu", engine="transformers", progress=False).model)
+
+
+@pytest.mark.parametrize("stored,wanted", [("bfloat16", "float32"), ("float32", "bfloat16"), ("float32", "float16"),
+                                           ("bfloat16", "float16")])
+def test_casts_on_the_cpu_happen_chunk_by_chunk_as_read(stored, wanted, tiny_checkpoint, same_weights, monkeypatch):
+    """No full copy in the stored dtype: each 1 MiB chunk is cast into the final tensor as it is
+    read (tensors of 1-4 MiB span several chunks), bit for bit what transformers' cast gives."""
+    import loadstone.engines.streaming as streaming
+
+    def refuse(*args):
+        raise AssertionError("a CPU cast went through a full transient copy")
+
+    monkeypatch.setattr(streaming, "host_scratch", refuse)
+    monkeypatch.setattr(streaming, "SCRATCH_MIN_BYTES", 1)
+    folder = str(tiny_checkpoint("llama", dtype=stored, hidden_size=512, intermediate_size=1024, vocab_size=4096))
+    native = loadstone.load(folder, placement="cpu", dtype=wanted, engine_options={"chunk_bytes": "1MiB"},
+                            progress=False)
+    assert {str(p.dtype) for p in native.model.parameters()} == {f"torch.{wanted}"}
+    same_weights(native.model, loadstone.load(folder, placement="cpu", dtype=wanted, engine="transformers",
                                               progress=False).model)

@@ -182,7 +182,7 @@ class NativeEngine(Engine):
         left, mapped = [], 0
         for item in items:
             owner = owners[id(item)]
-            tensor = (reader.map(item.info) if item.device == "cpu" and not item.transient
+            tensor = (reader.map(item.info) if item.device == "cpu" and not item.transient and item.cast_to is None
                       and isinstance(owner, TensorGroup) and len(owner.sources) == 1 else None)
             if tensor is None:
                 left.append(item)
@@ -220,8 +220,11 @@ class NativeEngine(Engine):
             transient = 0
             for source in unit.sources:
                 info = infos[source]
-                item = StreamItem(info, device, transient=not (kept and (dtype is None or
-                                                                       _dtype_name(dtype) == _stored_name(info))))
+                as_stored = dtype is None or _dtype_name(dtype) == _stored_name(info)
+                # a cast on the CPU happens chunk by chunk as the readers read, into the final tensor
+                cast = kept and not as_stored and device == "cpu" and _castable(info, dtype)
+                item = StreamItem(info, device, transient=not (kept and (as_stored or cast)),
+                                  cast_to=_dtype_name(dtype) if cast else None)
                 items.append(item)
                 owners[id(item)] = unit
                 transient += info.nbytes if item.transient else 0
@@ -265,6 +268,14 @@ class NativeEngine(Engine):
     def _hand_over(ctx: EngineContext, modules: dict[str, Any], name: str, tensor: Any, qctx: Any) -> None:
         module_name, _, leaf = name.rpartition(".")
         ctx.backend.load_tensor(module_name, modules[module_name], leaf, tensor, qctx)
+
+
+def _castable(info: Any, dtype: Any) -> bool:
+    """Whether readers can cast this tensor chunk by chunk: float to float, whole elements per chunk."""
+    import torch
+
+    stored = getattr(torch, _stored_name(info), None)
+    return stored is not None and stored.is_floating_point and dtype.is_floating_point and stored.itemsize <= 8
 
 
 def _cast(tensor: Any, dtype: Any) -> Any:

@@ -3,7 +3,9 @@
 Reader threads take fixed-size chunks of the planned tensors, in file order, and read each with
 ``preadv`` (not memory-mapped: no page-fault storms, no SIGBUS on a truncated file):
 
-* a chunk bound for the CPU is read straight into the tensor's final storage;
+* a chunk bound for the CPU is read straight into the tensor's final storage, or, where the
+  tensor is cast on the CPU, into the thread's own buffer and cast from there into the final
+  tensor (no full copy in the stored dtype);
 * a chunk bound for an accelerator is read into one of the thread's pinned host buffers and
   copied from there on the thread's own CUDA stream, while the thread reads its next chunk into
   its other buffer; the tensor on the device is final storage too when no cast or conversion
@@ -54,6 +56,7 @@ class StreamItem:
     info: TensorInfo
     device: str
     transient: bool = False
+    cast_to: str | None = None  # a torch dtype name: a CPU tensor cast chunk by chunk while it is read
     ticket: int = 0  # this transient tensor's place in its device's budget queue
     # filled while streaming
     tensor: Any = field(default=None, repr=False)
@@ -130,7 +133,8 @@ class TensorStream:
         self.reader, self.items = reader, items
         self.accelerated = any(_streams_to(i.device) for i in items)
         self.readers = max(1, readers or default_readers(self.accelerated))
-        self.chunk = max(1 << 20, int(chunk_bytes))
+        # whole pages, hence whole elements: a chunk cast on the CPU starts and ends on an element
+        self.chunk = max(1 << 20, int(chunk_bytes)) // 4096 * 4096
         largest: dict[str, int] = {}
         for item in items:
             if item.transient:
@@ -175,6 +179,10 @@ class TensorStream:
                         f"torch cannot hold.", file=item.info.file, field=f"header[{item.info.name!r}].dtype",
                         found=item.info.dtype, fix="upgrade torch, or convert the checkpoint")
                 where = item.device if _streams_to(item.device) else "cpu"  # other accelerators: staged on the host
+                if item.cast_to is not None:
+                    tensor = torch.empty(item.info.shape, dtype=getattr(torch, item.cast_to))
+                    item.flat, item.tensor = tensor.view(-1), tensor
+                    return tensor
                 if where == "cpu" and item.transient and item.info.nbytes >= SCRATCH_MIN_BYTES:
                     tensor = host_scratch(item.info.shape, getattr(torch, name), item.info.nbytes)
                 else:
@@ -196,6 +204,8 @@ class TensorStream:
         slots = [torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if accelerated else []
         views = [memoryview(slot.numpy()) for slot in slots]
         pending: list[Any] = [None, None]  # the event of each buffer's last copy
+        cast_buffer: Any = None  # chunks of tensors cast on the CPU as they are read
+        cast_view: memoryview = memoryview(b"")
         events: dict[str, list[Any]] = {}  # per device, one reusable event per buffer
         turn = 0
         while not self.stop.is_set():
@@ -208,7 +218,16 @@ class TensorStream:
             try:
                 if item.error is not None:
                     raise item.error
-                if not _streams_to(item.device):
+                if item.cast_to is not None:  # read into this thread's buffer, cast into the tensor
+                    if cast_buffer is None or len(cast_buffer) < length:
+                        cast_buffer = torch.empty(self.chunk, dtype=torch.uint8)
+                        cast_view = memoryview(cast_buffer.numpy())
+                    self._pread(item, cast_view[:length], start)
+                    self._destination(item)
+                    stored = getattr(torch, TORCH_DTYPE_NAMES[item.info.dtype])
+                    first = start // stored.itemsize
+                    item.flat[first:first + length // stored.itemsize].copy_(cast_buffer[:length].view(stored))
+                elif not _streams_to(item.device):
                     self._destination(item)
                     self._pread(item, item.view[start:start + length], start)
                 else:
