@@ -166,13 +166,16 @@ def child(row: str, ckpt: str, device: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(ckpt, **kwargs)
     elif kind == "loadstone":
         import loadstone
-        import loadstone_bnb.plugin
 
-        plugins = loadstone.PluginManager()
-        try:
-            plugins.quantization_backend("nf4")
-        except loadstone.ComponentNotFoundError:
-            plugins = loadstone.PluginManager(extra_plugins=[("bnb", loadstone_bnb.plugin)])
+        plugins = None  # what a user's load does: the installed plugins, discovered
+        if method in ("nf4", "int8"):
+            plugins = loadstone.PluginManager()
+            try:
+                plugins.quantization_backend(method)
+            except loadstone.ComponentNotFoundError:  # a source tree on PYTHONPATH (the GPU machine)
+                import loadstone_bnb.plugin
+
+                plugins = loadstone.PluginManager(extra_plugins=[("bnb", loadstone_bnb.plugin)])
         name, _, option = engine.partition(":")
         options = {}
         for pair in filter(None, option.split(",")):
@@ -268,6 +271,19 @@ def run_row(row: str, ckpt: str, device: str, timeout: int) -> dict:
     return record
 
 
+def compile_sources() -> None:
+    """Byte-compile loadstone and its plugins once: pip compiled transformers and torch when it
+    installed them, but an editable install (or a source tree on PYTHONPATH) is compiled at every
+    import where PYTHONDONTWRITEBYTECODE is set, which would charge loadstone's rows alone."""
+    import compileall
+    import importlib.util
+
+    for name in ("loadstone", "loadstone_bnb", "loadstone_gptq", "loadstone_devicemap"):
+        spec = importlib.util.find_spec(name)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            compileall.compile_dir(folder, quiet=1)
+
+
 def median_run(records: list[dict]) -> dict:
     """The run with the median wall time (the upper one of an even count), with every run's time."""
     timed = sorted((r for r in records if "wall_s" in r), key=lambda r: r["wall_s"])
@@ -297,6 +313,7 @@ def main() -> None:
             or print(f"{r}: skipped (fastsafetensors is not installed)", flush=True)]
     ckpt = small_checkpoint() if small else cpu_checkpoint() if cpu else make_checkpoint(False)
     device = "cpu" if small or cpu else "cuda:0"
+    compile_sources()
     for path in files_of(ckpt):  # warm the page cache once, for every warm row alike
         with open(path, "rb", buffering=0) as fh:
             while fh.read(64 << 20):
