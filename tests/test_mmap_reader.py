@@ -77,7 +77,7 @@ def test_casts_are_read_not_mapped_and_lora_trains_on_a_mapped_base(tiny_checkpo
     folder = str(tiny_checkpoint("llama", dtype="bfloat16"))
     cast = loadstone.load(folder, placement="cpu", dtype="float32", engine_options=MMAP, progress=False)
     same_weights(cast.model, loadstone.load(folder, placement="cpu", dtype="float32", progress=False).model)
-    assert any("engine loadstone: 0 tensors" in n for n in cast.report.notes)  # every tensor is cast: read
+    assert any("reader=mmap mapped no tensor" in n for n in cast.report.notes)  # every tensor is cast: read
     assert any("pread reader threads" in n for n in cast.report.notes)
 
     result = loadstone.load(folder, placement="cpu", engine_options=MMAP, trainable=True, progress=False)
@@ -102,7 +102,7 @@ def test_a_tensor_unaligned_in_its_file_is_read_instead(tiny_checkpoint, tmp_pat
     weights.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
     mapped = loadstone.load(str(folder), placement="cpu", engine_options=MMAP, progress=False)
     same_weights(mapped.model, loadstone.load(str(folder), placement="cpu", progress=False).model)
-    assert any("engine loadstone: 0 tensors" in n for n in mapped.report.notes)
+    assert any("reader=mmap mapped no tensor" in n for n in mapped.report.notes)
 
 
 def test_mmap_is_refused_at_plan_time_where_nothing_stays_on_the_cpu(tiny_checkpoint):

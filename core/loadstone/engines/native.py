@@ -190,8 +190,12 @@ class NativeEngine(Engine):
             self._group(plan, ctx, modules, model, owner, [tensor])
             mapped += item.info.nbytes
             progress(item.info.nbytes)
-        ctx.note(f"engine loadstone: {len(items) - len(left)} tensors ({format_size(mapped)}) are copy-on-write "
-                 f"views of the checkpoint files (reader=mmap): rewriting a file in place changes or kills the model")
+        if mapped:
+            ctx.note(f"engine loadstone: {len(items) - len(left)} tensors ({format_size(mapped)}) are copy-on-write "
+                     f"views of the checkpoint files (reader=mmap): rewriting a file in place changes or kills the model")
+        else:
+            ctx.note("engine loadstone: reader=mmap mapped no tensor: each is cast, converted, placed off the CPU or "
+                     "unaligned in its file, and was read")
         return left
 
     def _items(self, plan: Plan) -> tuple[list[StreamItem], dict[int, Any], dict[str, int]]:
