@@ -18,7 +18,7 @@ copy in the stored dtype that is cast) draw from a per-device byte budget, relea
 consumer is done with them: the device never holds more of them than the plan's peak allows.
 
 Host memory is bounded by ``readers x 2 x chunk_bytes`` of pinned buffers, whatever the model size.
-A tensor bound for the CPU that is only transient there (quantized or cast next) is read into an
+A tensor bound for the CPU that is only transient there (quantized or fused next) is read into an
 anonymous mapping of its own (:func:`host_scratch`), which goes back to the system as soon as the
 tensor dies, rather than into malloc's per-thread arenas, which would keep it.
 """
@@ -74,10 +74,11 @@ class StreamItem:
 def host_scratch(shape: tuple[int, ...], dtype: Any, nbytes: int) -> Any:
     """A CPU tensor in an anonymous mapping of its own, unmapped the moment the tensor dies.
 
-    For tensors that only pass through the host (a copy a backend quantizes or that is cast):
-    from malloc, each reader thread's arena would keep the freed blocks, and glibc's threshold for
-    mapping big blocks rises with every one freed, so the process's RSS grows by many such copies
-    (an NF4 load of 1.5 GB onto the CPU peaked at 1.65 GiB against 1.09 GiB this way)."""
+    For tensors that only pass through the host (a copy a backend quantizes, MoE experts before
+    they are fused): from malloc, each reader thread's arena would keep the freed blocks, and
+    glibc's threshold for mapping big blocks rises with every one freed, so the process's RSS grows
+    by many such copies (an NF4 load of 1.5 GB onto the CPU peaked at 1.65 GiB that way, at
+    1.18-1.21 GiB this way)."""
     import mmap
 
     import torch
