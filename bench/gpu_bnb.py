@@ -65,15 +65,9 @@ def make_checkpoint(small: bool) -> str:
 
 def plugin_manager():
     """The environment's plugins; loadstone-bnb added in-process when its entry point is not installed."""
-    import loadstone
-    import loadstone_bnb.plugin
+    from loadstone.testing import plugins_with
 
-    manager = loadstone.PluginManager()
-    try:
-        manager.quantization_backend("nf4")
-    except loadstone.ComponentNotFoundError:
-        manager = loadstone.PluginManager(extra_plugins=[("bnb", loadstone_bnb.plugin)])
-    return manager
+    return plugins_with("nf4", "loadstone_bnb.plugin", "bnb")
 
 
 def child(mode: str, ckpt: str, small: bool) -> dict:

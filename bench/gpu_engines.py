@@ -168,14 +168,10 @@ def child(row: str, ckpt: str, device: str) -> dict:
         import loadstone
 
         plugins = None  # what a user's load does: the installed plugins, discovered
-        if method in ("nf4", "int8"):
-            plugins = loadstone.PluginManager()
-            try:
-                plugins.quantization_backend(method)
-            except loadstone.ComponentNotFoundError:  # a source tree on PYTHONPATH (the GPU machine)
-                import loadstone_bnb.plugin
+        if method in ("nf4", "int8"):  # the GPU machine runs loadstone-bnb from a source tree
+            from loadstone.testing import plugins_with
 
-                plugins = loadstone.PluginManager(extra_plugins=[("bnb", loadstone_bnb.plugin)])
+            plugins = plugins_with(method, "loadstone_bnb.plugin", "bnb")
         name, _, option = engine.partition(":")
         options = {}
         for pair in filter(None, option.split(",")):

@@ -10,14 +10,9 @@ import loadstone
 def manager():
     """The environment's plugins; loadstone-bnb added in-process where its entry point is not
     installed (the GPU machine runs from a source tree on PYTHONPATH)."""
-    import loadstone_bnb.plugin
+    from loadstone.testing import plugins_with
 
-    found = loadstone.PluginManager()
-    try:
-        found.quantization_backend("nf4")
-        return found
-    except loadstone.ComponentNotFoundError:
-        return loadstone.PluginManager(extra_plugins=[("bnb", loadstone_bnb.plugin)])
+    return plugins_with("nf4", "loadstone_bnb.plugin", "bnb")
 
 
 pytestmark = [

@@ -7,21 +7,9 @@ import pytest
 import torch
 
 import loadstone
+from loadstone.testing.conformance import train_one_step
 from loadstone.testing import ARCHITECTURES
 from loadstone_bnb import measured_bytes
-
-
-def train_one_step(model: torch.nn.Module, input_ids: torch.Tensor) -> dict:
-    model.train()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    before = {n: p.detach().clone() for n, p in trainable.items()}
-    optimizer = torch.optim.SGD(trainable.values(), lr=0.5)
-    loss = model(input_ids=input_ids, labels=input_ids).loss
-    loss.backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    optimizer.step()
-    changed = {n for n, p in trainable.items() if not torch.equal(before[n], p.detach())}
-    return {"loss": float(loss), "trainable": set(trainable), "with_grad": with_grad, "changed": changed}
 
 
 # QLoRA (nf4) on every architecture; fp4 and int8 on one plain decoder, GPT-2 (Conv1D layers) and
@@ -34,10 +22,10 @@ LORA_CASES = [(arch, "nf4") for arch in ARCHITECTURES] + [
 def test_lora_on_quantized_base_trains_only_the_adapter(tiny_adapter, input_ids, arch, method):
     result = loadstone.load(str(tiny_adapter(arch)), quantization=method, placement="cpu", progress=False)
     step = train_one_step(result.model, input_ids)
-    assert torch.isfinite(torch.tensor(step["loss"]))
-    assert step["trainable"] and all("lora_" in n for n in step["trainable"]), step["trainable"]
-    assert step["with_grad"] == step["trainable"]
-    assert step["changed"] == step["trainable"]
+    assert torch.isfinite(torch.tensor(step.loss))
+    assert step.trainable and all("lora_" in n for n in step.trainable), step.trainable
+    assert step.with_grad == step.trainable
+    assert step.changed == step.trainable
     params = result.report.parameters
     assert 0 < params["trainable_percent"] < 10
     assert any("prepare_model_for_kbit_training" in note for note in result.report.training["notes"])
@@ -79,4 +67,4 @@ def test_gradient_checkpointing_trains_the_adapter(tiny_adapter, input_ids, upca
     assert any(getattr(m, "gradient_checkpointing", False) for m in result.model.modules())
     assert "gradient checkpointing enabled (use_reentrant=False)" in result.report.training["notes"]
     step = train_one_step(result.model, input_ids)
-    assert step["with_grad"] == step["trainable"] and step["trainable"]
+    assert step.with_grad == step.trainable and step.trainable

@@ -17,14 +17,9 @@ pytestmark = [
 def manager():
     """The environment's plugins; loadstone-gptq added in-process where its entry point is not
     installed (the GPU machine runs from a source tree on PYTHONPATH)."""
-    import loadstone_gptq.plugin
+    from loadstone.testing import plugins_with
 
-    found = loadstone.PluginManager()
-    try:
-        found.quantization_backend("gptq")
-        return found
-    except loadstone.ComponentNotFoundError:
-        return loadstone.PluginManager(extra_plugins=[("gptq", loadstone_gptq.plugin)])
+    return plugins_with("gptq", "loadstone_gptq.plugin", "gptq")
 
 
 def test_lora_step_on_gpu_with_a_training_kernel(gptqmodel_checkpoint, tiny_adapter, manager):

@@ -7,24 +7,9 @@ import pytest
 import torch
 
 import loadstone
+from loadstone.testing.conformance import train_one_step
 
 PACKED_V1_ACT_ORDER = dict(bits=4, group_size=32, desc_act=True, sym=False, v1=True, legacy=True)
-
-
-def train_one_step(model: torch.nn.Module, input_ids: torch.Tensor) -> dict:
-    model.train()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    before = {n: p.detach().clone() for n, p in trainable.items()}
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    optimizer = torch.optim.SGD(trainable.values(), lr=0.5)
-    loss = model(input_ids=input_ids, labels=input_ids).loss
-    loss.backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    optimizer.step()
-    changed = {n for n, p in trainable.items() if not torch.equal(before[n], p.detach())}
-    buffers_changed = {n for n, b in model.named_buffers() if n in buffers and not torch.equal(buffers[n], b)}
-    return {"loss": float(loss), "trainable": set(trainable), "with_grad": with_grad, "changed": changed,
-            "buffers_changed": buffers_changed}
 
 
 @pytest.mark.parametrize("source", ["packed", "gptqmodel"])
@@ -42,10 +27,10 @@ def test_lora_trains_only_the_adapter(packed_checkpoint, gptqmodel_checkpoint, t
     kernel = result.report.quantization["kernel"]
     assert (kernel["backend"], kernel["class"]) == ("gptq_torch", "TorchLinear") and "backward" in kernel["reason"]
     step = train_one_step(model, input_ids)
-    assert torch.isfinite(torch.tensor(step["loss"]))
-    assert step["trainable"] and all("lora_" in n for n in step["trainable"]), step["trainable"]
-    assert step["with_grad"] == step["trainable"] == step["changed"]
-    assert not step["buffers_changed"], step["buffers_changed"]  # qweight, qzeros, scales, g_idx untouched
+    assert torch.isfinite(torch.tensor(step.loss))
+    assert step.trainable and all("lora_" in n for n in step.trainable), step.trainable
+    assert step.with_grad == step.trainable == step.changed
+    assert not step.frozen_changed, step.frozen_changed  # qweight, qzeros, scales, g_idx untouched
     assert 0 < result.report.parameters["trainable_percent"] < 10
     assert any("does not upcast GPTQ models" in n for n in result.report.training["notes"])
 
@@ -55,7 +40,7 @@ def test_gradient_checkpointing(gptqmodel_checkpoint, tiny_adapter, input_ids):
                             progress=False, gradient_checkpointing=True)
     assert "gradient checkpointing enabled (use_reentrant=False)" in result.report.training["notes"]
     step = train_one_step(result.model, input_ids)
-    assert step["with_grad"] == step["trainable"] and step["trainable"]
+    assert step.with_grad == step.trainable and step.trainable
 
 
 def test_training_kernel_is_exact_too(packed_checkpoint, loaded):
