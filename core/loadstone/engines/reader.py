@@ -80,7 +80,7 @@ class SafetensorsReader:
         import torch
 
         fd, data_start = self.open(info.file)
-        torch_dtype = _torch_dtype(info)
+        torch_dtype = torch_dtype_of(info)
         offset = data_start + info.start
         if offset % torch_dtype.itemsize or not info.nbytes:
             return None
@@ -124,10 +124,11 @@ class SafetensorsReader:
                     expected=f"at least {data_start + info.end} bytes", found=f"{data_start + info.start + done} bytes",
                     fix="do not rewrite a checkpoint while it loads; re-download or re-save it")
             done += n
-        return buffer.view(_torch_dtype(info)).reshape(info.shape)
+        return buffer.view(torch_dtype_of(info)).reshape(info.shape)
 
 
-def _torch_dtype(info: TensorInfo) -> Any:
+def torch_dtype_of(info: TensorInfo) -> Any:
+    """The torch dtype a tensor is stored in; a CheckpointError naming it where this torch has none."""
     import torch
 
     name = TORCH_DTYPE_NAMES.get(info.dtype)

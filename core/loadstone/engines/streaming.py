@@ -33,8 +33,7 @@ from typing import Any, Iterator
 
 from ..contract.checkpoint import TensorInfo
 from ..contract.errors import CheckpointError
-from ..safetensors_header import TORCH_DTYPE_NAMES
-from .reader import SafetensorsReader
+from .reader import SafetensorsReader, torch_dtype_of
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 
@@ -173,21 +172,16 @@ class TensorStream:
             if item.tensor is None:
                 if item.transient and item.device in self.budgets:
                     self.budgets[item.device].take(item.info.nbytes, item.ticket, self.stop)
-                name = TORCH_DTYPE_NAMES.get(item.info.dtype)
-                if name is None or not hasattr(torch, name):
-                    raise CheckpointError(
-                        f"{item.info.file.name}: tensor {item.info.name!r} has dtype {item.info.dtype}, which this "
-                        f"torch cannot hold.", file=item.info.file, field=f"header[{item.info.name!r}].dtype",
-                        found=item.info.dtype, fix="upgrade torch, or convert the checkpoint")
+                stored = torch_dtype_of(item.info)
                 where = item.device if _streams_to(item.device) else "cpu"  # other accelerators: staged on the host
                 if item.cast_to is not None:
                     tensor = torch.empty(item.info.shape, dtype=getattr(torch, item.cast_to))
                     item.flat, item.tensor = tensor.view(-1), tensor
                     return tensor
                 if where == "cpu" and item.transient and item.info.nbytes >= SCRATCH_MIN_BYTES:
-                    tensor = host_scratch(item.info.shape, getattr(torch, name), item.info.nbytes)
+                    tensor = host_scratch(item.info.shape, stored, item.info.nbytes)
                 else:
-                    tensor = torch.empty(item.info.shape, dtype=getattr(torch, name), device=where)
+                    tensor = torch.empty(item.info.shape, dtype=stored, device=where)
                 item.flat = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
                 if where == "cpu" and tensor.numel():
                     item.view = memoryview(item.flat.numpy())
@@ -225,7 +219,7 @@ class TensorStream:
                         cast_view = memoryview(cast_buffer.numpy())
                     self._pread(item, cast_view[:length], start)
                     self._destination(item)
-                    stored = getattr(torch, TORCH_DTYPE_NAMES[item.info.dtype])
+                    stored = torch_dtype_of(item.info)
                     first = start // stored.itemsize
                     item.flat[first:first + length // stored.itemsize].copy_(cast_buffer[:length].view(stored))
                 elif not _streams_to(item.device):
