@@ -14,6 +14,7 @@ from .contract.report import Decision, LoadReport
 from .contract.request import LoadRequest
 from .faults import offload_workspace, release_failed_load
 from .plugins import PluginManager
+from .process_group import unpin_default_group
 from .stages.adapters import attach_adapters
 from .stages.inspect import inspect
 from .stages.load_weights import load_weights
@@ -61,6 +62,8 @@ def plan(request: LoadRequest, plugins: PluginManager) -> Plan:
         plugins.call("loadstone_load_failed", clock.current or "before_load", request=request,
                      stage=clock.current or "before_load", error=exc)
         raise
+    finally:
+        unpin_default_group()  # a plan imports transformers too (see loadstone.process_group)
 
 
 def load(request: LoadRequest, plugins: PluginManager, engine: Registration | None = None,
@@ -121,3 +124,6 @@ def _load(request: LoadRequest, plugins: PluginManager, engine: Registration | N
         stage = clock.current or "before_load"
         plugins.call("loadstone_load_failed", stage, request=request, stage=stage, error=exc)
         raise
+    finally:
+        # the first load imports transformers, in a distributed program after init_process_group
+        unpin_default_group()
