@@ -78,6 +78,26 @@ def test_qlora_rank_placement_under_torchrun_with_nccl(tiny_adapter, tmp_path):
         assert seen["grads_differ"] and seen["all_reduce_is_sum"] and seen["same_base_weights"]
 
 
+CONTEXTS_AFTER_A_LOAD = r"""
+import torch
+import loadstone
+
+loadstone.load({checkpoint!r}, placement={placement!r}, progress=False)
+print([i for i in range(torch.cuda.device_count()) if torch._C._cuda_hasPrimaryContext(i)])
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("placement, env", [("cuda:1", {}), ("rank", {"LOCAL_RANK": "1"})])
+def test_a_load_onto_one_gpu_creates_no_context_on_the_others(tiny_checkpoint, python_subprocess, placement, env):
+    """One rank of eight must not leave a CUDA context (hundreds of MiB) on the seven other GPUs:
+    the plan's memory check asks only the devices of its map."""
+    code = CONTEXTS_AFTER_A_LOAD.format(checkpoint=str(tiny_checkpoint("llama")), placement=placement)
+    done = python_subprocess(code, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[1]"
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral", "qwen2_moe", "gemma"])
 def test_native_engine_on_gpu_equals_the_transformers_engine(tiny_checkpoint, arch):
     folder = tiny_checkpoint(arch, dtype="float32")

@@ -165,3 +165,45 @@ def test_a_quantize_config_nobody_reads_is_refused_not_loaded_plain(tiny_checkpo
     assert "silently wrong" in error.message and error.fix
     if method == "gptq":
         assert "loadstone-gptq" in error.fix
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["cpu"], []), (["cuda:1", 0, "cpu", "disk"], [0, 1]), (["cuda", "cuda:0", "1"], [0, 1]),
+    (["mps"], None), (["cpu", "xpu:0"], None)])
+def test_the_budget_asks_only_the_gpus_a_map_uses(values, expected):
+    # None: another accelerator, whose free memory only accelerate's detection (of every device) knows
+    from loadstone.contract.placement import cuda_devices_of
+
+    assert cuda_devices_of(values) == expected
+
+
+def test_memory_budget_of_the_devices_a_strategy_uses(sharded_llama):
+    """Detection asks only the devices named (a CUDA context per GPU asked); the user's max_memory
+    is the budget whatever devices are named."""
+    seen = {}
+
+    class Probe(loadstone.PlacementStrategy):
+        name = "probe"
+
+        def place(self, ctx):
+            seen.setdefault("named", []).append(ctx.memory_budget(["cpu", "disk"]))
+            seen.setdefault("every", []).append(ctx.memory_budget())
+            return {"": "cpu"}
+
+    class ProbePlugin:
+        @loadstone.hookimpl
+        def loadstone_register_placement_strategies(self, register):
+            register(Probe())
+
+    plugins = loadstone.PluginManager(allow=[], extra_plugins=[("probe", ProbePlugin())])
+    plan = loadstone.plan(sharded_llama, placement="probe", plugins=plugins)
+    named, every = seen["named"][0], seen["every"][0]
+    assert set(named) == {"cpu"} and "cpu" in every
+    import psutil
+
+    total = psutil.virtual_memory().total  # available memory moves between calls: bound it
+    assert 0 < named["cpu"] <= total and 0 < every["cpu"] <= total
+    assert set(plan.report.placement["budget"]) == {"cpu"}  # the kernel's fit check asks the map's devices
+
+    plan = loadstone.plan(sharded_llama, placement="probe", plugins=plugins, max_memory={"cpu": "3GiB", 0: "1GiB"})
+    assert seen["named"][1] == seen["every"][1] == {0: 2**30, "cpu": 3 * 2**30}

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+
+from .units import normalize_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from .quantization import QuantizationContext
@@ -135,11 +137,22 @@ class PlacementContext:
                 "--nproc-per-node) or fix CUDA_VISIBLE_DEVICES")
         return local_rank, local_rank
 
-    def memory_budget(self) -> dict[str | int, int]:
-        """The user's ``max_memory``, or what accelerate detects as free on each device."""
+    def memory_budget(self, devices: Iterable[Any] | None = None) -> dict[str | int, int]:
+        """The user's ``max_memory``, or the free memory of each device (the CPU's included).
+
+        ``devices`` (device-map values) limits the detection to those devices: accelerate's
+        detection creates a CUDA context, hundreds of MiB, on every visible GPU, which a process
+        that loads onto one GPU of eight (one rank of ``torchrun``) must not leave on the other
+        seven. Without ``devices``, every device is asked (the budget ``auto`` spreads over).
+        """
         from transformers.integrations.accelerate import get_max_memory
 
-        return {k: int(v) for k, v in get_max_memory(dict(self.max_memory) if self.max_memory else None).items()}
+        if self.max_memory:
+            return {k: int(v) for k, v in get_max_memory(dict(self.max_memory)).items()}
+        gpus = None if devices is None else cuda_devices_of(devices)
+        if gpus is None:
+            return {k: int(v) for k, v in get_max_memory(None).items()}
+        return free_memory(gpus)
 
     def infer_device_map(self, *, balanced: bool = True, max_memory: dict | None = None) -> dict[str, Any]:
         """accelerate's placement algorithm (as transformers runs it), fed with loadstone's sizes."""
@@ -154,6 +167,39 @@ class PlacementContext:
             budget = self.memory_budget() if budget is None else budget
         return dict(infer_auto_device_map(self.model, max_memory=budget,
                                           no_split_module_classes=self.no_split_module_classes, hf_quantizer=oracle))
+
+
+def cuda_devices_of(devices: Iterable[Any]) -> list[int] | None:
+    """The CUDA indices among device-map values, or ``None`` when one of them is another
+    accelerator (``mps``, ``xpu:0`` ...), whose memory only accelerate's detection knows."""
+    gpus: set[int] = set()
+    for device in devices:
+        key = normalize_device(device)
+        if isinstance(key, int):
+            gpus.add(key)
+        elif key not in ("cpu", "disk", "meta"):
+            return None
+    return sorted(gpus)
+
+
+def free_memory(gpus: list[int]) -> dict[str | int, int]:
+    """Free bytes on each of ``gpus`` and available host memory, as accelerate counts them (an
+    integrated GPU shares the host's memory, so the CPU then gets no budget of its own)."""
+    import psutil
+
+    budget: dict[str | int, int] = {}
+    integrated = False
+    if gpus:
+        import torch
+
+        for index in gpus:
+            if index >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+                continue  # planning for a GPU this machine lacks: no budget to check against
+            budget[index] = int(torch.cuda.mem_get_info(index)[0])
+            integrated = integrated or bool(getattr(torch.cuda.get_device_properties(index), "is_integrated", False))
+    if not integrated:
+        budget["cpu"] = int(psutil.virtual_memory().available)
+    return budget
 
 
 def _label(device: Any) -> str:

@@ -90,7 +90,7 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     if pctx.sharded_over:  # each process holds 1/N of every tensor (FSDP); in flight, one whole tensor
         per_device = {dev: -(-n // pctx.sharded_over) for dev, n in per_device.items()}
     peaks = peak_by_device(per_device, transient, device_map)
-    budget = pctx.memory_budget() if any(v not in ("disk",) for v in device_map.values()) else {}
+    budget = pctx.memory_budget(device_map.values()) if any(v != "disk" for v in device_map.values()) else {}
     total = int(sum(sizes.values()))
     fits, advice = check_fit(per_device, peaks, device_map, budget, request, plugins)
 
