@@ -201,7 +201,7 @@ class TensorStream:
         pending: list[Any] = [None, None]  # the event of each buffer's last copy
         cast_buffer: Any = None  # chunks of tensors cast on the CPU as they are read
         cast_view: memoryview = memoryview(b"")
-        events: dict[str, list[Any]] = {}  # per device, one reusable event per buffer
+        copy_streams: dict[str, tuple[Any, list[Any]]] = {}  # per device: this thread's stream, an event per buffer
         turn = 0
         while not self.stop.is_set():
             job = self.jobs.get()
@@ -232,14 +232,20 @@ class TensorStream:
                     # budget, its bytes are already in host memory.
                     self._pread(item, views[turn][:length], start)
                     self._destination(item)
-                    per_device = events.get(item.device)
+                    per_device = copy_streams.get(item.device)
                     if per_device is None:
-                        torch.cuda.set_stream(torch.cuda.Stream(device=item.device))  # this thread's copies
-                        per_device = events[item.device] = [torch.cuda.Event(), torch.cuda.Event()]
+                        # This thread's stream becomes its current one on that device, where copy_
+                        # enqueues (it runs on the destination's device); events are recorded on it
+                        # by name, since "the current stream" means the current device's, and the
+                        # current device is whichever GPU this thread set last (maps span several).
+                        stream = torch.cuda.Stream(device=item.device)
+                        torch.cuda.set_stream(stream)
+                        per_device = copy_streams[item.device] = (stream, [torch.cuda.Event(), torch.cuda.Event()])
                     source = slots[turn] if length == self.chunk else slots[turn][:length]
                     item.flat[start:start + length].copy_(source, non_blocking=True)
-                    event = per_device[turn]
-                    event.record()
+                    stream, device_events = per_device
+                    event = device_events[turn]
+                    event.record(stream)
                     pending[turn], turn = event, 1 - turn
             except BaseException as exc:  # handed to the consumer, who raises it in its own thread
                 item.error = item.error or exc
