@@ -166,8 +166,8 @@ class NativeEngine(Engine):
                     ctx.backend.load_tensor(module_name, modules[module_name], name, tensor, qctx)
                     tensor = None
                     stream.release(item)
-            if stream.accelerated:
-                torch.cuda.synchronize()  # the copies are done before the clock says so
+            for device in stream.gpus:  # the copies are done, on every GPU, before the clock says so
+                torch.cuda.synchronize(device)
         streamed_s = time.perf_counter() - started - skeleton_s
         finish_loading(model, plan)
         finish_s = time.perf_counter() - started - skeleton_s - streamed_s

@@ -131,7 +131,8 @@ class TensorStream:
     def __init__(self, reader: SafetensorsReader, items: list[StreamItem], *, readers: int | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, transient_limit: dict[str, int] | None = None):
         self.reader, self.items = reader, items
-        self.accelerated = any(_streams_to(i.device) for i in items)
+        self.gpus = sorted({i.device for i in items if _streams_to(i.device)})  # what the copies go to
+        self.accelerated = bool(self.gpus)
         self.readers = max(1, readers or default_readers(self.accelerated))
         # whole pages, hence whole elements: a chunk cast on the CPU starts and ends on an element
         self.chunk = max(1 << 20, int(chunk_bytes)) // 4096 * 4096
@@ -343,6 +344,7 @@ class InstantTensorStream:
         if len(devices) != 1 or not _streams_to(next(iter(devices), "cpu")):
             raise ValueError("the instanttensor reader loads onto one CUDA device")
         self.reader, self.items, self.buffer_bytes = reader, items, buffer_bytes
+        self.gpus = sorted(devices)
         self.readers = "instanttensor"
 
     def __iter__(self) -> Iterator[tuple[StreamItem, Any]]:
