@@ -108,23 +108,31 @@ class SafetensorsReader:
 
         fd, data_start = self.open(info.file)
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy()) if info.nbytes else memoryview(b"")
-        done = 0
-        while done < info.nbytes:
-            try:
-                n = os.preadv(fd, [view[done:]], data_start + info.start + done)
-            except OSError as exc:
-                raise CheckpointError(f"{info.file.name}: reading tensor {info.name!r} failed: {exc.strerror or exc}.",
-                                      file=info.file, field=f"header[{info.name!r}]", found=type(exc).__name__,
-                                      fix="check the disk; re-download the file if it is damaged") from None
-            if n == 0:
-                raise CheckpointError(
-                    f"{info.file.name} ended while tensor {info.name!r} was read: the file was truncated during "
-                    f"the load.", file=info.file, field="file size",
-                    expected=f"at least {data_start + info.end} bytes", found=f"{data_start + info.start + done} bytes",
-                    fix="do not rewrite a checkpoint while it loads; re-download or re-save it")
-            done += n
+        if info.nbytes:
+            pread_exactly(fd, data_start, info, memoryview(buffer.numpy()), 0)
         return buffer.view(torch_dtype_of(info)).reshape(info.shape)
+
+
+def pread_exactly(fd: int, data_start: int, info: TensorInfo, view: memoryview, start: int) -> None:
+    """Fill ``view`` with the tensor's bytes from byte ``start`` of the tensor on (``data_start``:
+    where the file's data section begins); a CheckpointError naming the file where the read fails
+    or the file ends early (truncated during the load)."""
+    offset = data_start + info.start + start
+    done, total = 0, len(view)
+    while done < total:
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as exc:
+            raise CheckpointError(f"{info.file.name}: reading tensor {info.name!r} failed: {exc.strerror or exc}.",
+                                  file=info.file, field=f"header[{info.name!r}]", found=type(exc).__name__,
+                                  fix="check the disk; re-download the file if it is damaged") from None
+        if n == 0:
+            raise CheckpointError(
+                f"{info.file.name} ended while tensor {info.name!r} was read: the file was truncated during "
+                f"the load.", file=info.file, field="file size",
+                expected=f"at least {data_start + info.end} bytes", found=f"{offset + done} bytes",
+                fix="do not rewrite a checkpoint while it loads; re-download or re-save it")
+        done += n
 
 
 def torch_dtype_of(info: TensorInfo) -> Any:

@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..contract.checkpoint import TensorInfo
-from ..contract.errors import CheckpointError
-from .reader import SafetensorsReader, torch_dtype_of
+from .reader import SafetensorsReader, pread_exactly, torch_dtype_of
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 
@@ -262,22 +261,11 @@ class TensorStream:
                 event.synchronize()
 
     def _pread(self, item: StreamItem, view: memoryview, start: int) -> None:
-        total = len(view)
-        if not total:
+        if not len(view):
             return
         if item.fd is None:
             item.fd, item.base = self.reader.open(item.info.file)
-        offset = item.base + item.info.start + start
-        done = 0
-        while done < total:
-            n = os.preadv(item.fd, [view[done:]], offset + done)
-            if n == 0:
-                raise CheckpointError(
-                    f"{item.info.file.name} ended while tensor {item.info.name!r} was read: the file was truncated "
-                    f"during the load.", file=item.info.file, field="file size",
-                    expected=f"at least {item.base + item.info.end} bytes", found=f"{offset + done} bytes",
-                    fix="do not rewrite a checkpoint while it loads; re-download or re-save it")
-            done += n
+        pread_exactly(item.fd, item.base, item.info, view, start)
 
     def _start(self) -> None:
         for i in range(self.readers):
