@@ -192,8 +192,9 @@ def free_memory(gpus: list[int]) -> dict[str | int, int]:
     if gpus:
         import torch
 
+        present = torch.cuda.device_count() if torch.cuda.is_available() else 0
         for index in gpus:
-            if index >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            if index >= present:
                 continue  # planning for a GPU this machine lacks: no budget to check against
             budget[index] = int(torch.cuda.mem_get_info(index)[0])
             integrated = integrated or bool(getattr(torch.cuda.get_device_properties(index), "is_integrated", False))
