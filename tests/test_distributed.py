@@ -13,11 +13,18 @@ import pytest
 WORKER = Path(__file__).parent / "fixtures" / "rank_worker.py"
 
 
+def worker_env() -> dict[str, str]:
+    """This environment without another launcher's rank variables or loadstone settings; one
+    thread per process (two share the CI's two cores), and a crash prints every thread's stack."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADSTONE_", "RANK", "LOCAL_RANK", "WORLD_"))}
+    env.update(OMP_NUM_THREADS="1", LOADSTONE_PLUGINS="", PYTHONFAULTHANDLER="1")
+    return env
+
+
 @pytest.mark.slow
 def test_rank_placement_under_torchrun(llama_lora, tmp_path):
     adapter = llama_lora
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADSTONE_", "RANK", "LOCAL_RANK", "WORLD_"))}
-    env.update(OMP_NUM_THREADS="1", LOADSTONE_PLUGINS="", PYTHONFAULTHANDLER="1")  # a crash prints every thread
+    env = worker_env()
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(WORKER), str(adapter), str(tmp_path)],
@@ -57,8 +64,7 @@ def test_destroy_process_group_frees_the_group_after_a_load(sharded_llama, tmp_p
     """The first load imports transformers after init_process_group; torch.distributed.nn.functional
     (imported through FSDP) would then keep the group alive as a default argument until interpreter
     shutdown, where gloo's threads abort the process at random (loadstone.process_group)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADSTONE_", "RANK", "LOCAL_RANK", "WORLD_"))}
-    env.update(OMP_NUM_THREADS="1", LOADSTONE_PLUGINS="", PYTHONFAULTHANDLER="1")
+    env = worker_env()
     done = subprocess.run([sys.executable, "-c", TEARDOWN, str(sharded_llama), f"file://{tmp_path}/rendezvous"],
                           env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
