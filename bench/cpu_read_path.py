@@ -9,7 +9,7 @@ libraries imported before the clock starts:
   transformers_mmap     from_pretrained(device_map="cpu"): transformers' default memory map (the
                         model's weights stay the file's pages until written)
   loadstone_transformers loadstone.load(engine="transformers"): the same from_pretrained, reading
-                        with safetensors' pread backend
+                        through loadstone's pread reader (safetensors' pread backend for keys and slices)
   loadstone_native      loadstone.load(engine="loadstone"): loadstone's own pread reader
 
 Each child first loads a tiny checkpoint the same way (lazy imports, first calls), then records the

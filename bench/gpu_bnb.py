@@ -57,6 +57,7 @@ def make_checkpoint(small: bool) -> str:
     with torch.device("cuda"):
         model = LlamaForCausalLM(LlamaConfig(**SHAPE, dtype="bfloat16")).to(torch.bfloat16)
     model.save_pretrained(CKPT, max_shard_size="5GB")
+    os.sync()  # written back before any row: a row must not share the disk with 16 GB of writeback
     del model
     torch.cuda.empty_cache()
     print(f"checkpoint written in {time.time() - started:.1f}s", flush=True)

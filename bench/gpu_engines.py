@@ -51,6 +51,11 @@ ROWS = {
     "loadstone_native_bf16_r12": ("loadstone", "bf16", "loadstone:reader=pread,readers=12"),
     "loadstone_native_bf16_c16": ("loadstone", "bf16", "loadstone:reader=pread,chunk_bytes=16MiB"),
     "loadstone_native_bf16_r16": ("loadstone", "bf16", "loadstone:reader=pread,readers=16"),
+    "loadstone_native_bf16_c4": ("loadstone", "bf16", "loadstone:reader=instanttensor,chunk_bytes=4MiB"),
+    "loadstone_native_nf4_c4": ("loadstone", "nf4", "loadstone:reader=instanttensor,chunk_bytes=4MiB"),
+    "loadstone_native_nf4_d8": ("loadstone", "nf4", "loadstone:reader=instanttensor,readers=8"),
+    "loadstone_transformers_bf16_mmap": ("loadstone", "bf16", "transformers:reader=mmap"),
+    "loadstone_transformers_nf4_mmap": ("loadstone", "nf4", "transformers:reader=mmap"),
     "instanttensor_buffered": ("raw", "instanttensor", None),
     "safetensors_load_file": ("raw", "safetensors", None),
     "fastsafetensors": ("raw", "fastsafetensors", None),
@@ -102,11 +107,12 @@ def small_checkpoint() -> str:
     return SMALL_CKPT
 
 
-def peak_rss_bytes() -> int:
-    """This process's own peak RSS (VmHWM): unlike ru_maxrss it starts afresh at exec."""
+def peak_rss_bytes(field: str = "VmHWM") -> int:
+    """This process's own peak RSS (VmHWM: unlike ru_maxrss it starts afresh at exec), or with
+    ``field="VmRSS"`` its RSS now."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -150,6 +156,9 @@ def child(row: str, ckpt: str, device: str) -> dict:
             torch.cuda.init()
             torch.empty(1, device=device)
             torch.cuda.synchronize()
+    # what the process holds before the clock (the imported libraries, CUDA's context): the peak
+    # minus this is what the load itself added
+    rss_before = peak_rss_bytes("VmRSS")
     start = T_PROCESS if e2e else time.perf_counter()
     extra: dict = {}
     if kind == "transformers":
@@ -244,7 +253,8 @@ def child(row: str, ckpt: str, device: str) -> dict:
     wall = time.perf_counter() - start
     nbytes = sum(os.path.getsize(p) for p in files_of(ckpt))
     record = {"row": row, "wall_s": round(wall, 3), "gb_per_s": round(nbytes / wall / 1e9, 2),
-              "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2), **extra}
+              "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2), "rss_before_gib": round(rss_before / 2**30, 2),
+              **extra}
     if device.startswith("cuda"):
         record["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if kind in ("transformers", "loadstone") and method in ("bf16", "fp32") and not isinstance(model, dict):
@@ -268,16 +278,21 @@ def run_row(row: str, ckpt: str, device: str, timeout: int) -> dict:
 
 
 def compile_sources() -> None:
-    """Byte-compile loadstone and its plugins once: pip compiled transformers and torch when it
-    installed them, but an editable install (or a source tree on PYTHONPATH) is compiled at every
-    import where PYTHONDONTWRITEBYTECODE is set, which would charge loadstone's rows alone."""
+    """Byte-compile every library the rows import, once, before any row: a package without
+    bytecode is compiled at every import where PYTHONDONTWRITEBYTECODE is set (the GPU machine sets
+    it), which charged each row 0.25 s for transformers' Llama modules when the wheels were installed
+    with ``pip --no-compile``, and charges an editable install (loadstone) at every run. A user's
+    pip install compiles; the benchmark measures that. Folders it cannot write are left as they are."""
     import compileall
     import importlib.util
 
-    for name in ("loadstone", "loadstone_bnb", "loadstone_gptq", "loadstone_devicemap"):
+    for name in ("loadstone", "loadstone_bnb", "loadstone_gptq", "loadstone_devicemap", "transformers",
+                 "bitsandbytes", "instanttensor", "fastsafetensors", "peft", "accelerate", "safetensors",
+                 "huggingface_hub", "tokenizers", "packaging"):
         spec = importlib.util.find_spec(name)
         for folder in (spec.submodule_search_locations or []) if spec else []:
-            compileall.compile_dir(folder, quiet=1)
+            if os.access(folder, os.W_OK):
+                compileall.compile_dir(folder, quiet=2, workers=os.cpu_count() or 1)
 
 
 def median_run(records: list[dict]) -> dict:

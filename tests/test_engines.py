@@ -204,8 +204,36 @@ def test_engine_options_are_checked_and_the_reader_settled_at_plan_time(tiny_che
         with pytest.raises(loadstone.OptionError) as info:
             loadstone.plan(folder, placement="cpu", engine_options=options)
         assert info.value.field == field, options
-    with pytest.raises(loadstone.OptionError):  # the transformers engine takes no options
+    with pytest.raises(loadstone.OptionError):  # the transformers engine takes reader=pread|mmap only
         loadstone.plan(folder, placement="cpu", engine="transformers", engine_options={"readers": 2})
+    with pytest.raises(loadstone.OptionError) as info:
+        loadstone.plan(folder, placement="cpu", engine="transformers", engine_options={"reader": "instanttensor"})
+    assert info.value.field == "engine option reader" and "pread, mmap" in str(info.value)
+
+
+@pytest.mark.parametrize("reader", [None, "pread", "mmap"])
+def test_the_transformers_engine_reads_with_pread_unless_told_to_map(reader, tiny_checkpoint, same_weights,
+                                                                    monkeypatch):
+    """pread by default (a file truncated mid-load is an error, not SIGBUS: test_changed_files.py);
+    reader=mmap gives from_pretrained its own memory map back, and the same model."""
+    import transformers.modeling_utils as modeling_utils
+
+    folder = str(tiny_checkpoint("llama"))
+    opened, original = [], modeling_utils.safe_open
+
+    def recording(filename, framework, device="cpu", **kwargs):
+        opened.append(kwargs.get("backend"))
+        return original(filename, framework, device=device, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "safe_open", recording)
+    options = {} if reader is None else {"reader": reader}
+    result = loadstone.load(folder, placement="cpu", engine="transformers", engine_options=options, trainable=False,
+                            progress=False)
+    assert opened and set(opened) == {"mmap" if reader == "mmap" else "pread"}
+    assert modeling_utils.safe_open is recording  # put back after the load
+    assert any("reader=mmap" in n for n in result.report.notes) == (reader == "mmap")
+    same_weights(result.model, loadstone.load(folder, placement="cpu", engine="loadstone", trainable=False,
+                                              progress=False).model)
 
 
 @pytest.mark.parametrize("chunk", ["1MiB", "3MiB"])

@@ -113,6 +113,28 @@ def test_native_engine_on_gpu_equals_the_transformers_engine(tiny_checkpoint, ar
             assert torch.equal(buffer, buffers[name]), name
 
 
+@pytest.mark.parametrize("options", [{"reader": "pread"}, {"reader": "pread", "readers": 2, "chunk_bytes": "1MiB"},
+                                     {"reader": "instanttensor"},
+                                     {"reader": "instanttensor", "readers": 4, "chunk_bytes": "1MiB"}])
+def test_every_gpu_reader_gives_the_same_model(tiny_checkpoint, options):
+    if options["reader"] == "instanttensor":
+        pytest.importorskip("instanttensor")
+    folder = str(tiny_checkpoint("llama", dtype="bfloat16", max_shard_size="2MB"))
+    loaded = loadstone.load(folder, placement="cuda:0", engine_options=options, progress=False, trainable=False)
+    assert loaded.plan.engine_options["reader"] == options["reader"]
+    reference = loadstone.load(folder, placement="cuda:0", engine="transformers", progress=False, trainable=False)
+    _same_state(loaded.model, reference.model)
+
+
+def test_instanttensor_reads_in_flight_that_overflow_its_ring_are_refused_at_plan_time(tiny_checkpoint):
+    pytest.importorskip("instanttensor")
+    folder = str(tiny_checkpoint("llama", dtype="bfloat16"))
+    with pytest.raises(loadstone.OptionError) as info:
+        loadstone.plan(folder, placement="cuda:0", engine_options={"reader": "instanttensor", "readers": 64,
+                                                                   "chunk_bytes": "64MiB"})
+    assert info.value.field == "engine option readers" and "ring buffer" in str(info.value)
+
+
 def test_native_engine_streams_a_map_over_gpu_and_cpu(tiny_checkpoint):
     folder = tiny_checkpoint("llama")
     budget = {"cuda:0": "400KB", "cpu": "10GiB"}

@@ -117,7 +117,8 @@ def test_allow_list(installed):
     assert only_builtins["testplugin"]["status"] == "not-allowed"
     assert only_builtins["broken"]["status"] == "not-allowed" and stderr == ""  # never imported
     assert {p["status"] for p in only_builtins.values() if p["builtin"]} == {"loaded"}
-    for allow in ("testplugin", "loadstone-testplugin"):  # entry-point or distribution name
+    # entry-point name, or distribution name in any spelling PEP 503 makes equal
+    for allow in ("testplugin", "loadstone-testplugin", "Loadstone_TestPlugin", "loadstone.testplugin"):
         listed, _ = plugins_json(*dists, LOADSTONE_PLUGINS=allow)
         assert listed["testplugin"]["status"] == "loaded" and listed["broken"]["status"] == "not-allowed"
 
@@ -215,3 +216,12 @@ def test_the_kernels_own_tests_pass_with_a_third_party_plugin_installed(installe
                           cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]
     assert " passed" in done.stdout.splitlines()[-1] and "failed" not in done.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["loadstone-bnb", "Loadstone_BNB", "loadstone.bnb", "a-_.b", "X", "a__b--c..d"])
+def test_distribution_names_are_normalised_as_pep_503_says(name):
+    from packaging.utils import canonicalize_name
+
+    from loadstone.plugin_policy import _canonical
+
+    assert _canonical(name) == canonicalize_name(name)

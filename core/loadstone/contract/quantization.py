@@ -31,6 +31,8 @@ def requirement_problems(requirements: tuple[str, ...] | list[str]) -> list[str]
     Returns one human-readable line per unmet requirement (empty list: all satisfied).
     Reads only distribution metadata, so it is cheap enough to run while listing plugins.
     """
+    if not requirements:  # every load asks this of its backend: no import of packaging for nothing
+        return []
     from packaging.requirements import Requirement
 
     problems = []

@@ -54,9 +54,10 @@ class NativeEngine(Engine):
         return problems
 
     def option_help(self) -> dict[str, str]:
-        return {"readers": "pread reader threads (default: one per core, at least 4 and at most 8)",
-                "chunk_bytes": "bytes per read, e.g. 8MiB (default); each reader holds two pinned buffers of this "
-                               "size when loading onto a GPU",
+        return {"readers": "pread reader threads (default: one per core, at least 4 and at most 8); with "
+                           "reader=instanttensor, its reads in flight (its io_depth)",
+                "chunk_bytes": "bytes per read, e.g. 8MiB (default); each pread reader holds two pinned buffers of "
+                               "this size when loading onto a GPU; instanttensor holds one host buffer per read in flight",
                 "reader": "auto (default: instanttensor where it is installed, the load goes to one CUDA device and its "
                           "1 GiB ring buffer fits the budget; else pread), pread, instanttensor, or mmap (tensors "
                           "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
@@ -115,6 +116,8 @@ class NativeEngine(Engine):
             room = budget is None or budget - plan.peak_bytes_per_device.get(label, 0) >= INSTANT_BUFFER
             wanted = "instanttensor" if usable and room else "pread"
         options["reader"] = wanted
+        if wanted == "instanttensor" and ("readers" in options or "chunk_bytes" in options):
+            _check_instant_ring(options)
         return {label: INSTANT_BUFFER} if wanted == "instanttensor" else {}
 
     def load(self, plan: Plan, ctx: EngineContext) -> Any:
@@ -136,7 +139,8 @@ class NativeEngine(Engine):
             if options.get("reader") == "mmap":
                 items = self._map(plan, ctx, reader, items, owners, modules, model, progress)
             if options.get("reader") == "instanttensor":
-                stream = InstantTensorStream(reader, items, buffer_bytes=INSTANT_BUFFER)
+                stream = InstantTensorStream(reader, items, buffer_bytes=INSTANT_BUFFER, io_depth=options.get("readers"),
+                                             chunk_bytes=options.get("chunk_bytes"))
             else:
                 stream = TensorStream(reader, items, readers=options.get("readers"),
                                       chunk_bytes=options.get("chunk_bytes", DEFAULT_CHUNK_BYTES), transient_limit=limits)
@@ -272,6 +276,23 @@ class NativeEngine(Engine):
     def _hand_over(ctx: EngineContext, modules: dict[str, Any], name: str, tensor: Any, qctx: Any) -> None:
         module_name, _, leaf = name.rpartition(".")
         ctx.backend.load_tensor(module_name, modules[module_name], leaf, tensor, qctx)
+
+
+def _check_instant_ring(options: dict[str, Any]) -> None:
+    """instanttensor refuses reads in flight that do not fit its ring buffer, at the start of the
+    stream: asked here, at plan time, with its own arithmetic, so the load cannot refuse later."""
+    from instanttensor._impl import required_buffer_size_for_io
+
+    from ..contract.errors import OptionError
+
+    depth, chunk = options.get("readers", 1), options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
+    needed = required_buffer_size_for_io(chunk, depth, 1)
+    if needed > INSTANT_BUFFER:
+        raise OptionError(f"engine options readers={depth} and chunk_bytes={format_size(chunk)} need a "
+                          f"{format_size(needed)} ring buffer, and instanttensor's is {format_size(INSTANT_BUFFER)}.",
+                          field="engine option readers", found=f"readers={depth}, chunk_bytes={chunk}",
+                          expected=f"readers x chunk_bytes within {format_size(INSTANT_BUFFER)}",
+                          fix="pass fewer readers or a smaller chunk_bytes")
 
 
 def _castable(info: Any, dtype: Any) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 from typing import Any, Iterator
 
 from ..contract.checkpoint import SAFE_SINGLE
@@ -32,37 +33,115 @@ def transformers_progress(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def safetensors_read_not_mapped() -> Iterator[None]:
+def safetensors_read_not_mapped(inventory: Any = None) -> Iterator[None]:
     """``from_pretrained`` reads safetensors with ``pread`` instead of through a memory map.
 
     A file truncated while mapped kills the process with SIGBUS at the next read of a lost page;
-    ``pread`` returns short instead, which safetensors raises as an error and the kernel reports as
-    a :class:`~loadstone.CheckpointError` naming the file. transformers itself chooses safetensors'
-    ``pread`` backend on MPS and Windows; here it is chosen everywhere, for the duration of the
-    call (under ``TRANSFORMERS_GLOBAL_STATE``). If transformers stops opening files through
-    ``modeling_utils.safe_open``, files are mapped again (docs/validation.md says what then remains).
+    ``pread`` returns short instead, which becomes a :class:`~loadstone.CheckpointError` naming
+    the file. Files are opened with safetensors' ``pread`` backend (transformers' own choice on MPS
+    and Windows) for their keys and slices; a whole tensor read for the CPU, which is every tensor
+    of an unsharded load, comes from :class:`~loadstone.engines.reader.SafetensorsReader` where the
+    plan's ``inventory`` lists it: one ``preadv`` into the tensor's memory, with the GIL released
+    (transformers reads in four threads), where safetensors' backend took 2-8x as long as the
+    memory map. In force for the duration of the call (under ``TRANSFORMERS_GLOBAL_STATE``); if
+    transformers stops opening files through ``modeling_utils.safe_open``, files are mapped again
+    (docs/validation.md says what then remains).
     """
     import transformers.modeling_utils as modeling_utils
+
+    from .reader import SafetensorsReader
 
     mapped_open = getattr(modeling_utils, "safe_open", None)
     if mapped_open is None:
         yield
         return
+    reader = SafetensorsReader(inventory) if inventory is not None and inventory.tensors else None
 
     def read_with_pread(filename: Any, framework: str, device: Any = "cpu", **kwargs: Any) -> Any:
-        return mapped_open(filename, framework, device=device, **{**kwargs, "backend": "pread"})
+        handle = mapped_open(filename, framework, device=device, **{**kwargs, "backend": "pread"})
+        if reader is None or framework != "pt" or str(device) != "cpu":
+            return handle
+        path = Path(filename)
+        reader.open(path)  # now, as safetensors opened it: a file changed since the plan is refused here
+        return _PreadFile(handle, reader, path)
 
     modeling_utils.safe_open = read_with_pread
     try:
         yield
     finally:
         modeling_utils.safe_open = mapped_open
+        if reader is not None:
+            reader.close()
+
+
+class _PreadFile:
+    """A safetensors file handle whose whole-tensor reads go through loadstone's reader."""
+
+    def __init__(self, handle: Any, reader: Any, path: Path):
+        self._handle, self._reader, self._path = handle, reader, path
+
+    def _info(self, name: str) -> Any:
+        info = self._reader.inventory.tensors.get(name)
+        return info if info is not None and Path(info.file) == self._path else None
+
+    def get_slice(self, name: str) -> Any:
+        info = self._info(name)
+        sliced = self._handle.get_slice(name)
+        return sliced if info is None else _PreadSlice(sliced, self._reader, info)
+
+    def get_tensor(self, name: str) -> Any:
+        info = self._info(name)
+        return self._handle.get_tensor(name) if info is None else self._reader.read(info)
+
+    def __enter__(self) -> "_PreadFile":
+        self._handle.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._handle.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:  # keys(), metadata(), offset_keys() ...
+        return getattr(self._handle, name)
+
+
+class _PreadSlice:
+    """safetensors' lazy slice; ``[...]`` (the whole tensor) is read by loadstone's reader, any
+    other index (a shard of the tensor) by safetensors' own ``pread`` backend."""
+
+    def __init__(self, sliced: Any, reader: Any, info: Any):
+        self._slice, self._reader, self._info = sliced, reader, info
+
+    def __getitem__(self, index: Any) -> Any:
+        if index is Ellipsis or index == (Ellipsis,):
+            return self._reader.read(self._info)
+        return self._slice[index]
+
+    def __getattr__(self, name: str) -> Any:  # get_shape(), get_dtype()
+        return getattr(self._slice, name)
+
+
+TRANSFORMERS_READERS = ("pread", "mmap")
 
 
 class TransformersEngine(Engine):
     name = "transformers"
     preference = 900
     description = "transformers' from_pretrained with the plan's device map, dtype and quantization config"
+
+    def option_help(self) -> dict[str, str]:
+        return {"reader": "pread (default: a checkpoint file truncated or rewritten during the load is a "
+                          "CheckpointError) or mmap (transformers' own memory map: several times faster onto a GPU, "
+                          "but a file truncated mid-load kills the process with SIGBUS; docs/validation.md)"}
+
+    def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        out = super().normalize_options(options)
+        if out.get("reader", "pread") not in TRANSFORMERS_READERS:
+            from ..contract.errors import OptionError
+
+            raise OptionError(f"engine option reader={out['reader']!r} is not a reader of the transformers engine.",
+                              field="engine option reader", expected=", ".join(TRANSFORMERS_READERS),
+                              found=repr(out["reader"]), fix="pass reader=mmap, or drop the option")
+        return out
 
     def problems(self, plan: Plan) -> list[str]:
         qctx = plan.quantization
@@ -118,7 +197,12 @@ class TransformersEngine(Engine):
 
         kwargs = self.kwargs(plan, ctx.offload_folder)
         # The lock: from_pretrained patches process-wide state (see faults.py), and so do we.
-        with TRANSFORMERS_GLOBAL_STATE, transformers_progress(ctx.progress), safetensors_read_not_mapped():
+        mapped = plan.engine_options.get("reader") == "mmap"
+        if mapped:
+            ctx.note("engine transformers: reader=mmap: safetensors files are memory-mapped (a file truncated during "
+                     "the load kills the process)")
+        reading = contextlib.nullcontext() if mapped else safetensors_read_not_mapped(plan.inventory)
+        with TRANSFORMERS_GLOBAL_STATE, transformers_progress(ctx.progress), reading:
             try:
                 model, info = plan.auto_class.from_pretrained(str(plan.sources.base.path), **kwargs)
             except LoadstoneError:

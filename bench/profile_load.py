@@ -1,0 +1,106 @@
+"""Profile one loadstone load on the benchmark checkpoint: where its wall time goes.
+
+Prepares the process exactly like a ``bench/gpu_engines.py`` row (the same libraries imported and
+CUDA initialised before the clock), then profiles ``loadstone.load`` with pyinstrument (a sampling
+profiler: it sees time spent in C extensions and in imports) and writes the call tree as text and
+HTML into OUTDIR. A second, unprofiled load in the same process shows what the first one paid once
+(imports of modelling code, CUDA initialisation of libraries).
+
+    python3 bench/profile_load.py OUTDIR [--method bf16|nf4|int8] [--device cuda:0|cpu] [--small]
+        [--engine-option key=value ...]
+
+Needs ``pyinstrument`` (``pip install pyinstrument``); falls back to cProfile's cumulative listing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bnb import make_checkpoint  # noqa: E402  (the benchmarks' checkpoint)
+
+
+def load_once(ckpt: str, method: str, device: str, options: dict):
+    import loadstone
+    from loadstone.testing import plugins_with
+
+    plugins = plugins_with(method, "loadstone_bnb.plugin", "bnb") if method in ("nf4", "int8") else None
+    return loadstone.load(ckpt, quantization=None if method == "bf16" else method, placement=device,
+                          dtype="bfloat16", trainable=False, progress=False, plugins=plugins,
+                          engine_options=options)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir")
+    parser.add_argument("--method", default="bf16", choices=["bf16", "nf4", "int8"])
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--small", action="store_true", help="a tiny checkpoint (checks the script on a CPU)")
+    parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    options = {k: int(v) if v.isdigit() else v for k, _, v in (o.partition("=") for o in args.engine_option)}
+    ckpt = make_checkpoint(args.small)
+
+    import torch
+    import transformers  # noqa: F401
+
+    import loadstone  # noqa: F401
+    from loadstone.stages.inspect import import_transformers
+
+    import_transformers()
+    if args.method != "bf16":
+        import bitsandbytes  # noqa: F401
+    if args.device.startswith("cuda"):
+        torch.cuda.init()
+        torch.empty(1, device=args.device)
+        torch.cuda.synchronize()
+    os.makedirs(args.outdir, exist_ok=True)
+    stem = os.path.join(args.outdir, f"profile_{args.method}_{args.device.replace(':', '')}")
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        Profiler = None
+    started = time.perf_counter()
+    if Profiler is not None:
+        profiler = Profiler(interval=0.0005)
+        profiler.start()
+        result = load_once(ckpt, args.method, args.device, options)
+        profiler.stop()
+        text = profiler.output_text(unicode=False, color=False, show_all=False)
+        with open(stem + ".html", "w") as f:
+            f.write(profiler.output_html())
+    else:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        result = prof.runcall(load_once, ckpt, args.method, args.device, options)
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(60)
+        text = out.getvalue()
+    first = time.perf_counter() - started
+    stages = {k: round(v, 4) for k, v in result.report.stages.items()}
+    timings = result.report.engine.get("timings")
+    del result
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    started = time.perf_counter()
+    again = load_once(ckpt, args.method, args.device, options)
+    second = time.perf_counter() - started
+    summary = {"first_load_s (profiled)": round(first, 3), "first_stages": stages, "first_engine": timings,
+               "second_load_s": round(second, 3),
+               "second_stages": {k: round(v, 4) for k, v in again.report.stages.items()},
+               "second_engine": again.report.engine.get("timings")}
+    with open(stem + ".txt", "w") as f:
+        f.write(json.dumps(summary, indent=1) + "\n\n" + text)
+    print(json.dumps(summary, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
