@@ -130,8 +130,8 @@ class TransformersEngine(Engine):
 
     def option_help(self) -> dict[str, str]:
         return {"reader": "pread (default: a checkpoint file truncated or rewritten during the load is a "
-                          "CheckpointError) or mmap (transformers' own memory map: several times faster onto a GPU, "
-                          "but a file truncated mid-load kills the process with SIGBUS; docs/validation.md)"}
+                          "CheckpointError) or mmap (transformers' own memory map: no copy into host memory, but a file "
+                          "truncated mid-load kills the process with SIGBUS; docs/validation.md)"}
 
     def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
         out = super().normalize_options(options)
