@@ -14,7 +14,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_engines.py"
 
 @pytest.mark.slow
 def test_engines_benchmark_runs_every_row_in_its_own_process(tmp_path):
-    rows = "transformers_bf16,loadstone_native_bf16,loadstone_native_bf16_mmap"
+    rows = ("transformers_bf16,loadstone_native_bf16,loadstone_native_bf16_mmap,loadstone_transformers_bf16,"
+            "loadstone_transformers_bf16_mmap")
     done = subprocess.run([sys.executable, str(BENCH), str(tmp_path), "--small", "--rows", rows, "--repeat", "2"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -28,4 +29,20 @@ def test_engines_benchmark_runs_every_row_in_its_own_process(tmp_path):
     assert by_row["loadstone_native_bf16"]["checksum"] == by_row["transformers_bf16"]["checksum"]
     assert by_row["loadstone_native_bf16_mmap"]["checksum"] == by_row["transformers_bf16"]["checksum"]
     assert by_row["loadstone_native_bf16_mmap"]["engine_options"]["reader"] == "mmap"
+    for row in ("loadstone_transformers_bf16", "loadstone_transformers_bf16_mmap"):  # pread, mmap
+        assert by_row[row]["engine"] == "transformers" and by_row[row]["checksum"] == by_row["transformers_bf16"]["checksum"]
+    assert by_row["loadstone_transformers_bf16_mmap"]["engine_options"] == {"reader": "mmap"}
     assert by_row["transformers_bf16"]["speedup_vs_transformers"] == 1.0
+
+
+@pytest.mark.slow
+def test_the_profiling_script_profiles_a_load_and_times_a_second_one(tmp_path):
+    script = BENCH.with_name("profile_load.py")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "--small", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "profile_bf16_cpu.txt").read_text()
+    summary = json.loads(text[:text.index("\n\n")])
+    assert summary["first_stages"]["load_weights"] > 0 and summary["second_stages"]["load_weights"] > 0
+    assert summary["second_engine"]["stream"] > 0
+    assert "load_once" in text  # the call tree (pyinstrument's, or cProfile's listing without it)
