@@ -112,7 +112,7 @@ class _PreadSlice:
         self._slice, self._reader, self._info = sliced, reader, info
 
     def __getitem__(self, index: Any) -> Any:
-        if index is Ellipsis or index == (Ellipsis,):
+        if index is Ellipsis or (isinstance(index, tuple) and len(index) == 1 and index[0] is Ellipsis):
             return self._reader.read(self._info)
         return self._slice[index]
 
