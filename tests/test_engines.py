@@ -303,3 +303,32 @@ def test_casts_on_the_cpu_happen_chunk_by_chunk_as_read(stored, wanted, tiny_che
     assert {str(p.dtype) for p in native.model.parameters()} == {f"torch.{wanted}"}
     same_weights(native.model, loadstone.load(folder, placement="cpu", dtype=wanted, engine="transformers",
                                               progress=False).model)
+
+
+def test_the_transformers_engines_file_handles_read_whole_tensors_and_delegate_parts(tiny_checkpoint):
+    """What from_pretrained gets from safe_open during the engine's load: keys, shapes and dtypes
+    from safetensors, whole tensors from loadstone's reader, parts (tensor-parallel shards) from
+    safetensors' pread backend; all equal to safetensors' own reads."""
+    import transformers.modeling_utils as modeling_utils
+    from safetensors.torch import load_file
+
+    from loadstone.engines.transformers import safetensors_read_not_mapped
+
+    folder = tiny_checkpoint("llama", max_shard_size="200KB")
+    plan = loadstone.plan(str(folder), placement="cpu")
+    original = modeling_utils.safe_open
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) > 1
+    with safetensors_read_not_mapped(plan.inventory):
+        for path in files:
+            expected = load_file(str(path))
+            with modeling_utils.safe_open(str(path), framework="pt", device="cpu") as handle:
+                assert sorted(handle.keys()) == sorted(expected)
+                for name, tensor in expected.items():
+                    part = handle.get_slice(name)
+                    assert list(part.get_shape()) == list(tensor.shape)
+                    assert part.get_dtype() == plan.inventory.tensors[name].dtype
+                    assert torch.equal(part[...], tensor) and torch.equal(handle.get_tensor(name), tensor)
+                    if tensor.ndim:
+                        assert torch.equal(part[0:1], tensor[0:1])
+    assert modeling_utils.safe_open is original
