@@ -222,6 +222,6 @@ def test_the_kernels_own_tests_pass_with_a_third_party_plugin_installed(installe
 def test_distribution_names_are_normalised_as_pep_503_says(name):
     from packaging.utils import canonicalize_name
 
-    from loadstone.plugin_policy import _canonical
+    from loadstone.plugin_policy import canonical_distribution_name
 
-    assert _canonical(name) == canonicalize_name(name)
+    assert canonical_distribution_name(name) == canonicalize_name(name)

@@ -58,7 +58,7 @@ def _env_list(name: str) -> list[str] | None:
     return [part.strip() for part in raw.split(",") if part.strip()]
 
 
-def _canonical(name: str) -> str:
+def canonical_distribution_name(name: str) -> str:
     """A distribution name normalised as PEP 503 says (``My_Plugin.x`` -> ``my-plugin-x``); by hand,
     because importing ``packaging`` for it cost a load 14-40 ms (bench/profile_load.py)."""
     return _SEPARATORS.sub("-", name).lower()

@@ -43,7 +43,7 @@ from .plugin_policy import (  # noqa: F401  (re-exported: loadstone.plugins is w
     KERNEL_DISTRIBUTION,
     KNOWN_PROVIDERS,
     REGISTRATION_HOOKS,
-    _canonical,
+    canonical_distribution_name,
     _env_flag,
     _env_list,
     _kernel_version,
@@ -112,11 +112,11 @@ class PluginManager:
 
     def _selected(self, record: PluginRecord) -> str:
         # Distribution names compare as pip compares them: loadstone_bnb is loadstone-bnb.
-        names = {record.name, _canonical(record.distribution)}
-        if names & ({_canonical(n) for n in self.disable} | self.disable):
+        names = {record.name, canonical_distribution_name(record.distribution)}
+        if names & ({canonical_distribution_name(n) for n in self.disable} | self.disable):
             return "disabled"
         if self.allow is not None and not record.builtin and not (
-                names & ({_canonical(n) for n in self.allow} | set(self.allow))):
+                names & ({canonical_distribution_name(n) for n in self.allow} | set(self.allow))):
             return "not-allowed"
         return "loaded"
 

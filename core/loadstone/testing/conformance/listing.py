@@ -42,9 +42,9 @@ def list_plugins_in_fresh_process(distribution: str, timeout: float = 180) -> di
 
 def same_distribution(a: str, b: str) -> bool:
     """Distribution names compared as pip compares them (``loadstone_bnb`` is ``loadstone-bnb``)."""
-    from packaging.utils import canonicalize_name
+    from ...plugin_policy import canonical_distribution_name
 
-    return canonicalize_name(a) == canonicalize_name(b)
+    return canonical_distribution_name(a) == canonical_distribution_name(b)
 
 
 def check_listing(kit: Any, result: Any) -> None:
