@@ -82,6 +82,19 @@ class SplitsTiedWeights(PlacementStrategy):
         return {"": "cpu", **{module: "disk" for module in sorted(tied)[:1]}}
 
 
+class PromisesTheCpu(PlacementStrategy):
+    """Says the whole model goes to the CPU (so an engine may read ahead into host memory), then
+    sends the output head to disk."""
+
+    name = "conformance-promises-cpu"
+
+    def whole_model_device(self, spec):
+        return "cpu"
+
+    def place(self, ctx):
+        return {"": "cpu", "lm_head": "disk"}
+
+
 class ClaimsEverything(Resolver):
     """Answers every reference with the current folder, and crashes on its own broken ones."""
 
@@ -108,6 +121,7 @@ class Plugin:
     @loadstone.hookimpl
     def loadstone_register_placement_strategies(self, register):
         register(SplitsTiedWeights())
+        register(PromisesTheCpu())
 
 
 class GreedyPlugin:
@@ -191,6 +205,13 @@ def test_split_tied_weights_fail_the_placement(loadstone_conformance, manager):
                                              offload=True, only=["tied_together", "every_tensor_placed"])
     assert "but its tied twin" in failed(report, "tied_together")
     assert report["every_tensor_placed"].passed
+
+
+def test_a_strategy_that_breaks_its_whole_model_device_promise_fails(loadstone_conformance, manager):
+    report = loadstone_conformance.placement("conformance-promises-cpu", plugins=manager, architectures=["llama"],
+                                             offload=True, only=["whole_model_device"])
+    assert "whole_model_device('conformance-promises-cpu') said cpu, but place() returned" in failed(
+        report, "whole_model_device")
 
 
 def test_a_greedy_resolver_fails_foreign_and_broken_references(loadstone_conformance):

@@ -89,7 +89,8 @@ def test_every_hook_is_named_by_a_test(hook: str) -> None:
                    f"the docs tests themselves do not count): add one that implements or calls it")
 
 
-COMPONENTS = [loadstone.QuantizationBackend, loadstone.PlacementStrategy, loadstone.Resolver, loadstone.Engine]
+COMPONENTS = [loadstone.QuantizationBackend, loadstone.PlacementStrategy, loadstone.Resolver, loadstone.Engine,
+              loadstone.ReadAhead]
 VALUE_OBJECTS = [loadstone.QuantizationContext, loadstone.PlacementContext, loadstone.EngineContext,
                  loadstone.ResolveContext, loadstone.ResolvedSource, loadstone.RemoteHeader]
 

@@ -19,7 +19,7 @@ __version__ = "0.2.0"
 from .contract import STAGES  # noqa: E402  (cheap, no torch)
 from .contract import VERSION as CONTRACT_VERSION  # noqa: E402
 from .contract.checkpoint import CheckpointInventory, RemoteHeader, TensorInfo  # noqa: E402
-from .contract.engines import Engine, EngineContext  # noqa: E402
+from .contract.engines import Engine, EngineContext, ReadAhead  # noqa: E402
 from .contract.errors import *  # noqa: E402,F401,F403
 from .contract.errors import __all__ as _error_names  # noqa: E402
 from .contract.hookspecs import hookimpl  # noqa: E402
@@ -51,7 +51,7 @@ _DEPRECATED = {"WeightLoader": "loadstone.legacy", "TransformersWeightLoader": "
 __all__ = [
     "__version__", "CONTRACT_VERSION", "STAGES", "load", "plan", "LoadResult", "Plan", "LoadRequest", "LoadReport",
     "Decision", "QuantizationBackend", "QuantizationContext", "PlacementStrategy", "PlacementContext", "Resolver",
-    "ResolveContext", "ResolvedSource", "RemoteHeader", "Engine", "EngineContext", "TensorMap", "TensorGroup",
+    "ResolveContext", "ResolvedSource", "RemoteHeader", "Engine", "EngineContext", "ReadAhead", "TensorMap", "TensorGroup",
     "TensorInfo", "CheckpointInventory", "PluginManager", "get_plugin_manager", "reset_plugin_manager", "hookimpl",
     "requirement_problems", "set_module_tensor", "map_entry", "count_parameters", "SafetensorsReader",
     "finish_loading",

@@ -19,6 +19,7 @@ from .stages.adapters import attach_adapters
 from .stages.inspect import inspect
 from .stages.load_weights import load_weights
 from .stages.plan import plan_load
+from .stages.plan.engine import budget_with, close_read_ahead, start_read_ahead
 from .stages.prepare import prepare
 from .stages.report import count_parameters
 from .stages.resolve import resolve_sources
@@ -46,9 +47,23 @@ def run_plan(request: LoadRequest, plugins: PluginManager, clock: StageClock, ki
     with clock.stage("inspect"):
         found = inspect(request, sources, report)
     with clock.stage("plan"):
-        plan = plan_load(request, plugins, sources, found, report, loading=kind == "load", engine=engine)
+        # A load whose request names the model's device lets the engine start reading now, while
+        # the model's code is imported and the plan made (Engine.read_ahead).
+        started = start_read_ahead(request, plugins, found.inventory) if kind == "load" and engine is None else None
+        try:
+            with budget_with(started[1] if started else None):
+                plan = plan_load(request, plugins, sources, found, report, loading=kind == "load", engine=engine,
+                                 read_ahead=started)
+        except BaseException:
+            if started:
+                started[1].close()
+            raise
     report.stages = dict(clock.timings)
-    plugins.call("loadstone_after_plan", "plan", plan=plan, request=request)
+    try:
+        plugins.call("loadstone_after_plan", "plan", plan=plan, request=request)
+    except BaseException:
+        close_read_ahead(plan)
+        raise
     return plan
 
 
@@ -81,7 +96,7 @@ def load(request: LoadRequest, plugins: PluginManager, engine: Registration | No
 def _load(request: LoadRequest, plugins: PluginManager, engine: Registration | None,
           finish: Callable[[Any, LoadReport, Plan], Any]) -> Any:
     clock = StageClock()
-    model = None
+    model = the_plan = None
     reset_device_peaks()
     try:
         with RssSampler() as rss:
@@ -98,6 +113,7 @@ def _load(request: LoadRequest, plugins: PluginManager, engine: Registration | N
             with offload_workspace(request.offload_folder, on_disk) as offload:
                 with clock.stage("load_weights"):
                     model = base = load_weights(the_plan, plugins, report, progress=progress, offload=offload)
+                    close_read_ahead(the_plan)  # the engine normally closed it as it finished reading
                 plugins.call("loadstone_model_loaded", "load_weights", model=model, plan=the_plan, request=request)
                 with clock.stage("prepare"):
                     report.training = {"trainable": request.trainable, "notes": prepare(model, the_plan, plugins)}
@@ -119,6 +135,7 @@ def _load(request: LoadRequest, plugins: PluginManager, engine: Registration | N
         # Release what this load allocated before the error reaches the caller (see faults.py); a
         # process about to end by a signal skips the garbage collection (seconds in a big process).
         allocated = model is not None or clock.current in ("load_weights", "prepare", "adapters", "report")
+        close_read_ahead(the_plan)
         model = base = result = None
         release_failed_load(exc, allocated=allocated and not isinstance(exc, TerminatedBySignal))
         stage = clock.current or "before_load"

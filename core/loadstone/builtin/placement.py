@@ -36,6 +36,9 @@ class CpuPlacement(PlacementStrategy):
     name = "cpu"
     description = "everything in host memory"
 
+    def whole_model_device(self, spec: str) -> str:
+        return "cpu"
+
     def place(self, ctx: PlacementContext) -> dict[str, Any]:
         return {"": "cpu"}
 
@@ -67,6 +70,9 @@ class DevicePlacement(PlacementStrategy):
     def matches(self, spec: str) -> bool:
         return is_device_spec(spec) and spec not in {"cpu", "meta"}
 
+    def whole_model_device(self, spec: str) -> str | int:
+        return normalize_device(spec)
+
     def place(self, ctx: PlacementContext) -> dict[str, Any]:
         device = normalize_device(ctx.spec)
         _check_device_exists(device, f"placement {ctx.spec!r}")
@@ -76,6 +82,16 @@ class DevicePlacement(PlacementStrategy):
 class RankPlacement(PlacementStrategy):
     name = "rank"
     description = "one full copy per process on cuda:$LOCAL_RANK (the DDP QLoRA layout); CPU without CUDA"
+
+    def whole_model_device(self, spec: str) -> str | int | None:
+        import torch
+
+        text = os.environ.get("LOCAL_RANK", "0")
+        if not text.isdigit():
+            return None  # place() says what is wrong with it
+        if not torch.cuda.is_available():
+            return "cpu"
+        return int(text) if int(text) < torch.cuda.device_count() else None
 
     def place(self, ctx: PlacementContext) -> dict[str, Any]:
         local_rank, cuda = ctx.local_cuda_device()

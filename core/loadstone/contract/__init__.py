@@ -13,8 +13,9 @@ loadstone before it is removed (docs/hooks.md, "Contract version and deprecation
 
 from __future__ import annotations
 
-#: Contract 2: engines are components; backends may convert weights themselves.
-VERSION = "2.0"
+#: Contract 2: engines are components; backends may convert weights themselves. 2.1 added
+#: ``Engine.read_ahead`` and ``PlacementStrategy.whole_model_device`` (both optional).
+VERSION = "2.1"
 
 #: The pipeline's stages in the order they run (``loadstone_load_failed`` names one of them).
 STAGES = ("before_load", "resolve", "inspect", "plan", "load_weights", "prepare", "adapters", "report")

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import CheckpointInventory
     from .plan import Plan
+    from .request import LoadRequest
 
-__all__ = ["Engine", "EngineContext"]
+__all__ = ["Engine", "EngineContext", "ReadAhead"]
 
 
 @dataclass
@@ -44,6 +46,24 @@ class EngineContext:
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+
+class ReadAhead(ABC):
+    """Reading an engine started before the plan (:meth:`Engine.read_ahead`), while the kernel
+    imports the model's code and plans: the engine finds it as ``plan.read_ahead`` and continues it.
+
+    :ivar device_bytes: device memory it holds, by device label (``{"cuda:0": 8 << 30}``). The
+        plan counts that memory as free (it is this load's own), so the plan equals the plan of a
+        load without it; the engine counts it back in :meth:`Engine.extra_bytes`.
+    """
+
+    device_bytes: dict[str, int]
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop reading and free what it holds. The kernel calls it when the plan fails, when
+        another engine is chosen, and after the load (whatever became of it); called again, it does
+        nothing."""
 
 
 class Engine(ABC):
@@ -96,6 +116,19 @@ class Engine(ABC):
         peaks and checks the fit again. An engine may settle option defaults here (in
         ``plan.engine_options``) so that the load does what the plan says. Default: ``{}``."""
         return {}
+
+    def read_ahead(self, request: "LoadRequest", inventory: "CheckpointInventory", device: str) -> ReadAhead | None:
+        """Start reading the checkpoint before the plan exists, or return ``None`` (the default).
+
+        The kernel asks only when the request names the whole model's device (placement
+        ``"cuda:0"``, ``"cpu"``, ``"rank"`` ...), which the plan cannot change, so that reading
+        overlaps the import of the model's code and the planning. For ``engine="auto"`` it asks the
+        engine tried first. The answer is ``plan.read_ahead`` once this engine is chosen; the
+        kernel closes it otherwise. The plan may still differ from what the request promised
+        (a backend can move modules): check in :meth:`extra_bytes`, and close it there and set
+        ``plan.read_ahead = None`` if it does not serve the plan. Return ``None`` rather than raise
+        when it cannot start: the load then reads after the plan, as without it."""
+        return None
 
     @abstractmethod
     def load(self, plan: "Plan", ctx: EngineContext) -> Any:

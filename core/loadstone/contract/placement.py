@@ -8,6 +8,7 @@ accelerate's placement code when they run.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
@@ -182,10 +183,19 @@ def cuda_devices_of(devices: Iterable[Any]) -> list[int] | None:
     return sorted(gpus)
 
 
+#: Memory this load's engine already holds for reading ahead (``Engine.read_ahead``), by device
+#: label, while the load is planned: counted as free, since the plan counts it itself (as the
+#: engine's ``extra_bytes``). A context variable: loads in other threads hold their own.
+HELD_BY_READ_AHEAD: ContextVar[dict[str, int]] = ContextVar("loadstone_held_by_read_ahead", default={})
+
+
 def free_memory(gpus: list[int]) -> dict[str | int, int]:
     """Free bytes on each of ``gpus`` and available host memory, as accelerate counts them (an
-    integrated GPU shares the host's memory, so the CPU then gets no budget of its own)."""
+    integrated GPU shares the host's memory, so the CPU then gets no budget of its own), plus what
+    this load holds for reading ahead (:data:`HELD_BY_READ_AHEAD`)."""
     import psutil
+
+    held = HELD_BY_READ_AHEAD.get()
 
     budget: dict[str | int, int] = {}
     integrated = False
@@ -196,10 +206,10 @@ def free_memory(gpus: list[int]) -> dict[str | int, int]:
         for index in gpus:
             if index >= present:
                 continue  # planning for a GPU this machine lacks: no budget to check against
-            budget[index] = int(torch.cuda.mem_get_info(index)[0])
+            budget[index] = int(torch.cuda.mem_get_info(index)[0]) + held.get(f"cuda:{index}", 0)
             integrated = integrated or bool(getattr(torch.cuda.get_device_properties(index), "is_integrated", False))
     if not integrated:
-        budget["cpu"] = int(psutil.virtual_memory().available)
+        budget["cpu"] = int(psutil.virtual_memory().available) + held.get("cpu", 0)
     return budget
 
 
@@ -232,6 +242,14 @@ class PlacementStrategy(ABC):
     def matches(self, spec: str) -> bool:
         """Whether this strategy handles the placement spec ``spec``."""
         return spec == self.name
+
+    def whole_model_device(self, spec: str) -> str | int | None:
+        """The one device the whole model goes to, if the spec alone says it (before the model
+        exists): a CUDA index (``0``) or a device name (``"cpu"``, ``"mps"``); ``None`` when it
+        depends on the model or the memory (the default). The kernel then lets the engine start
+        reading before the plan (``Engine.read_ahead``), so :meth:`place` must return exactly
+        ``{"": device}`` for it (the conformance kit checks)."""
+        return None
 
     @abstractmethod
     def place(self, ctx: PlacementContext) -> dict[str, Any]:

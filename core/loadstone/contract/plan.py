@@ -34,6 +34,9 @@ class Plan:
         included); ``None`` when the checkpoint's tensors could not be listed beforehand.
     :ivar engine: the engine registration chosen for the load; ``engine_problems`` says why any
         other engine could not run this plan.
+    :ivar read_ahead: what the chosen engine started reading before the plan
+        (:meth:`~loadstone.contract.engines.Engine.read_ahead`), or ``None``; always ``None`` in a
+        plan from ``loadstone.plan()``, which reads no weights.
     :ivar sharded_over: ``None``, or the number of processes that share every tensor (set by a
         sharding placement such as loadstone-devicemap's ``fsdp``): ``bytes_per_device`` is then
         one process's share, and only an engine with ``Engine.shards`` loads the plan.
@@ -66,6 +69,7 @@ class Plan:
     engine_options: dict[str, Any] = field(default_factory=dict)
     skeleton_factory: Callable[[], Any] | None = field(default=None, repr=False)
     sharded_over: int | None = None
+    read_ahead: Any = field(default=None, repr=False)
 
     @property
     def torch_dtype(self) -> Any:

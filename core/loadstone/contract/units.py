@@ -22,6 +22,9 @@ def parse_size(value: Any, *, field: str = "size") -> int:
         raise OptionError(f"{field} must be a size, not a boolean.", field=field, found=value,
                           fix='write it like "20GiB", "512MB" or a number of bytes')
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise OptionError(f"{field} must be a finite size.", field=field, found=value,
+                              fix='write it like "20GiB", "512MB" or a number of bytes')
         if value < 0:
             raise OptionError(f"{field} must not be negative.", field=field, found=value)
         return int(value)

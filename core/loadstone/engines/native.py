@@ -28,10 +28,10 @@ from ..contract.placement import map_entry
 from ..contract.plan import Plan
 from ..contract.tensors import TensorGroup
 from ..contract.units import format_size
+from .instant import INSTANT_BUFFER, InstantReadAhead, InstantTensorStream, check_instant_ring
 from .reader import SafetensorsReader
-from .streaming import DEFAULT_CHUNK_BYTES, InstantTensorStream, StreamItem, TensorStream
+from .streaming import DEFAULT_CHUNK_BYTES, StreamItem, TensorStream
 
-INSTANT_BUFFER = 1 << 30  # instanttensor's GPU ring buffer, outside torch's allocator
 READERS = ("auto", "pread", "instanttensor", "mmap")
 
 
@@ -61,7 +61,10 @@ class NativeEngine(Engine):
                 "reader": "auto (default: instanttensor where it is installed, the load goes to one CUDA device and its "
                           "1 GiB ring buffer fits the budget; else pread), pread, instanttensor, or mmap (tensors "
                           "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
-                          "then depends on the files; docs/user-guide.md, reader=mmap)"}
+                          "then depends on the files; docs/user-guide.md, reader=mmap)",
+                "read_ahead": "auto (default: when the placement names one CUDA device, instanttensor starts reading "
+                              "before the plan, into a GPU ring of up to 8 GiB that fits beside the model), off, or "
+                              "the ring's size, e.g. 4GiB"}
 
     def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
         from ..contract.errors import OptionError
@@ -77,6 +80,8 @@ class NativeEngine(Engine):
         if out.get("reader", "auto") not in READERS:
             raise OptionError(f"engine option reader={out['reader']!r} is not a reader.", field="engine option reader",
                               expected=", ".join(READERS), found=repr(out["reader"]), fix="pass reader=pread")
+        if "read_ahead" in out:
+            out["read_ahead"] = _read_ahead_option(out["read_ahead"])
         if "chunk_bytes" in out:
             out["chunk_bytes"] = parse_size(out["chunk_bytes"], field="engine option chunk_bytes")
             if not (1 << 20) <= out["chunk_bytes"] <= (1 << 30):
@@ -111,14 +116,57 @@ class NativeEngine(Engine):
                               f"there (it loads onto {', '.join(sorted(devices))}).", field="engine option reader",
                               found="mmap", expected="a placement that keeps tensors on the CPU",
                               fix="drop the option, or load with placement='cpu'")
+        budget = (plan.report.placement.get("budget") or {}).get(label) if usable else None
+        room = None if budget is None else budget - plan.peak_bytes_per_device.get(label, 0)
+        ahead = plan.read_ahead
+        if isinstance(ahead, InstantReadAhead):
+            if wanted in ("auto", "instanttensor") and usable and ahead.device == label and (
+                    room is None or room >= ahead.ring):
+                options["reader"] = "instanttensor"
+                return {label: ahead.ring}
+            plan.read_ahead = None  # the plan went elsewhere, or has no room for the ring beside the model
+            ahead.close()
         if wanted == "auto":
-            budget = (plan.report.placement.get("budget") or {}).get(label) if usable else None
-            room = budget is None or budget - plan.peak_bytes_per_device.get(label, 0) >= INSTANT_BUFFER
-            wanted = "instanttensor" if usable and room else "pread"
+            wanted = "instanttensor" if usable and (room is None or room >= INSTANT_BUFFER) else "pread"
         options["reader"] = wanted
         if wanted == "instanttensor" and ("readers" in options or "chunk_bytes" in options):
-            _check_instant_ring(options)
+            _refuse_overflow(options, INSTANT_BUFFER)
         return {label: INSTANT_BUFFER} if wanted == "instanttensor" else {}
+
+    def read_ahead(self, request: Any, inventory: Any, device: str) -> InstantReadAhead | None:
+        """instanttensor starts reading every tensor onto ``device`` (a CUDA device) into a ring
+        sized by :func:`~loadstone.engines.instant.read_ahead_ring`, unless the options ask for
+        another reader or ``read_ahead=off``, or instanttensor cannot start (it is not installed,
+        the ring does not fit): then ``None``, and the plan picks the reader as without it."""
+        import importlib.util
+
+        from ..contract.errors import LoadstoneError
+
+        if not device.startswith("cuda") or inventory.format != "safetensors" or not inventory.tensors:
+            return None
+        try:
+            options = self.normalize_options(dict(request.engine_options))
+        except LoadstoneError:
+            return None  # the plan refuses them, in its own words
+        asked = options.get("read_ahead", "auto")
+        if asked == 0 or options.get("reader", "auto") not in ("auto", "instanttensor") \
+                or importlib.util.find_spec("instanttensor") is None:
+            return None
+        import torch
+
+        from .instant import checkpoint_files, read_ahead_ring
+
+        free = int(torch.cuda.mem_get_info(device)[0])
+        stored = sum(info.nbytes for info in inventory.tensors.values())
+        wider = 2 if request.dtype == "float32" else 1  # a bf16/fp16 checkpoint loaded as float32: twice the bytes
+        ring = read_ahead_ring(free, stored * wider, stored, None if asked == "auto" else asked)
+        if not ring or ("readers" in options or "chunk_bytes" in options) and check_instant_ring(options, ring):
+            return None
+        try:
+            return InstantReadAhead(checkpoint_files(inventory), device, ring, io_depth=options.get("readers"),
+                                    chunk_bytes=options.get("chunk_bytes"))
+        except Exception:  # e.g. a file system it cannot read, or the device's memory taken meanwhile
+            return None
 
     def load(self, plan: Plan, ctx: EngineContext) -> Any:
         import torch
@@ -138,13 +186,18 @@ class NativeEngine(Engine):
                 _progress(total, ctx.progress) as progress:
             if options.get("reader") == "mmap":
                 items = self._map(plan, ctx, reader, items, owners, modules, model, progress)
+            ahead = plan.read_ahead if isinstance(plan.read_ahead, InstantReadAhead) else None
             if options.get("reader") == "instanttensor":
                 stream = InstantTensorStream(reader, items, buffer_bytes=INSTANT_BUFFER, io_depth=options.get("readers"),
-                                             chunk_bytes=options.get("chunk_bytes"))
+                                             chunk_bytes=options.get("chunk_bytes"), ahead=ahead)
             else:
                 stream = TensorStream(reader, items, readers=options.get("readers"),
                                       chunk_bytes=options.get("chunk_bytes", DEFAULT_CHUNK_BYTES), transient_limit=limits)
-            if isinstance(stream, InstantTensorStream):
+            if isinstance(stream, InstantTensorStream) and ahead is not None:
+                ctx.note(f"engine loadstone: instanttensor reader, reading since {started - ahead.started:.2f} s "
+                         f"before this stage, while the plan was made (read_ahead: a {format_size(ahead.ring)} GPU "
+                         f"ring buffer outside torch's allocator)")
+            elif isinstance(stream, InstantTensorStream):
                 ctx.note("engine loadstone: instanttensor reader (a 1 GiB GPU ring buffer outside torch's allocator)")
             elif items:
                 ctx.note(f"engine loadstone: {stream.readers} pread reader threads, {stream.chunk >> 20} MiB chunks"
@@ -278,21 +331,32 @@ class NativeEngine(Engine):
         ctx.backend.load_tensor(module_name, modules[module_name], leaf, tensor, qctx)
 
 
-def _check_instant_ring(options: dict[str, Any]) -> None:
-    """instanttensor refuses reads in flight that do not fit its ring buffer, at the start of the
-    stream: asked here, at plan time, with its own arithmetic, so the load cannot refuse later."""
-    from instanttensor._impl import required_buffer_size_for_io
+def _refuse_overflow(options: dict[str, Any], ring: int) -> None:
+    problem = check_instant_ring(options, ring)
+    if problem:
+        from ..contract.errors import OptionError
 
-    from ..contract.errors import OptionError
-
-    depth, chunk = options.get("readers", 1), options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
-    needed = required_buffer_size_for_io(chunk, depth, 1)
-    if needed > INSTANT_BUFFER:
-        raise OptionError(f"engine options readers={depth} and chunk_bytes={format_size(chunk)} need a "
-                          f"{format_size(needed)} ring buffer, and instanttensor's is {format_size(INSTANT_BUFFER)}.",
-                          field="engine option readers", found=f"readers={depth}, chunk_bytes={chunk}",
-                          expected=f"readers x chunk_bytes within {format_size(INSTANT_BUFFER)}",
+        depth, chunk = options.get("readers", 1), options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
+        raise OptionError(problem + ".", field="engine option readers", found=f"readers={depth}, chunk_bytes={chunk}",
+                          expected=f"readers x chunk_bytes within {format_size(ring)}",
                           fix="pass fewer readers or a smaller chunk_bytes")
+
+
+def _read_ahead_option(value: Any) -> str | int:
+    """``read_ahead``: ``"auto"``, ``"off"`` (0), or a ring size from 1 GiB to 1 TiB."""
+    from ..contract.errors import OptionError
+    from ..contract.units import parse_size
+
+    if value == "auto":
+        return "auto"
+    if value in ("off", 0, "0") and not isinstance(value, bool):
+        return 0
+    size = parse_size(value, field="engine option read_ahead")
+    if not INSTANT_BUFFER <= size <= 1 << 40:
+        raise OptionError("engine option read_ahead is a ring size from 1 GiB to 1 TiB, 'auto' or 'off'.",
+                          field="engine option read_ahead", expected="auto, off, or 1GiB .. 1TiB",
+                          found=repr(value)[:80], fix="pass e.g. read_ahead=4GiB, or read_ahead=off")
+    return size
 
 
 def _castable(info: Any, dtype: Any) -> bool:

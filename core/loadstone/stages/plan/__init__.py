@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...contract.engines import ReadAhead
 from ...contract.errors import LoadstoneError, PlacementError
 from ...contract.placement import PlacementContext
 from ...contract.plan import Plan
@@ -25,7 +26,7 @@ from ..adapter_fit import check_adapters_fit
 from ..adapters import validate_adapter
 from ..inspect import CONFIG, Inspection
 from .choices import auto_class_for, choose_dtype, choose_quantization, choose_task
-from .engine import choose_engine
+from .engine import adopt_read_ahead, choose_engine
 from .memory import (
     add_read_transients,
     bytes_by_device,
@@ -44,7 +45,10 @@ __all__ = ["plan_load"]
 
 
 def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, found: Inspection,
-              report: LoadReport, *, loading: bool, engine: Registration | None = None) -> Plan:
+              report: LoadReport, *, loading: bool, engine: Registration | None = None,
+              read_ahead: tuple[Registration, ReadAhead] | None = None) -> Plan:
+    """The plan; ``read_ahead`` is what an engine started reading already (``start_read_ahead``):
+    the plan keeps it if that engine is chosen, and closes it otherwise."""
     config, inventory = found.config, found.inventory
     check_offload_folder(request, sources, inventory)
     task, decision = choose_task(request, sources)
@@ -121,6 +125,7 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
                 per_device, n_params, fits, advice, report, module_names, quantization_config, tensor_map, peaks,
                 skeleton_factory=build, sharded_over=pctx.sharded_over)
     choose_engine(plan, plugins, report, override=engine)
+    adopt_read_ahead(plan, read_ahead)
     with plugins.guard(plan.engine, "plan", "extra_bytes"):
         extra = {str(k): int(v) for k, v in (plan.engine.component.extra_bytes(plan) or {}).items()}
     if extra:  # the engine's own buffers: part of the peak, and of the fit
@@ -130,6 +135,8 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
         report.fit = {"fits": plan.fits, "advice": plan.advice}
         report.engine["extra_bytes"] = extra
     report.engine["options"] = dict(plan.engine_options)
+    if plan.read_ahead is not None:
+        report.engine["read_ahead"] = {str(k): int(v) for k, v in plan.read_ahead.device_bytes.items()}
     if loading:  # the engine's first build_skeleton() gets this one (see SkeletonFactory)
         build.keep(skeleton)
     return plan

@@ -3,11 +3,72 @@ engine that says it can run it. Asked at plan time, so a refusal comes before an
 
 from __future__ import annotations
 
-from ...contract.errors import EngineError
+from contextlib import contextmanager
+from typing import Iterator
+
+from ...contract.checkpoint import CheckpointInventory
+from ...contract.engines import ReadAhead
+from ...contract.errors import EngineError, LoadstoneError
+from ...contract.placement import HELD_BY_READ_AHEAD
 from ...contract.plan import Plan
 from ...contract.records import Registration
 from ...contract.report import Decision, LoadReport
+from ...contract.request import LoadRequest
+from ...contract.units import device_label
 from ...plugins import PluginManager
+from .memory import missing_devices
+
+
+def start_read_ahead(request: LoadRequest, plugins: PluginManager,
+                     inventory: CheckpointInventory) -> tuple[Registration, ReadAhead] | None:
+    """Let the engine start reading before the plan (``Engine.read_ahead``) when the request alone
+    names the whole model's device: the engine asked for, or with ``engine="auto"`` the engine
+    tried first. ``None`` when nothing started."""
+    spec = request.placement
+    if not isinstance(spec, str) or not inventory.tensors:
+        return None
+    try:
+        strategy = plugins.placement_strategy(spec)
+        candidates = plugins.engines() if request.engine == "auto" else [plugins.engine(request.engine)]
+    except LoadstoneError:
+        return None  # the plan says what is wrong, in its own words
+    with plugins.guard(strategy, "plan", "whole_model_device"):
+        device = strategy.component.whole_model_device(spec)
+    if device is None or not candidates or missing_devices([device]):
+        return None
+    engine = candidates[0]
+    with plugins.guard(engine, "plan", "read_ahead"):
+        started = engine.component.read_ahead(request, inventory, device_label(device))
+    return (engine, started) if started is not None else None
+
+
+@contextmanager
+def budget_with(read_ahead: ReadAhead | None) -> Iterator[None]:
+    """While the plan is made, memory the read-ahead holds counts as free (see ``HELD_BY_READ_AHEAD``)."""
+    token = HELD_BY_READ_AHEAD.set(dict(read_ahead.device_bytes) if read_ahead is not None else {})
+    try:
+        yield
+    finally:
+        HELD_BY_READ_AHEAD.reset(token)
+
+
+def adopt_read_ahead(plan: Plan, started: tuple[Registration, ReadAhead] | None) -> None:
+    """The chosen engine's own read-ahead becomes ``plan.read_ahead``; another engine's is closed."""
+    if started is None:
+        return
+    engine, ahead = started
+    if plan.engine is not None and plan.engine.name == engine.name:
+        plan.read_ahead = ahead
+    else:
+        ahead.close()
+
+
+def close_read_ahead(plan: Plan | None) -> None:
+    """Close the plan's read-ahead, if it still has one (the kernel's last word on it)."""
+    ahead = plan.read_ahead if plan is not None else None
+    if ahead is not None:
+        plan.read_ahead = None
+        ahead.close()
 
 
 def choose_engine(plan: Plan, plugins: PluginManager, report: LoadReport, *,

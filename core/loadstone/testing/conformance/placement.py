@@ -17,6 +17,8 @@ PLACEMENT_CHECKS = {
     "tied_together": "tied weights (one tensor under two names) land on one device",
     "plan_equals_load": "a load uses exactly the plan's map, and every tensor sits where the map says",
     "deterministic": "planning twice gives the same map",
+    "whole_model_device": "a strategy that names the whole model's device before planning (whole_model_device) "
+                          "places the whole model exactly there",
 }
 
 
@@ -126,6 +128,21 @@ class PlacementKit(Kit):
         for arch in self.architectures:
             first, second = self.plan(arch).device_map, self.plan(arch).device_map
             result.expect(first == second, f"{arch}: two plans gave {first} and {second}")
+
+    def check_whole_model_device(self, result: CheckResult) -> None:
+        if isinstance(self.spec, dict):
+            result.skip("an explicit device map names its devices itself")
+            return
+        device = self._find().component.whole_model_device(self.spec)
+        if device is None:
+            result.skip("the strategy does not name the device before planning (whole_model_device is None)")
+            return
+        want = {"": device_label(normalize_device(device))}
+        for arch in self.architectures:
+            got = {k: device_label(normalize_device(v)) for k, v in self.plan(arch).device_map.items()}
+            result.expect(got == want, f"{arch}: whole_model_device({self.spec!r}) said {want['']}, "
+                                       f"but place() returned {got}")
+        result.record("device", want[""])
 
 
 def placement_problems(model: Any, device_map: dict[str, Any]) -> list[str]:

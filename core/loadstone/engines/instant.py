@@ -1,0 +1,158 @@
+"""The native engine's instanttensor reader (engine option ``reader="instanttensor"``), and its
+read-ahead.
+
+instanttensor's C++ readers fill a ring buffer on the GPU (outside torch's allocator) from the
+page cache; each tensor is cloned out of the ring into torch memory, which is then the tensor's
+storage. Its readers need no Python, so they can run while Python does something else: when the
+request names the model's CUDA device, the engine opens the reader before the plan
+(:meth:`NativeEngine.read_ahead`), and the import of the model's code and the planning (0.2 s for
+an 8B Llama on an H200) overlap the first gigabytes of reading, up to what the ring holds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Iterator
+
+from ..contract.engines import ReadAhead
+from ..contract.units import format_size
+from .reader import SafetensorsReader
+from .streaming import DEFAULT_CHUNK_BYTES, StreamItem
+
+INSTANT_BUFFER = 1 << 30  # the ring of a load that did not read ahead
+# The most a read-ahead ring holds: about what the page cache delivers (40 GB/s) while an 8B
+# model's code is imported and its load planned (0.2 s); more would hold memory and save nothing.
+READ_AHEAD_MAX = 8 << 30
+READ_AHEAD_MARGIN = 1 << 30  # device memory left over beside the model and the ring
+
+
+def read_ahead_ring(free: int, needed: int, checkpoint: int, asked: int | None) -> int:
+    """Bytes of ring to read ahead into, or 0 for no read-ahead.
+
+    :param free: the device's free memory now.
+    :param needed: what the model will take there at most (its tensors in the load dtype).
+    :param checkpoint: the checkpoint's bytes: a ring never needs to hold more (but it is never
+        smaller than the 1 GiB ring a load uses anyway; instanttensor trims it to what it needs).
+    :param asked: the user's ``read_ahead`` size, or ``None`` for the automatic one
+        (:data:`READ_AHEAD_MAX`).
+
+    The ring must fit beside the model with a margin, and within half the free memory, which is
+    all instanttensor takes.
+    """
+    room = min(free // 2, free - needed - READ_AHEAD_MARGIN)
+    ring = min(asked if asked is not None else READ_AHEAD_MAX, max(checkpoint, INSTANT_BUFFER))
+    return ring if 0 < ring <= room else 0
+
+
+def check_instant_ring(options: dict[str, Any], ring: int = INSTANT_BUFFER) -> str | None:
+    """Why instanttensor would refuse ``readers`` reads of ``chunk_bytes`` in flight with a ring of
+    ``ring`` bytes (it checks at the start of the stream; asked here, with its own arithmetic, so
+    that the plan refuses them instead), or ``None`` when it takes them."""
+    from instanttensor._impl import required_buffer_size_for_io
+
+    depth, chunk = options.get("readers", 1), options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
+    needed = required_buffer_size_for_io(chunk, depth, 1)
+    if needed > ring:
+        return (f"engine options readers={depth} and chunk_bytes={format_size(chunk)} need a "
+                f"{format_size(needed)} ring buffer, and instanttensor's is {format_size(ring)}")
+    return None
+
+
+def _open(files: list[str], device: str, ring: int, io_depth: int | None, chunk_bytes: int | None,
+          names: list[str] | None = None) -> Any:
+    """An instanttensor handle reading ``files`` (only the tensors ``names``, if given) onto
+    ``device`` through the page cache; it starts reading at once."""
+    from instanttensor import safe_open
+    from instanttensor._impl import BackendPolicy
+
+    selection = {} if names is None else {"tensor_filter": names, "tensor_name_match_mode": "exact"}
+    return safe_open(files, framework="pt", device=device, backend=BackendPolicy.BUFFERED, buffer_size=ring,
+                     io_depth=io_depth, chunk_size=chunk_bytes, **selection)
+
+
+class InstantReadAhead(ReadAhead):
+    """instanttensor reading every tensor of ``files`` onto ``device`` before the plan exists.
+
+    Its readers start at once and stop when the ring is full, until the engine takes the handle
+    (:meth:`take`) and empties the ring as it loads; :meth:`close` frees the ring otherwise."""
+
+    def __init__(self, files: list[str], device: str, ring: int, *, io_depth: int | None = None,
+                 chunk_bytes: int | None = None):
+        self.files, self.device, self.ring = files, device, ring
+        self.device_bytes = {device: ring}
+        self.started = time.perf_counter()
+        self._handle = _open(files, device, ring, io_depth, chunk_bytes)
+
+    def take(self) -> Any:
+        """The open instanttensor handle, now the caller's to close (``with handle: ...``)."""
+        handle, self._handle = self._handle, None
+        if handle is None:
+            raise RuntimeError("this read-ahead was closed or taken already")
+        return handle
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            import torch
+
+            with torch.cuda.device(self.device):  # instanttensor synchronises the current device's stream
+                handle.__exit__(None, None, None)
+
+
+class InstantTensorStream:
+    """The :class:`~loadstone.engines.streaming.TensorStream` interface over instanttensor: one CUDA
+    device; tensors arrive in file order and are handed out in the consumer's.
+
+    :param ahead: a read-ahead of these files to continue, instead of opening them afresh (its
+        ring then replaces ``buffer_bytes``; tensors it reads that no item wants are dropped).
+    """
+
+    accelerated = True
+    chunk = 0
+
+    def __init__(self, reader: SafetensorsReader, items: list[StreamItem], *, buffer_bytes: int = INSTANT_BUFFER,
+                 io_depth: int | None = None, chunk_bytes: int | None = None, ahead: InstantReadAhead | None = None):
+        devices = {item.device for item in items}
+        if len(devices) != 1 or not next(iter(devices), "cpu").startswith("cuda"):
+            raise ValueError("the instanttensor reader loads onto one CUDA device")
+        self.reader, self.items, self.buffer_bytes = reader, items, buffer_bytes
+        # None: instanttensor's own choice (reads in flight: cores - 4, at most 28; 8 MiB each)
+        self.io_depth, self.chunk_bytes = io_depth, chunk_bytes
+        self.gpus = sorted(devices)
+        self.readers = "instanttensor"
+        self.ahead = ahead
+        if ahead is not None and (ahead.device != self.gpus[0]
+                                  or not {os.fspath(i.info.file) for i in items} <= set(ahead.files)):
+            raise ValueError(f"the read-ahead reads {len(ahead.files)} files onto {ahead.device}, "
+                             f"not what this stream loads")
+
+    def __iter__(self) -> Iterator[tuple[StreamItem, Any]]:
+        import torch
+
+        for path in {item.info.file for item in self.items}:
+            self.reader.open(path)  # refuses a file that changed since its header was read
+        wanted = {item.info.name for item in self.items}
+        if self.ahead is not None:
+            handle = self.ahead.take()
+        else:
+            handle = _open(sorted({os.fspath(item.info.file) for item in self.items}), self.gpus[0], self.buffer_bytes,
+                           self.io_depth, self.chunk_bytes, sorted(wanted))
+        stash: dict[str, Any] = {}
+        with torch.cuda.device(self.gpus[0]), handle:
+            arriving = handle.tensors()
+            for item in self.items:
+                while item.info.name not in stash:
+                    name, tensor = next(arriving)
+                    if name in wanted:  # a read-ahead reads every tensor of its files
+                        stash[name] = tensor
+                    tensor = None
+                yield item, stash.pop(item.info.name)
+
+    def release(self, item: StreamItem) -> None:
+        """Nothing to release: each tensor is torch memory of its own."""
+
+
+def checkpoint_files(inventory: Any) -> list[str]:
+    """The checkpoint's weight files, in the order instanttensor is given them."""
+    return sorted({os.fspath(info.file) for info in inventory.tensors.values()})

@@ -1,0 +1,240 @@
+"""Reading ahead (``Engine.read_ahead``): the kernel lets an engine start reading before the plan
+only for loads whose request names the whole model's device, hands the read-ahead to the chosen
+engine through ``plan.read_ahead``, closes it on every other path exactly once, and plans as if its
+memory were free. The native engine's own read-ahead (instanttensor onto a CUDA device) is checked
+in tests/test_gpu.py; here its choices that need no GPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+import loadstone
+from loadstone import PlacementError, PluginHookError
+from loadstone.contract.placement import HELD_BY_READ_AHEAD, free_memory
+from loadstone.engines.instant import INSTANT_BUFFER, READ_AHEAD_MARGIN, READ_AHEAD_MAX, read_ahead_ring
+from loadstone.engines.native import NativeEngine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import assert_same_weights  # noqa: E402
+
+GiB = 1 << 30
+
+
+class Recorded(loadstone.ReadAhead):
+    """A read-ahead that holds nothing but a record of how it was used."""
+
+    def __init__(self, device: str, files: list[str], device_bytes: dict[str, int]):
+        self.device, self.files, self.device_bytes = device, files, device_bytes
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class Recording(NativeEngine):
+    """The native engine, plus a read-ahead that records what the kernel did with it."""
+
+    description = "records its read-aheads"
+
+    def __init__(self, name: str, preference: int, *, holds: dict[str, int] | None = None,
+                 refuses: bool = False, crashes: bool = False, fails_load: bool = False):
+        self.name, self.preference = name, preference
+        self.holds, self.refuses, self.crashes, self.fails_load = holds or {}, refuses, crashes, fails_load
+        self.started: list[Recorded] = []
+        self.seen_in_load: list[object] = []
+        self.seen_in_extra_bytes: list[object] = []
+
+    def read_ahead(self, request, inventory, device):
+        if self.crashes:
+            raise RuntimeError("read-ahead crashed")
+        files = sorted({str(info.file) for info in inventory.tensors.values()})
+        self.started.append(Recorded(device, files, dict(self.holds)))
+        return self.started[-1]
+
+    def problems(self, plan):
+        return ["it refuses every plan"] if self.refuses else super().problems(plan)
+
+    def extra_bytes(self, plan):
+        self.seen_in_extra_bytes.append(plan.read_ahead)
+        return super().extra_bytes(plan)
+
+    def load(self, plan, ctx):
+        self.seen_in_load.append(plan.read_ahead)
+        if self.fails_load:
+            raise RuntimeError("the engine failed mid-load")
+        return super().load(plan, ctx)
+
+
+def manager(*engines: Recording, hooks: object | None = None) -> loadstone.PluginManager:
+    class Plugin:
+        @loadstone.hookimpl
+        def loadstone_register_engines(self, register):
+            for engine in engines:
+                register(engine)
+
+    extra = [("read-ahead-tests", Plugin())] + ([("read-ahead-hooks", hooks)] if hooks else [])
+    return loadstone.PluginManager(allow=[], disable=[], extra_plugins=extra)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoint) -> str:
+    return str(tiny_checkpoint("llama", max_shard_size="200KB"))
+
+
+def test_a_cpu_load_reads_ahead_and_the_engine_continues_it(llama):
+    engine = Recording("recording", preference=50)
+    loaded = loadstone.load(llama, placement="cpu", plugins=manager(engine), progress=False, trainable=False)
+    (ahead,) = engine.started
+    assert ahead.device == "cpu"
+    assert len(ahead.files) == 3  # after inspect: the inventory of every shard
+    assert engine.seen_in_load == [ahead] and engine.seen_in_extra_bytes == [ahead]
+    assert ahead.closed == 1 and loaded.plan.read_ahead is None
+    assert loaded.report.engine["read_ahead"] == {}
+    reference = loadstone.load(llama, placement="cpu", engine="loadstone", progress=False, trainable=False)
+    assert_same_weights(loaded.model, reference.model)
+
+
+def test_a_plan_never_reads_ahead(llama):
+    engine = Recording("recording", preference=50)
+    plan = loadstone.plan(llama, placement="cpu", plugins=manager(engine))
+    assert engine.started == [] and plan.read_ahead is None and "read_ahead" not in plan.report.engine
+
+
+@pytest.mark.parametrize("placement", ["auto", "sequential", {"": "cpu"}], ids=["auto", "sequential", "dict"])
+def test_placements_that_depend_on_the_plan_do_not_read_ahead(llama, placement):
+    engine = Recording("recording", preference=50)
+    loadstone.load(llama, placement=placement, plugins=manager(engine), progress=False, trainable=False)
+    assert engine.started == [] and engine.seen_in_load == [None]
+
+
+def test_a_device_this_machine_lacks_is_not_read_ahead(llama):
+    engine = Recording("recording", preference=50)
+    with pytest.raises(PlacementError, match="cuda:4096"):
+        loadstone.load(llama, placement="cuda:4096", plugins=manager(engine), progress=False)
+    assert engine.started == []
+
+
+def test_auto_asks_the_engine_tried_first_and_a_named_engine_is_asked_itself(llama):
+    late = Recording("recording-late", preference=950)
+    loadstone.load(llama, placement="cpu", plugins=manager(late), progress=False, trainable=False)
+    assert late.started == []  # auto asked the native engine (which reads ahead onto CUDA only)
+    loadstone.load(llama, placement="cpu", engine="recording-late", plugins=manager(late), progress=False,
+                   trainable=False)
+    assert len(late.started) == 1 and late.started[0].closed == 1
+
+
+def test_another_engine_chosen_closes_the_read_ahead_before_the_load(llama):
+    refusing = Recording("recording", preference=50, refuses=True)
+    closed_when_loaded = []
+
+    class Hooks:
+        @loadstone.hookimpl
+        def loadstone_model_loaded(self, model, plan, request):
+            closed_when_loaded.append(refusing.started[0].closed)
+
+    loaded = loadstone.load(llama, placement="cpu", plugins=manager(refusing, hooks=Hooks()), progress=False,
+                            trainable=False)
+    assert loaded.report.engine["name"] == "loadstone"
+    assert closed_when_loaded == [1] and refusing.started[0].closed == 1 and refusing.seen_in_load == []
+
+
+def test_a_plan_that_fails_closes_the_read_ahead(llama):
+    engine = Recording("recording", preference=50)
+    with pytest.raises(PlacementError, match="does not fit"):
+        loadstone.load(llama, placement="cpu", max_memory={"cpu": "1KiB"}, plugins=manager(engine), progress=False)
+    assert [a.closed for a in engine.started] == [1]
+
+
+def test_an_after_plan_hook_that_fails_closes_the_read_ahead(llama):
+    engine = Recording("recording", preference=50)
+
+    class Hooks:
+        @loadstone.hookimpl
+        def loadstone_after_plan(self, plan, request):
+            raise loadstone.LoadstoneError("this plan is not allowed here")
+
+    with pytest.raises(loadstone.LoadstoneError, match="not allowed"):
+        loadstone.load(llama, placement="cpu", plugins=manager(engine, hooks=Hooks()), progress=False)
+    assert [a.closed for a in engine.started] == [1]
+
+
+def test_a_load_that_fails_closes_the_read_ahead(llama):
+    engine = Recording("recording", preference=50, fails_load=True)
+    with pytest.raises(PluginHookError, match="failed mid-load"):
+        loadstone.load(llama, placement="cpu", plugins=manager(engine), progress=False)
+    assert [a.closed for a in engine.started] == [1]
+
+
+def test_a_read_ahead_that_crashes_is_a_plugin_error_naming_the_engine(llama):
+    engine = Recording("recording", preference=50, crashes=True)
+    with pytest.raises(PluginHookError, match="read-ahead-tests") as caught:
+        loadstone.load(llama, placement="cpu", plugins=manager(engine), progress=False)
+    assert caught.value.stage == "plan"
+
+
+def test_the_plan_counts_what_the_read_ahead_holds_as_free(llama):
+    held = 512 * GiB
+    engine = Recording("recording", preference=50, holds={"cpu": held})
+    loaded = loadstone.load(llama, placement="cpu", plugins=manager(engine), progress=False, trainable=False)
+    budget = loaded.report.placement["budget"]["cpu"]
+    available = psutil.virtual_memory().available
+    assert abs(budget - held - available) < 4 * GiB  # what the host had free then, plus the read-ahead's
+    assert HELD_BY_READ_AHEAD.get() == {}  # and only while that plan was made
+    assert free_memory([])["cpu"] < held
+
+
+@pytest.mark.parametrize("free,needed,checkpoint,asked,ring", [
+    (140 * GiB, 16 * GiB, 16 * GiB, None, READ_AHEAD_MAX),  # an 8B model on an H200: the most that helps
+    (140 * GiB, 2 * GiB, 2 * GiB, None, 2 * GiB),  # never more than the checkpoint
+    (140 * GiB, 1 << 20, 1 << 20, None, INSTANT_BUFFER),  # nor less than the ring a load uses anyway
+    (140 * GiB, 16 * GiB, 16 * GiB, 4 * GiB, 4 * GiB),  # the user's size
+    (24 * GiB, 16 * GiB, 16 * GiB, None, 0),  # a 24 GiB GPU: 8 GiB left, minus the margin, is too little
+    (26 * GiB, 16 * GiB, 16 * GiB, None, READ_AHEAD_MAX),  # 9 GiB beside the model: fits
+    (14 * GiB, 2 * GiB, 16 * GiB, None, 0),  # 11 GiB beside an NF4 model, but instanttensor takes half of 14
+    (40 * GiB, 16 * GiB, 16 * GiB, None, READ_AHEAD_MAX),  # 23 GiB room, 20 GiB half: fits
+    (40 * GiB, 16 * GiB, 16 * GiB, 32 * GiB, 16 * GiB),  # an asked size, cut to the checkpoint
+    (40 * GiB, 8 * GiB, 32 * GiB, 24 * GiB, 0),  # an asked size that does not fit: no read-ahead
+    (3 * GiB, 4 * GiB, 4 * GiB, None, 0),  # the model alone does not fit
+])
+def test_the_ring_fits_beside_the_model(free, needed, checkpoint, asked, ring):
+    assert read_ahead_ring(free, needed, checkpoint, asked) == ring
+
+
+def test_the_ring_leaves_the_margin(tmp_path):
+    free, needed = 20 * GiB, 10 * GiB
+    ring = read_ahead_ring(free, needed, 10 * GiB, None)
+    assert ring == READ_AHEAD_MAX and free - needed - ring >= READ_AHEAD_MARGIN
+    assert read_ahead_ring(free, needed, 10 * GiB, free - needed - READ_AHEAD_MARGIN + 1) == 0
+
+
+@pytest.mark.parametrize("options", [{}, {"reader": "pread"}, {"read_ahead": "off"}, {"readers": "many"}])
+def test_the_native_engine_reads_ahead_onto_cuda_only(llama, options):
+    """On the CPU, with another reader, when switched off, or with options the plan will refuse:
+    no read-ahead, and no error before the plan's own."""
+    from loadstone.contract.request import LoadRequest
+
+    plan = loadstone.plan(llama, placement="cpu")
+    request = LoadRequest(reference=llama, placement="cuda:0", engine_options=options)
+    engine = NativeEngine()
+    assert engine.read_ahead(request, plan.inventory, "cpu") is None
+    if options:  # the reader and the switch are read before CUDA or instanttensor is asked anything
+        assert engine.read_ahead(request, plan.inventory, "cuda:0") is None
+
+
+@pytest.mark.parametrize("value,stored", [("auto", "auto"), ("off", 0), (0, 0), ("0", 0), ("4GiB", 4 * GiB),
+                                          (2 * GiB, 2 * GiB), ("1TiB", 1 << 40)])
+def test_read_ahead_option_values(llama, value, stored):
+    plan = loadstone.plan(llama, placement="cpu", engine_options={"read_ahead": value})
+    assert plan.engine_options["read_ahead"] == stored
+
+
+@pytest.mark.parametrize("value", ["256MiB", True, False, -1, "lots", float("nan"), float("inf"), [4], {"a": 1},
+                                   None, "2TiB"])
+def test_bad_read_ahead_options_are_refused_at_plan_time(llama, value):
+    with pytest.raises(loadstone.OptionError) as caught:
+        loadstone.plan(llama, placement="cpu", engine_options={"read_ahead": value})
+    assert caught.value.field == "engine option read_ahead"
