@@ -153,6 +153,60 @@ class InstantTensorStream:
         """Nothing to release: each tensor is torch memory of its own."""
 
 
+def refuse_overflow(options: dict[str, Any], ring: int) -> None:
+    """:func:`check_instant_ring`'s answer as the plan's :class:`~loadstone.OptionError`."""
+    problem = check_instant_ring(options, ring)
+    if problem:
+        from ..contract.errors import OptionError
+
+        depth, chunk = options.get("readers", 1), options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
+        raise OptionError(problem + ".", field="engine option readers", found=f"readers={depth}, chunk_bytes={chunk}",
+                          expected=f"readers x chunk_bytes within {format_size(ring)}",
+                          fix="pass fewer readers or a smaller chunk_bytes")
+
+
+def read_ahead_option(value: Any) -> str | int:
+    """``read_ahead``: ``"auto"``, ``"off"`` (0), or a ring size from 1 GiB to 1 TiB."""
+    from ..contract.errors import OptionError
+    from ..contract.units import parse_size
+
+    if value == "auto":
+        return "auto"
+    if value in ("off", 0, "0") and not isinstance(value, bool):
+        return 0
+    size = parse_size(value, field="engine option read_ahead")
+    if not INSTANT_BUFFER <= size <= 1 << 40:
+        raise OptionError("engine option read_ahead is a ring size from 1 GiB to 1 TiB, 'auto' or 'off'.",
+                          field="engine option read_ahead", expected="auto, off, or 1GiB .. 1TiB",
+                          found=repr(value)[:80], fix="pass e.g. read_ahead=4GiB, or read_ahead=off")
+    return size
+
+
+def start_read_ahead(inventory: Any, device: str, options: dict[str, Any], *, wider: int = 1) -> InstantReadAhead | None:
+    """The native engine's read-ahead onto the CUDA ``device`` (``options`` normalised, reader
+    ``auto`` or ``instanttensor``), or ``None`` where there is none: ``read_ahead=off``,
+    instanttensor not installed, a ring that does not fit (:func:`read_ahead_ring`; ``wider``: how
+    many times the checkpoint's bytes the model takes on the device), or instanttensor failing to
+    start (a file system it cannot read, the memory taken meanwhile)."""
+    import importlib.util
+
+    asked = options.get("read_ahead", "auto")
+    if asked == 0 or importlib.util.find_spec("instanttensor") is None:
+        return None
+    import torch
+
+    free = int(torch.cuda.mem_get_info(device)[0])
+    stored = sum(info.nbytes for info in inventory.tensors.values())
+    ring = read_ahead_ring(free, stored * wider, stored, None if asked == "auto" else asked)
+    if not ring or ("readers" in options or "chunk_bytes" in options) and check_instant_ring(options, ring):
+        return None
+    try:
+        return InstantReadAhead(checkpoint_files(inventory), device, ring, io_depth=options.get("readers"),
+                                chunk_bytes=options.get("chunk_bytes"))
+    except Exception:  # it is only ahead of time: the load reads after the plan instead
+        return None
+
+
 def checkpoint_files(inventory: Any) -> list[str]:
     """The checkpoint's weight files, in the order instanttensor is given them."""
     return sorted({os.fspath(info.file) for info in inventory.tensors.values()})

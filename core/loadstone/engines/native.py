@@ -28,7 +28,14 @@ from ..contract.placement import map_entry
 from ..contract.plan import Plan
 from ..contract.tensors import TensorGroup
 from ..contract.units import format_size
-from .instant import INSTANT_BUFFER, InstantReadAhead, InstantTensorStream, check_instant_ring
+from .instant import (
+    INSTANT_BUFFER,
+    InstantReadAhead,
+    InstantTensorStream,
+    read_ahead_option,
+    refuse_overflow,
+    start_read_ahead,
+)
 from .reader import SafetensorsReader
 from .streaming import DEFAULT_CHUNK_BYTES, StreamItem, TensorStream
 
@@ -81,7 +88,7 @@ class NativeEngine(Engine):
             raise OptionError(f"engine option reader={out['reader']!r} is not a reader.", field="engine option reader",
                               expected=", ".join(READERS), found=repr(out["reader"]), fix="pass reader=pread")
         if "read_ahead" in out:
-            out["read_ahead"] = _read_ahead_option(out["read_ahead"])
+            out["read_ahead"] = read_ahead_option(out["read_ahead"])
         if "chunk_bytes" in out:
             out["chunk_bytes"] = parse_size(out["chunk_bytes"], field="engine option chunk_bytes")
             if not (1 << 20) <= out["chunk_bytes"] <= (1 << 30):
@@ -130,7 +137,7 @@ class NativeEngine(Engine):
             wanted = "instanttensor" if usable and (room is None or room >= INSTANT_BUFFER) else "pread"
         options["reader"] = wanted
         if wanted == "instanttensor" and ("readers" in options or "chunk_bytes" in options):
-            _refuse_overflow(options, INSTANT_BUFFER)
+            refuse_overflow(options, INSTANT_BUFFER)
         return {label: INSTANT_BUFFER} if wanted == "instanttensor" else {}
 
     def read_ahead(self, request: Any, inventory: Any, device: str) -> InstantReadAhead | None:
@@ -138,8 +145,6 @@ class NativeEngine(Engine):
         sized by :func:`~loadstone.engines.instant.read_ahead_ring`, unless the options ask for
         another reader or ``read_ahead=off``, or instanttensor cannot start (it is not installed,
         the ring does not fit): then ``None``, and the plan picks the reader as without it."""
-        import importlib.util
-
         from ..contract.errors import LoadstoneError
 
         if not device.startswith("cuda") or inventory.format != "safetensors" or not inventory.tensors:
@@ -148,25 +153,9 @@ class NativeEngine(Engine):
             options = self.normalize_options(dict(request.engine_options))
         except LoadstoneError:
             return None  # the plan refuses them, in its own words
-        asked = options.get("read_ahead", "auto")
-        if asked == 0 or options.get("reader", "auto") not in ("auto", "instanttensor") \
-                or importlib.util.find_spec("instanttensor") is None:
+        if options.get("reader", "auto") not in ("auto", "instanttensor"):
             return None
-        import torch
-
-        from .instant import checkpoint_files, read_ahead_ring
-
-        free = int(torch.cuda.mem_get_info(device)[0])
-        stored = sum(info.nbytes for info in inventory.tensors.values())
-        wider = 2 if request.dtype == "float32" else 1  # a bf16/fp16 checkpoint loaded as float32: twice the bytes
-        ring = read_ahead_ring(free, stored * wider, stored, None if asked == "auto" else asked)
-        if not ring or ("readers" in options or "chunk_bytes" in options) and check_instant_ring(options, ring):
-            return None
-        try:
-            return InstantReadAhead(checkpoint_files(inventory), device, ring, io_depth=options.get("readers"),
-                                    chunk_bytes=options.get("chunk_bytes"))
-        except Exception:  # e.g. a file system it cannot read, or the device's memory taken meanwhile
-            return None
+        return start_read_ahead(inventory, device, options, wider=2 if request.dtype == "float32" else 1)
 
     def load(self, plan: Plan, ctx: EngineContext) -> Any:
         import torch
@@ -329,34 +318,6 @@ class NativeEngine(Engine):
     def _hand_over(ctx: EngineContext, modules: dict[str, Any], name: str, tensor: Any, qctx: Any) -> None:
         module_name, _, leaf = name.rpartition(".")
         ctx.backend.load_tensor(module_name, modules[module_name], leaf, tensor, qctx)
-
-
-def _refuse_overflow(options: dict[str, Any], ring: int) -> None:
-    problem = check_instant_ring(options, ring)
-    if problem:
-        from ..contract.errors import OptionError
-
-        depth, chunk = options.get("readers", 1), options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
-        raise OptionError(problem + ".", field="engine option readers", found=f"readers={depth}, chunk_bytes={chunk}",
-                          expected=f"readers x chunk_bytes within {format_size(ring)}",
-                          fix="pass fewer readers or a smaller chunk_bytes")
-
-
-def _read_ahead_option(value: Any) -> str | int:
-    """``read_ahead``: ``"auto"``, ``"off"`` (0), or a ring size from 1 GiB to 1 TiB."""
-    from ..contract.errors import OptionError
-    from ..contract.units import parse_size
-
-    if value == "auto":
-        return "auto"
-    if value in ("off", 0, "0") and not isinstance(value, bool):
-        return 0
-    size = parse_size(value, field="engine option read_ahead")
-    if not INSTANT_BUFFER <= size <= 1 << 40:
-        raise OptionError("engine option read_ahead is a ring size from 1 GiB to 1 TiB, 'auto' or 'off'.",
-                          field="engine option read_ahead", expected="auto, off, or 1GiB .. 1TiB",
-                          found=repr(value)[:80], fix="pass e.g. read_ahead=4GiB, or read_ahead=off")
-    return size
 
 
 def _castable(info: Any, dtype: Any) -> bool:
