@@ -18,9 +18,12 @@ from typing import Any, Iterator
 from ..contract.engines import ReadAhead
 from ..contract.units import format_size
 from .reader import SafetensorsReader
-from .streaming import DEFAULT_CHUNK_BYTES, StreamItem
+from .streaming import StreamItem
 
 INSTANT_BUFFER = 1 << 30  # the ring of a load that did not read ahead
+# Bytes per read: 4 MiB loaded an 8B checkpoint in 0.49 s against 0.61 s with instanttensor's own
+# 8 MiB, and holds half the host memory in flight (H200, bench/results/h200_gpu_engines_2026-12-03_read_ahead.json).
+INSTANT_CHUNK = 4 << 20
 # The most a read-ahead ring holds: about what the page cache delivers (40 GB/s) while an 8B
 # model's code is imported and its load planned (0.2 s); more would hold memory and save nothing.
 READ_AHEAD_MAX = 8 << 30
@@ -51,7 +54,7 @@ def check_instant_ring(options: dict[str, Any], ring: int = INSTANT_BUFFER) -> s
     that the plan refuses them instead), or ``None`` when it takes them."""
     from instanttensor._impl import required_buffer_size_for_io
 
-    depth, chunk = options.get("readers", 1), options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
+    depth, chunk = options.get("readers", 1), options.get("chunk_bytes", INSTANT_CHUNK)
     needed = required_buffer_size_for_io(chunk, depth, 1)
     if needed > ring:
         return (f"engine options readers={depth} and chunk_bytes={format_size(chunk)} need a "
@@ -67,8 +70,9 @@ def _open(files: list[str], device: str, ring: int, io_depth: int | None, chunk_
     from instanttensor._impl import BackendPolicy
 
     selection = {} if names is None else {"tensor_filter": names, "tensor_name_match_mode": "exact"}
-    return safe_open(files, framework="pt", device=device, backend=BackendPolicy.BUFFERED, buffer_size=ring,
-                     io_depth=io_depth, chunk_size=chunk_bytes, **selection)
+    handle = safe_open(files, framework="pt", device=device, backend=BackendPolicy.BUFFERED, buffer_size=ring,
+                       io_depth=io_depth, chunk_size=chunk_bytes or INSTANT_CHUNK, **selection)
+    return handle.__enter__()  # entered once (it opened already): closing it is then always its __exit__
 
 
 class InstantReadAhead(ReadAhead):
@@ -159,7 +163,7 @@ def refuse_overflow(options: dict[str, Any], ring: int) -> None:
     if problem:
         from ..contract.errors import OptionError
 
-        depth, chunk = options.get("readers", 1), options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
+        depth, chunk = options.get("readers", 1), options.get("chunk_bytes", INSTANT_CHUNK)
         raise OptionError(problem + ".", field="engine option readers", found=f"readers={depth}, chunk_bytes={chunk}",
                           expected=f"readers x chunk_bytes within {format_size(ring)}",
                           fix="pass fewer readers or a smaller chunk_bytes")

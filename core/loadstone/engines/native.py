@@ -63,8 +63,9 @@ class NativeEngine(Engine):
     def option_help(self) -> dict[str, str]:
         return {"readers": "pread reader threads (default: one per core, at least 4 and at most 8); with "
                            "reader=instanttensor, its reads in flight (its io_depth)",
-                "chunk_bytes": "bytes per read, e.g. 8MiB (default); each pread reader holds two pinned buffers of "
-                               "this size when loading onto a GPU; instanttensor holds one host buffer per read in flight",
+                "chunk_bytes": "bytes per read (defaults: 8MiB for pread, 4MiB for instanttensor); each pread reader "
+                               "holds two pinned buffers of this size when loading onto a GPU; instanttensor holds one "
+                               "host buffer per read in flight",
                 "reader": "auto (default: instanttensor where it is installed, the load goes to one CUDA device and its "
                           "1 GiB ring buffer fits the budget; else pread), pread, instanttensor, or mmap (tensors "
                           "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
