@@ -24,8 +24,9 @@ INSTANT_BUFFER = 1 << 30  # the ring of a load that did not read ahead
 # Bytes per read: 4 MiB loaded an 8B checkpoint in 0.49 s against 0.61 s with instanttensor's own
 # 8 MiB, and holds half the host memory in flight (H200, bench/results/h200_gpu_engines_2026-12-03_read_ahead.json).
 INSTANT_CHUNK = 4 << 20
-# The most a read-ahead ring holds: about what the page cache delivers (40 GB/s) while an 8B
-# model's code is imported and its load planned (0.2 s); more would hold memory and save nothing.
+# The most a read-ahead ring holds by default: about what the page cache delivers (40 GB/s) while
+# an 8B model's code is imported and its load planned (0.2-0.3 s); a bigger ring (engine option
+# read_ahead) holds more device memory during the load for little more overlap.
 READ_AHEAD_MAX = 8 << 30
 READ_AHEAD_MARGIN = 1 << 30  # device memory left over beside the model and the ring
 
@@ -121,7 +122,8 @@ class InstantTensorStream:
         if len(devices) != 1 or not next(iter(devices), "cpu").startswith("cuda"):
             raise ValueError("the instanttensor reader loads onto one CUDA device")
         self.reader, self.items, self.buffer_bytes = reader, items, buffer_bytes
-        # None: instanttensor's own choice (reads in flight: cores - 4, at most 28; 8 MiB each)
+        # io_depth None: instanttensor's own choice of reads in flight (cores - 4, at most 28);
+        # chunk_bytes None: INSTANT_CHUNK
         self.io_depth, self.chunk_bytes = io_depth, chunk_bytes
         self.gpus = sorted(devices)
         self.readers = "instanttensor"
