@@ -76,6 +76,7 @@ ROWS = {
     "cold_disk_read": ("raw", "disk", None),
     "cold_transformers_bf16": ("transformers", "bf16", None),
     "cold_loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
+    "cold_loadstone_native_bf16_noahead": ("loadstone", "bf16", "loadstone:read_ahead=off"),
     "e2e_loadstone_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
     "cold_loadstone_native_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
 }
