@@ -7,11 +7,16 @@ The checkpoint is 1.1 GB, so that the ring (at least 1 GiB) is memory a test can
 """
 
 import gc
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import loadstone
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package (--import-mode=importlib)
+from conftest import assert_same_weights  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -45,14 +50,6 @@ def _free_after_cleanup() -> int:
     return torch.cuda.mem_get_info(0)[0]
 
 
-def _same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert sa[key].dtype == sb[key].dtype, key
-        assert torch.equal(sa[key].cpu(), sb[key].cpu()), key
-
-
 def test_reading_ahead_gives_the_same_model_and_gives_its_ring_back(gigabyte_llama):
     free_before = _free_after_cleanup()
     ahead = loadstone.load(gigabyte_llama, placement="cuda:0", progress=False, trainable=False)
@@ -65,8 +62,8 @@ def test_reading_ahead_gives_the_same_model_and_gives_its_ring_back(gigabyte_lla
     assert "read_ahead" not in after_plain.report.engine
     reference = loadstone.load(gigabyte_llama, placement="cuda:0", engine="transformers", progress=False,
                                trainable=False)
-    _same_state(ahead.model, reference.model)
-    _same_state(after_plain.model, reference.model)
+    assert_same_weights(ahead.model, reference.model)
+    assert_same_weights(after_plain.model, reference.model)
     del ahead, after_plain, reference
     assert _free_after_cleanup() > free_before - 256 * (1 << 20)  # no ring left behind
 
@@ -86,7 +83,7 @@ def test_a_ring_that_does_not_fit_the_plan_is_given_back_and_the_plan_reads_afte
     assert loaded.plan.engine_options["reader"] == "pread" and "read_ahead" not in loaded.report.engine
     reference = loadstone.load(gigabyte_llama, placement="cuda:0", engine="transformers", progress=False,
                                trainable=False)
-    _same_state(loaded.model, reference.model)
+    assert_same_weights(loaded.model, reference.model)
     del loaded, reference
     assert _free_after_cleanup() > free_before - 256 * (1 << 20)
 
@@ -109,4 +106,4 @@ def test_nf4_reads_ahead_too_and_equals_reading_after(gigabyte_llama):
     after = loadstone.load(gigabyte_llama, placement="cuda:0", quantization="nf4", plugins=plugins, progress=False,
                            trainable=False, engine_options={"read_ahead": "off"})
     assert "read_ahead" in ahead.report.engine and "read_ahead" not in after.report.engine
-    _same_state(ahead.model, after.model)
+    assert_same_weights(ahead.model, after.model)

@@ -238,3 +238,23 @@ def test_bad_read_ahead_options_are_refused_at_plan_time(llama, value):
     with pytest.raises(loadstone.OptionError) as caught:
         loadstone.plan(llama, placement="cpu", engine_options={"read_ahead": value})
     assert caught.value.field == "engine option read_ahead"
+
+
+@pytest.mark.parametrize("local_rank", ["x", "", "4096"])
+def test_rank_names_no_device_for_a_local_rank_place_would_refuse(monkeypatch, local_rank):
+    import torch
+
+    from loadstone.builtin.placement import RankPlacement
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    expected = "cpu" if local_rank == "4096" and not torch.cuda.is_available() else None
+    assert RankPlacement().whole_model_device("rank") == expected
+
+
+def test_rank_names_the_device_place_uses(monkeypatch):
+    import torch
+
+    from loadstone.builtin.placement import RankPlacement
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert RankPlacement().whole_model_device("rank") == (0 if torch.cuda.is_available() else "cpu")

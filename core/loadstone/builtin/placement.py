@@ -7,7 +7,7 @@ from typing import Any
 
 from ..contract.errors import PlacementError
 from ..contract.hookspecs import hookimpl
-from ..contract.placement import PlacementContext, PlacementStrategy, map_entry
+from ..contract.placement import PlacementContext, PlacementStrategy, local_cuda_device, map_entry
 from ..contract.units import device_label, is_device_spec, normalize_device
 
 
@@ -84,14 +84,11 @@ class RankPlacement(PlacementStrategy):
     description = "one full copy per process on cuda:$LOCAL_RANK (the DDP QLoRA layout); CPU without CUDA"
 
     def whole_model_device(self, spec: str) -> str | int | None:
-        import torch
-
-        text = os.environ.get("LOCAL_RANK", "0")
-        if not text.isdigit():
-            return None  # place() says what is wrong with it
-        if not torch.cuda.is_available():
-            return "cpu"
-        return int(text) if int(text) < torch.cuda.device_count() else None
+        try:
+            _, cuda = local_cuda_device()  # what place() uses
+        except (PlacementError, ValueError):
+            return None  # place() says what is wrong with LOCAL_RANK
+        return "cpu" if cuda is None else cuda
 
     def place(self, ctx: PlacementContext) -> dict[str, Any]:
         local_rank, cuda = ctx.local_cuda_device()

@@ -122,21 +122,7 @@ class PlacementContext:
         """This process's ``LOCAL_RANK`` (``torchrun`` sets it; 0 otherwise) and the CUDA device it
         should use, or ``None`` on a machine without CUDA. A rank with no visible GPU of its own is a
         :class:`~loadstone.PlacementError` (one process per GPU is the layout both DDP and FSDP need)."""
-        import os
-
-        import torch
-
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if not torch.cuda.is_available():
-            return local_rank, None
-        if local_rank >= torch.cuda.device_count():
-            from .errors import PlacementError
-
-            raise PlacementError(
-                f"LOCAL_RANK is {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible.",
-                field="LOCAL_RANK", found=local_rank, fix="start one process per visible GPU (torchrun "
-                "--nproc-per-node) or fix CUDA_VISIBLE_DEVICES")
-        return local_rank, local_rank
+        return local_cuda_device()
 
     def memory_budget(self, devices: Iterable[Any] | None = None) -> dict[str | int, int]:
         """The user's ``max_memory``, or the free memory of each device (the CPU's included).
@@ -168,6 +154,26 @@ class PlacementContext:
             budget = self.memory_budget() if budget is None else budget
         return dict(infer_auto_device_map(self.model, max_memory=budget,
                                           no_split_module_classes=self.no_split_module_classes, hf_quantizer=oracle))
+
+
+def local_cuda_device() -> tuple[int, int | None]:
+    """:meth:`PlacementContext.local_cuda_device`, for strategies that answer before a context
+    exists (``whole_model_device``)."""
+    import os
+
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.cuda.is_available():
+        return local_rank, None
+    if local_rank >= torch.cuda.device_count():
+        from .errors import PlacementError
+
+        raise PlacementError(
+            f"LOCAL_RANK is {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible.",
+            field="LOCAL_RANK", found=local_rank, fix="start one process per visible GPU (torchrun "
+            "--nproc-per-node) or fix CUDA_VISIBLE_DEVICES")
+    return local_rank, local_rank
 
 
 def cuda_devices_of(devices: Iterable[Any]) -> list[int] | None:
