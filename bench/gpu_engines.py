@@ -13,8 +13,11 @@ Every row imports the same libraries before its clock starts (torch, transformer
 loadstone, loadstone_bnb; CUDA initialised), except the ``e2e_*`` rows, whose clock starts before
 the first import of a fresh process (imports included). Each row records wall time, GB/s (the
 checkpoint's bytes over wall time), peak host RSS of the process (``VmHWM``: ``ru_maxrss`` would
-carry the parent's peak over the exec), peak GPU memory
-(``torch.cuda.max_memory_allocated``) and, for loadstone rows, the report's stage times and
+carry the parent's peak over the exec), peak GPU memory twice: torch's allocator
+(``torch.cuda.max_memory_allocated``: ``peak_gpu_gib``) and the device's (``peak_gpu_device_gib``:
+the most ``cudaMemGetInfo`` showed used, sampled every 2 ms, less what was used before the clock;
+it counts what torch's allocator does not: instanttensor's ring buffers, the allocator's cache,
+kernels loaded) and, for loadstone rows, the report's stage times and
 engine. ``cold_*`` rows drop the page cache first (root and a writable drop_caches needed; they
 are skipped, and say so, where that fails). On the CPU every row sums every weight inside its clock:
 ``from_pretrained`` memory-maps the files and would otherwise read the weights only at the first
@@ -57,9 +60,15 @@ ROWS = {
     "loadstone_native_bf16_noahead": ("loadstone", "bf16", "loadstone:read_ahead=off"),
     "loadstone_native_nf4_noahead": ("loadstone", "nf4", "loadstone:read_ahead=off"),
     "loadstone_native_int8_noahead": ("loadstone", "int8", "loadstone:read_ahead=off"),
+    "loadstone_native_int8_pread": ("loadstone", "int8", "loadstone:reader=pread"),
+    "loadstone_native_nf4_pread_if0": ("loadstone", "nf4", "loadstone:reader=pread,in_flight=0"),
+    "loadstone_native_int8_pread_if0": ("loadstone", "int8", "loadstone:reader=pread,in_flight=0"),
+    "loadstone_native_nf4_pread_if1g": ("loadstone", "nf4", "loadstone:reader=pread,in_flight=1GiB"),
+    "loadstone_native_bf16_ahead16": ("loadstone", "bf16", "loadstone:read_ahead=16GiB"),
     "loadstone_transformers_bf16_mmap": ("loadstone", "bf16", "transformers:reader=mmap"),
     "loadstone_transformers_nf4_mmap": ("loadstone", "nf4", "transformers:reader=mmap"),
     "instanttensor_buffered": ("raw", "instanttensor", None),
+    "instanttensor_buffered_c4": ("raw", "instanttensor", 4 << 20),  # loadstone's 4 MiB reads
     "safetensors_load_file": ("raw", "safetensors", None),
     "fastsafetensors": ("raw", "fastsafetensors", None),
     "transformers_fp32": ("transformers", "fp32", None),  # the bf16 checkpoint cast to float32 on load
@@ -143,6 +152,48 @@ def drop_page_cache() -> bool:
         return False
 
 
+class DevicePeak:
+    """The most device memory this process added since it was made: ``cudaMemGetInfo`` sampled
+    every 2 ms on a thread of its own. The e2e rows' clock starts before CUDA does: for them the
+    baseline is taken at the first sample, so CUDA's own context is not counted there either."""
+
+    def __init__(self, device: str):
+        import threading
+
+        self.device, self.peak = device, 0
+        self.base = self._used()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _used(self) -> int | None:
+        torch = sys.modules.get("torch")  # never imported here: an e2e row's clock counts its import
+        try:
+            if torch is None or not torch.cuda.is_initialized():
+                return None  # an e2e row before its load starts CUDA: nothing of this load there yet
+            free, total = torch.cuda.mem_get_info(self.device)
+        except Exception:  # torch half-imported by the main thread
+            return None
+        return total - free
+
+    def _watch(self) -> None:
+        while True:
+            used = self._used()
+            if used is not None:
+                self.base = used if self.base is None else self.base
+                self.peak = max(self.peak, used - self.base)
+            if self.done.wait(0.002):
+                return
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        used = self._used()
+        if used is not None and self.base is not None:
+            self.peak = max(self.peak, used - self.base)
+        return self.peak
+
+
 def child(row: str, ckpt: str, device: str) -> dict:
     kind, method, engine = ROWS[row]
     e2e = row.startswith("e2e_")
@@ -163,6 +214,7 @@ def child(row: str, ckpt: str, device: str) -> dict:
     # what the process holds before the clock (the imported libraries, CUDA's context): the peak
     # minus this is what the load itself added
     rss_before = peak_rss_bytes("VmRSS")
+    device_peak = DevicePeak(device) if device.startswith("cuda") else None
     start = T_PROCESS if e2e else time.perf_counter()
     extra: dict = {}
     if kind == "transformers":
@@ -205,7 +257,8 @@ def child(row: str, ckpt: str, device: str) -> dict:
         from instanttensor._impl import BackendPolicy
 
         model = {}
-        with it_open(files_of(ckpt), framework="pt", device=0, backend=BackendPolicy.BUFFERED) as fh:
+        chunk = {"chunk_size": engine} if engine else {}
+        with it_open(files_of(ckpt), framework="pt", device=0, backend=BackendPolicy.BUFFERED, **chunk) as fh:
             for key, value in fh.tensors():
                 model[key] = value
     elif method == "fastsafetensors":  # its buffers are freed at close: each tensor is cloned out, as a loader must
@@ -261,6 +314,7 @@ def child(row: str, ckpt: str, device: str) -> dict:
               **extra}
     if device.startswith("cuda"):
         record["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        record["peak_gpu_device_gib"] = round(device_peak.stop() / 2**30, 2)
     if kind in ("transformers", "loadstone") and method in ("bf16", "fp32") and not isinstance(model, dict):
         record["checksum"] = float(sum(p.float().sum().item() for p in list(model.parameters())[:3]))
     del model
@@ -370,10 +424,11 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "cpu_engines.json" if cpu else "gpu_engines.json"), "w") as fh:
         json.dump({"meta": meta, "rows": results}, fh, indent=1)
-    print(f"\n{'row':34} {'wall s':>7} {'GB/s':>6} {'RSS GiB':>8} {'GPU GiB':>8} {'x transf.':>9}")
+    print(f"\n{'row':34} {'wall s':>7} {'GB/s':>6} {'RSS GiB':>8} {'GPU GiB':>8} {'device':>7} {'x transf.':>9}")
     for r in results:
         print(f"{r['row']:34} {r.get('wall_s', '-'):>7} {r.get('gb_per_s', '-'):>6} {r.get('peak_rss_gib', '-'):>8} "
-              f"{r.get('peak_gpu_gib', '-'):>8} {r.get('speedup_vs_transformers', ''):>9}"
+              f"{r.get('peak_gpu_gib', '-'):>8} {r.get('peak_gpu_device_gib', '-'):>7} "
+              f"{r.get('speedup_vs_transformers', ''):>9}"
               + (f"  {r.get('skipped') or r.get('error', '')[-200:]}" if "wall_s" not in r else ""))
 
 

@@ -225,6 +225,25 @@ def test_the_native_engine_reads_ahead_onto_cuda_only(llama, options):
         assert engine.read_ahead(request, plan.inventory, "cuda:0") is None
 
 
+@pytest.mark.parametrize("quantization, options, reads_ahead", [
+    ("nf4", {}, False), ("int8", {"read_ahead": "auto"}, False), ("nf4", {"read_ahead": "2GiB"}, True),
+    (None, {}, True), ("none", {}, True)])
+def test_a_quantizing_load_reads_ahead_only_when_given_a_ring_size(llama, monkeypatch, quantization, options,
+                                                                   reads_ahead):
+    """Quantized on the device, the model is a third of the checkpoint: an automatic ring would
+    hold more device memory than the model. Whether the engine starts instanttensor is decided
+    before CUDA is asked anything, so it is seen here on any machine."""
+    from loadstone.contract.request import LoadRequest
+    from loadstone.engines import native
+
+    started = []
+    monkeypatch.setattr(native, "start_read_ahead", lambda inventory, device, opts, **kw: started.append(opts))
+    plan = loadstone.plan(llama, placement="cpu")
+    request = LoadRequest(reference=llama, placement="cuda:0", quantization=quantization, engine_options=options)
+    assert NativeEngine().read_ahead(request, plan.inventory, "cuda:0") is None
+    assert bool(started) == reads_ahead
+
+
 @pytest.mark.parametrize("value,stored", [("auto", "auto"), ("off", 0), (0, 0), ("0", 0), ("4GiB", 4 * GiB),
                                           (2 * GiB, 2 * GiB), ("1TiB", 1 << 40)])
 def test_read_ahead_option_values(llama, value, stored):

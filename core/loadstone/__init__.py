@@ -43,7 +43,7 @@ _LAZY = {
     "LoadResult": "loadstone.api",
     "count_parameters": "loadstone.api",
     "SafetensorsReader": "loadstone.engines.reader",
-    "finish_loading": "loadstone.engines.native",
+    "finish_loading": "loadstone.engines.finish",
 }
 # Contract 1 names, kept for one minor release (see loadstone.legacy).
 _DEPRECATED = {"WeightLoader": "loadstone.legacy", "TransformersWeightLoader": "loadstone.legacy"}

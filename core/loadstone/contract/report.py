@@ -98,8 +98,7 @@ class LoadReport:
                                          f"{q.get('version')})" + (", pre-quantized" if q.get("pre_quantized") else "")))
         e = self.engine
         if e:
-            options = ", ".join(f"{k}={format_size(v) if k.endswith('_bytes') and isinstance(v, int) else v}"
-                                for k, v in (e.get("options") or {}).items())
+            options = ", ".join(f"{k}={format_size(v) if _is_size(k, v) else v}" for k, v in (e.get("options") or {}).items())
             rows.append(("engine", f"{e.get('name')} ({e.get('distribution')} {e.get('version')})".replace(" )", ")")
                          + (f", {options}" if options else "")))
         p = self.placement
@@ -178,3 +177,13 @@ def _source_line(src: dict[str, Any]) -> str:
     if src.get("commit"):
         line += f" @ {src['commit'][:12]}"
     return line + f", via {src.get('resolver')})"
+
+
+# Engine options that hold sizes: ``*_bytes`` by convention, and the native engine's two whose
+# names say what they hold rather than the unit (a size of 0 reads better as "0" there: off).
+_SIZE_OPTIONS = ("read_ahead", "in_flight")
+
+
+def _is_size(key: str, value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (
+        key.endswith("_bytes") or key in _SIZE_OPTIONS and value > 0)

@@ -15,7 +15,8 @@ The consumer (the engine, on the caller's thread) receives tensors in plan order
 has arrived; on an accelerator its stream waits on the copy events, so nothing blocks the host.
 Tensors that are only transient on their device (a full-precision copy a backend quantizes, a
 copy in the stored dtype that is cast) draw from a per-device byte budget, released when the
-consumer is done with them: the device never holds more of them than the plan's peak allows.
+consumer is done with them: the device never holds more of them than the plan's peak allows
+(the largest group, plus the engine's ``in_flight`` allowance, which the plan counts).
 
 Host memory is bounded by ``readers x 2 x chunk_bytes`` of pinned buffers, whatever the model size.
 A tensor bound for the CPU that is only transient there (quantized or fused next) is read into an
@@ -35,6 +36,39 @@ from ..contract.checkpoint import TensorInfo
 from .reader import SafetensorsReader, pread_exactly, torch_dtype_of
 
 DEFAULT_CHUNK_BYTES = 8 << 20
+# Bytes of transient tensors a device may hold beyond the largest group that is quantized or fused
+# there. With none, readers of the next group wait for the consumer to finish the last one, and a
+# quantized load streams at the pace of one group at a time.
+IN_FLIGHT = 256 << 20
+
+
+def in_flight_option(value: Any) -> str | int:
+    """The engine option ``in_flight``: ``"auto"`` or a size from 0 to 1 TiB."""
+    from ..contract.errors import OptionError
+    from ..contract.units import parse_size
+
+    if value == "auto":
+        return "auto"
+    size = parse_size(value, field="engine option in_flight")
+    if size > 1 << 40:
+        raise OptionError("engine option in_flight is a size from 0 to 1 TiB, or 'auto'.",
+                          field="engine option in_flight", expected="auto, or 0 .. 1TiB", found=repr(value)[:80],
+                          fix="pass e.g. in_flight=256MiB, or in_flight=0")
+    return size
+
+
+def in_flight_allowance(room: dict[str, int | None], asked: str | int) -> dict[str, int]:
+    """Per device that holds transient tensors, the bytes of them allowed beyond its largest group.
+
+    :param room: per such device, what the budget leaves beside the plan's peak (``None``: no
+        budget known).
+    :param asked: the ``in_flight`` option: ``"auto"`` takes :data:`IN_FLIGHT` where the room
+        allows and less where it does not (never more than fits); a size is taken as asked, and
+        the plan's fit check says where it does not fit.
+    """
+    if asked != "auto":
+        return {device: int(asked) for device in room}
+    return {device: IN_FLIGHT if free is None else max(0, min(IN_FLIGHT, free)) for device, free in room.items()}
 
 
 def default_readers(accelerated: bool) -> int:
@@ -67,6 +101,7 @@ class StreamItem:
     events: list = field(default_factory=list, repr=False)
     ready: threading.Event = field(default_factory=threading.Event, repr=False)
     error: BaseException | None = None
+    allocated: Any = field(default=None, repr=False)  # GPU: an event on the consumer's stream at allocation
 
 
 def host_scratch(shape: tuple[int, ...], dtype: Any, nbytes: int) -> Any:
@@ -132,6 +167,12 @@ class TensorStream:
         self.reader, self.items = reader, items
         self.gpus = sorted({i.device for i in items if _streams_to(i.device)})  # what the copies go to
         self.accelerated = bool(self.gpus)
+        # The consumer's stream per GPU, where every tensor is allocated (see _destination).
+        self.home = {}
+        if self.gpus:
+            import torch
+
+            self.home = {device: torch.cuda.current_stream(device) for device in self.gpus}
         self.readers = max(1, readers or default_readers(self.accelerated))
         # whole pages, hence whole elements: a chunk cast on the CPU starts and ends on an element
         self.chunk = max(1 << 20, int(chunk_bytes)) // 4096 * 4096
@@ -180,8 +221,19 @@ class TensorStream:
                     return tensor
                 if where == "cpu" and item.transient and item.info.nbytes >= SCRATCH_MIN_BYTES:
                     tensor = host_scratch(item.info.shape, stored, item.info.nbytes)
+                elif where == "cpu":
+                    tensor = torch.empty(item.info.shape, dtype=stored, device="cpu")
                 else:
-                    tensor = torch.empty(item.info.shape, dtype=stored, device=where)
+                    # On the consumer's stream, not this reader's: torch caches freed memory per
+                    # stream, and transient tensors freed by the consumer but allocated on eight
+                    # reader streams left 1.4 GiB of an NF4 load's device memory cached and unused
+                    # (H200, 8B). The copies into it wait for the consumer's stream as it was now:
+                    # kernels still reading what this memory held before must finish first.
+                    home = self.home[where]
+                    with torch.cuda.stream(home):
+                        tensor = torch.empty(item.info.shape, dtype=stored, device=where)
+                    item.allocated = torch.cuda.Event()
+                    item.allocated.record(home)
                 item.flat = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
                 if where == "cpu" and tensor.numel():
                     item.view = memoryview(item.flat.numpy())
@@ -241,6 +293,8 @@ class TensorStream:
                         stream = torch.cuda.Stream(device=item.device)
                         torch.cuda.set_stream(stream)
                         per_device = copy_streams[item.device] = (stream, [torch.cuda.Event(), torch.cuda.Event()])
+                    if item.allocated is not None:
+                        per_device[0].wait_event(item.allocated)
                     source = slots[turn] if length == self.chunk else slots[turn][:length]
                     item.flat[start:start + length].copy_(source, non_blocking=True)
                     stream, device_events = per_device
@@ -292,7 +346,7 @@ class TensorStream:
                 if item.error is not None:
                     raise item.error
                 if item.events:
-                    current = torch.cuda.current_stream(item.device)
+                    current = self.home[item.device]
                     for event in item.events:
                         current.wait_event(event)
                 tensor, item.tensor, item.events, item.flat, item.view = item.tensor, None, [], None, b""
@@ -314,5 +368,5 @@ class TensorStream:
         for thread in self.threads:
             thread.join()
         for item in self.items:
-            item.tensor = item.flat = None
+            item.tensor = item.flat = item.allocated = None
             item.view = b""

@@ -56,15 +56,39 @@ def test_qlora_step_on_gpu_trains_only_the_adapter(tiny_adapter, manager):
     assert step["all_gradients_on_adapter"], step
 
 
+@pytest.mark.parametrize("options", [{}, {"reader": "pread", "in_flight": 0}, {"reader": "pread", "in_flight": "auto"}],
+                         ids=["auto", "pread-one-at-a-time", "pread-in-flight"])
 @pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
-def test_native_engine_on_gpu_equals_transformers(tiny_checkpoint, manager, method, arch):
-    """Quantized on the GPU tensor by tensor: packed weights and state equal transformers + bitsandbytes."""
+def test_native_engine_on_gpu_equals_transformers(tiny_checkpoint, manager, method, arch, options):
+    """Quantized on the GPU tensor by tensor: packed weights and state equal transformers + bitsandbytes,
+    whichever reader, and however many tensors wait to be quantized at once."""
     folder = tiny_checkpoint(arch, dtype="bfloat16", hidden_size=256, intermediate_size=512)
     kwargs = dict(quantization=method, placement="cuda:0", trainable=False, progress=False, plugins=manager)
-    native = loadstone.load(str(folder), engine="loadstone", **kwargs).model
+    native = loadstone.load(str(folder), engine="loadstone", engine_options=options, **kwargs).model
     reference = loadstone.load(str(folder), engine="transformers", **kwargs).model
     ours, theirs = native.state_dict(), reference.state_dict()
     assert sorted(ours) == sorted(theirs)
     different = [k for k in ours if isinstance(ours[k], torch.Tensor) and not torch.equal(ours[k], theirs[k])]
     assert not different, different[:5]
+
+
+@pytest.mark.parametrize("in_flight", [0, "auto", "1MiB"])
+def test_quantized_pread_loads_stay_within_the_planned_peak(tiny_checkpoint, manager, in_flight):
+    """The transient tensors in flight are part of the plan's peak: the load never asks torch's
+    allocator for more. (Asked, not allocated: the allocator hands out a cached block whole when
+    less than 1 MiB of it would be left, which adds up to 1 MiB per tensor of a MiB or more; on
+    this tiny model that is 10% of the peak.)"""
+    folder = tiny_checkpoint("llama", dtype="bfloat16", hidden_size=512, intermediate_size=2048, num_hidden_layers=4)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_stats()["requested_bytes.all.current"]
+    result = loadstone.load(str(folder), quantization="nf4", placement="cuda:0", trainable=False, progress=False,
+                            plugins=manager, engine="loadstone", engine_options={"reader": "pread", "in_flight": in_flight})
+    peak = torch.cuda.memory_stats()["requested_bytes.all.peak"] - before
+    planned = result.report.placement["peak_bytes_per_device"]["cuda:0"]
+    allowance = {0: 0, "auto": 256 << 20, "1MiB": 1 << 20}[in_flight]
+    assert result.plan.engine_options["in_flight"] == allowance
+    assert result.report.engine.get("extra_bytes", {}).get("cuda:0", 0) == allowance
+    assert 0 < peak <= planned, (peak, planned)

@@ -133,6 +133,9 @@ def test_plan_peak_counts_one_full_precision_tensor_in_flight(tiny_checkpoint):
     assert plan.peak_bytes_per_device["cpu"] == plan.bytes_per_device["cpu"] + largest * 4 + work
     gpu = loadstone.plan(folder, quantization="nf4", placement="auto", max_memory={"cuda:0": "80GiB"})
     assert gpu.device_map == {"": 0}
-    assert gpu.peak_bytes_per_device["cuda:0"] == gpu.bytes_per_device["cuda:0"] + largest * 4
+    # plus what the native engine lets the GPU hold besides while readers run ahead (in_flight),
+    # which it declares as its own extra bytes
+    in_flight = gpu.report.engine.get("extra_bytes", {}).get("cuda:0", 0)
+    assert gpu.peak_bytes_per_device["cuda:0"] == gpu.bytes_per_device["cuda:0"] + largest * 4 + in_flight
     unquantized = loadstone.plan(folder, placement="cpu")
     assert unquantized.peak_bytes_per_device == unquantized.bytes_per_device
