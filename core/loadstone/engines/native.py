@@ -137,7 +137,7 @@ class NativeEngine(Engine):
             if wanted in ("auto", "instanttensor") and usable and ahead.device == label and (
                     room is None or room >= ahead.ring):
                 options["reader"] = "instanttensor"
-                return {label: ahead.ring}
+                return {label: ahead.ring + self._held_by_instanttensor(plan, label)}
             plan.read_ahead = None  # the plan went elsewhere, or has no room for the ring beside the model
             ahead.close()
         if wanted == "auto":
@@ -146,7 +146,7 @@ class NativeEngine(Engine):
         if wanted == "instanttensor":
             if "readers" in options or "chunk_bytes" in options:
                 refuse_overflow(options, INSTANT_BUFFER)
-            return {label: INSTANT_BUFFER}
+            return {label: INSTANT_BUFFER + self._held_by_instanttensor(plan, label)}
         # pread onto a GPU: transient tensors beyond the largest group, counted here so that the
         # plan's peak holds. Not on the CPU, whose consumer quantizes with the readers' own cores.
         budgets, peaks = plan.report.placement.get("budget") or {}, plan.peak_bytes_per_device
@@ -157,6 +157,11 @@ class NativeEngine(Engine):
         allowance = in_flight_allowance(room, options.get("in_flight", "auto"))
         options["in_flight"] = min(allowance.values())
         return {device: n for device, n in allowance.items() if n}
+
+    def _held_by_instanttensor(self, plan: Plan, device: str) -> int:
+        """instanttensor's iterator keeps the tensor it handed out last while it clones the next:
+        a transient tensor the engine is done with stays alive beside the next one."""
+        return self._items(plan)[2].get(device, 0)
 
     def read_ahead(self, request: Any, inventory: Any, device: str) -> InstantReadAhead | None:
         """instanttensor starts reading every tensor onto ``device`` (a CUDA device) into a ring
