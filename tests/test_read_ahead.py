@@ -6,6 +6,7 @@ in tests/test_gpu.py; here its choices that need no GPU."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -242,6 +243,72 @@ def test_a_quantizing_load_reads_ahead_only_when_given_a_ring_size(llama, monkey
     request = LoadRequest(reference=llama, placement="cuda:0", quantization=quantization, engine_options=options)
     assert NativeEngine().read_ahead(request, plan.inventory, "cuda:0") is None
     assert bool(started) == reads_ahead
+
+
+@pytest.mark.parametrize("cached, options, reads_ahead", [
+    (0.0, {}, False), (0.4, {"read_ahead": "auto"}, False), (0.0, {"read_ahead": "2GiB"}, True),
+    (0.5, {}, True), (1.0, {}, True), (None, {}, True)])
+def test_a_checkpoint_out_of_the_page_cache_is_read_after_the_plan(llama, monkeypatch, cached, options, reads_ahead):
+    """Cold, the readers would queue the import of the model's code behind the weights; a ring size
+    given is read ahead anyway, and where the cache cannot be asked (None) the load reads ahead."""
+    from loadstone.contract.request import LoadRequest
+    from loadstone.engines import native
+
+    started, asked = [], []
+    monkeypatch.setattr(native, "start_read_ahead", lambda inventory, device, opts, **kw: started.append(opts))
+    monkeypatch.setattr(native, "cached_fraction", lambda paths: asked.append(list(paths)) or cached)
+    plan = loadstone.plan(llama, placement="cpu")
+    request = LoadRequest(reference=llama, placement="cuda:0", engine_options=options)
+    NativeEngine().read_ahead(request, plan.inventory, "cuda:0")
+    assert bool(started) == reads_ahead
+    assert asked in ([], [native.checkpoint_files(plan.inventory)])
+
+
+def _disk_folder(tmp_path):
+    """A folder whose pages the kernel can drop (tmpfs keeps its pages: then the checkout's)."""
+    import tempfile
+
+    def filesystem(path):
+        best, kind = "", ""
+        for line in open("/proc/mounts"):
+            mount, fstype = line.split()[1:3]
+            if str(path).startswith(mount) and len(mount) > len(best):
+                best, kind = mount, fstype
+        return kind
+
+    if filesystem(tmp_path.resolve()) not in ("tmpfs", "ramfs"):
+        return tmp_path
+    return tempfile.mkdtemp(dir=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and posix_fadvise are Linux's")
+def test_the_page_cache_is_asked_without_reading(tmp_path):
+    import shutil
+
+    from loadstone.engines.page_cache import cached_fraction
+
+    folder = _disk_folder(tmp_path)
+    try:
+        path = os.path.join(folder, "weights.bin")
+        with open(path, "wb") as fh:
+            fh.write(os.urandom(8 << 20))
+            fh.flush()
+            os.fsync(fh.fileno())
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        assert cached_fraction([path]) < 0.5
+        assert cached_fraction([path]) < 0.5  # asking read nothing in
+        with open(path, "rb") as fh:
+            fh.read()
+        assert cached_fraction([path]) == 1.0
+        empty = os.path.join(folder, "empty.bin")
+        open(empty, "wb").close()
+        assert cached_fraction([empty]) is None and cached_fraction([]) is None
+        assert cached_fraction([os.path.join(folder, "missing.bin")]) is None
+    finally:
+        if folder != tmp_path:
+            shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize("value,stored", [("auto", "auto"), ("off", 0), (0, 0), ("0", 0), ("4GiB", 4 * GiB),

@@ -1,0 +1,55 @@
+"""Whether a checkpoint's files are in the page cache, asked of the kernel (``mincore``) without
+reading them: a read-ahead from a cold disk makes the import of the model's code, which reads its
+own files from the same disk, wait behind gigabytes of weights."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from typing import Iterable
+
+PROBES_PER_FILE = 16
+
+
+def cached_fraction(paths: Iterable[str], probes: int = PROBES_PER_FILE) -> float | None:
+    """The share of ``probes`` pages per file, spread evenly over it, that are in the page cache;
+    ``None`` where that cannot be asked (not Linux, a file that cannot be mapped) or there is
+    nothing to ask about. Maps each file without touching it: nothing is read."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    resident = asked = 0
+    vector = ctypes.create_string_buffer(1)
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                continue
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if address in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                pages = -(-size // page)
+                for i in range(min(probes, pages)):
+                    offset = (pages - 1) * i // max(1, min(probes, pages) - 1) * page
+                    if libc.mincore(address + offset, page, vector) != 0:
+                        return None
+                    resident += vector.raw[0] & 1
+                    asked += 1
+            finally:
+                libc.munmap(address, size)
+        finally:
+            os.close(fd)
+    return resident / asked if asked else None
