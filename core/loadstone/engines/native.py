@@ -73,9 +73,10 @@ class NativeEngine(Engine):
                           "1 GiB ring buffer fits the budget; else pread), pread, instanttensor, or mmap (tensors "
                           "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
                           "then depends on the files; docs/user-guide.md, reader=mmap)",
-                "read_ahead": "auto (default: when the placement names one CUDA device, instanttensor starts reading "
-                              "before the plan, into a GPU ring of up to 8 GiB that fits beside the model), off, or "
-                              "the ring's size, e.g. 4GiB",
+                "read_ahead": "auto (default: when the placement names one CUDA device and the checkpoint is in the "
+                              "page cache, instanttensor starts reading before the plan, into a GPU ring of up to "
+                              "8 GiB that fits beside the model; not for a quantizing load), off, or the ring's size, "
+                              "e.g. 4GiB (read ahead even then)",
                 "in_flight": "auto (default: 256 MiB where the budget has room) or a size: GPU bytes of "
                              "full-precision tensors waiting to be quantized or fused beyond the largest one, so "
                              "that readers need not wait for each; counted in the plan's peak (pread reader)"}
@@ -169,7 +170,9 @@ class NativeEngine(Engine):
         """instanttensor starts reading every tensor onto ``device`` (a CUDA device) into a ring
         sized by :func:`~loadstone.engines.instant.read_ahead_ring`, unless the options ask for
         another reader or ``read_ahead=off``, or instanttensor cannot start (it is not installed,
-        the ring does not fit): then ``None``, and the plan picks the reader as without it."""
+        the ring does not fit): then ``None``, and the plan picks the reader as without it. With
+        ``read_ahead=auto`` a quantizing load and a checkpoint out of the page cache are not read
+        ahead either."""
         from ..contract.errors import LoadstoneError
 
         # CUDA only: asking the kernel to read a CPU load's files into the page cache ahead
