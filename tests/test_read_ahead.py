@@ -226,42 +226,47 @@ def test_the_native_engine_reads_ahead_onto_cuda_only(llama, options):
         assert engine.read_ahead(request, plan.inventory, "cuda:0") is None
 
 
-@pytest.mark.parametrize("quantization, options, reads_ahead", [
-    ("nf4", {}, False), ("int8", {"read_ahead": "auto"}, False), ("nf4", {"read_ahead": "2GiB"}, True),
-    (None, {}, True), ("none", {}, True)])
-def test_a_quantizing_load_reads_ahead_only_when_given_a_ring_size(llama, monkeypatch, quantization, options,
-                                                                   reads_ahead):
-    """Quantized on the device, the model is a third of the checkpoint: an automatic ring would
-    hold more device memory than the model. Whether the engine starts instanttensor is decided
-    before CUDA is asked anything, so it is seen here on any machine."""
+@pytest.fixture
+def native_starts(llama, monkeypatch):
+    """``ask(cached=..., **request_fields)``: whether the native engine starts instanttensor for a
+    CUDA load of ``llama`` (``start_read_ahead`` recorded, not run, so no GPU is needed), with the
+    page cache answering ``cached`` (forced: the test does not depend on what this machine has
+    cached). ``ask.asked`` holds the files the page cache was asked about."""
     from loadstone.contract.request import LoadRequest
     from loadstone.engines import native
 
-    started = []
-    monkeypatch.setattr(native, "start_read_ahead", lambda inventory, device, opts, **kw: started.append(opts))
-    plan = loadstone.plan(llama, placement="cpu")
-    request = LoadRequest(reference=llama, placement="cuda:0", quantization=quantization, engine_options=options)
-    assert NativeEngine().read_ahead(request, plan.inventory, "cuda:0") is None
-    assert bool(started) == reads_ahead
+    inventory = loadstone.plan(llama, placement="cpu").inventory
+
+    def ask(cached=1.0, **fields):
+        started, ask.asked = [], []
+        monkeypatch.setattr(native, "start_read_ahead", lambda inventory, device, opts, **kw: started.append(opts))
+        monkeypatch.setattr(native, "cached_fraction", lambda paths: ask.asked.append(list(paths)) or cached)
+        request = LoadRequest(reference=llama, placement="cuda:0", **fields)
+        assert NativeEngine().read_ahead(request, inventory, "cuda:0") is None  # what the recorder returned
+        return bool(started)
+
+    ask.files = native.checkpoint_files(inventory)
+    return ask
+
+
+@pytest.mark.parametrize("quantization, options, reads_ahead", [
+    ("nf4", {}, False), ("int8", {"read_ahead": "auto"}, False), ("nf4", {"read_ahead": "2GiB"}, True),
+    (None, {}, True), ("none", {}, True)])
+def test_a_quantizing_load_reads_ahead_only_when_given_a_ring_size(native_starts, quantization, options, reads_ahead):
+    """Quantized on the device, the model is a third of the checkpoint: an automatic ring would
+    hold more device memory than the model. Whether the engine starts instanttensor is decided
+    before CUDA is asked anything, so it is seen here on any machine."""
+    assert native_starts(quantization=quantization, engine_options=options) == reads_ahead
 
 
 @pytest.mark.parametrize("cached, options, reads_ahead", [
     (0.0, {}, False), (0.4, {"read_ahead": "auto"}, False), (0.0, {"read_ahead": "2GiB"}, True),
     (0.5, {}, True), (1.0, {}, True), (None, {}, True)])
-def test_a_checkpoint_out_of_the_page_cache_is_read_after_the_plan(llama, monkeypatch, cached, options, reads_ahead):
+def test_a_checkpoint_out_of_the_page_cache_is_read_after_the_plan(native_starts, cached, options, reads_ahead):
     """Cold, the readers would queue the import of the model's code behind the weights; a ring size
     given is read ahead anyway, and where the cache cannot be asked (None) the load reads ahead."""
-    from loadstone.contract.request import LoadRequest
-    from loadstone.engines import native
-
-    started, asked = [], []
-    monkeypatch.setattr(native, "start_read_ahead", lambda inventory, device, opts, **kw: started.append(opts))
-    monkeypatch.setattr(native, "cached_fraction", lambda paths: asked.append(list(paths)) or cached)
-    plan = loadstone.plan(llama, placement="cpu")
-    request = LoadRequest(reference=llama, placement="cuda:0", engine_options=options)
-    NativeEngine().read_ahead(request, plan.inventory, "cuda:0")
-    assert bool(started) == reads_ahead
-    assert asked in ([], [native.checkpoint_files(plan.inventory)])
+    assert native_starts(cached=cached, engine_options=options) == reads_ahead
+    assert native_starts.asked in ([], [native_starts.files])
 
 
 def _disk_folder(tmp_path):

@@ -186,12 +186,12 @@ class NativeEngine(Engine):
             return None  # the plan refuses them, in its own words
         if options.get("reader", "auto") not in ("auto", "instanttensor"):
             return None
-        if request.quantization not in (None, "none") and options.get("read_ahead", "auto") == "auto":
-            # Quantized on the device, the model takes a third of the checkpoint's bytes there: a
-            # ring of the checkpoint's size held 13.6 GiB of the H200 for a 5.4 GiB NF4 model, and
-            # the load was no faster (0.81 s against 0.73 s without it).
-            return None
         if options.get("read_ahead", "auto") == "auto":
+            if request.quantization not in (None, "none"):
+                # Quantized on the device, the model takes a third of the checkpoint's bytes there:
+                # a ring of the checkpoint's size held 13.6 GiB of the H200 for a 5.4 GiB NF4 model,
+                # and the load was no faster (0.81 s against 0.73 s without it).
+                return None
             cached = cached_fraction(checkpoint_files(inventory))
             if cached is not None and cached < 0.5:
                 # From a cold disk the readers queue the import of the model's code behind the
