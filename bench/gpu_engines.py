@@ -55,6 +55,8 @@ ROWS = {
     "loadstone_native_bf16_c16": ("loadstone", "bf16", "loadstone:reader=pread,chunk_bytes=16MiB"),
     "loadstone_native_bf16_r16": ("loadstone", "bf16", "loadstone:reader=pread,readers=16"),
     "loadstone_native_bf16_c4": ("loadstone", "bf16", "loadstone:reader=instanttensor,chunk_bytes=4MiB"),
+    "loadstone_native_bf16_c8": ("loadstone", "bf16", "loadstone:reader=instanttensor,chunk_bytes=8MiB"),
+    "loadstone_native_bf16_it16": ("loadstone", "bf16", "loadstone:reader=instanttensor,readers=16"),
     "loadstone_native_nf4_c4": ("loadstone", "nf4", "loadstone:reader=instanttensor,chunk_bytes=4MiB"),
     "loadstone_native_nf4_d8": ("loadstone", "nf4", "loadstone:reader=instanttensor,readers=8"),
     "loadstone_native_bf16_noahead": ("loadstone", "bf16", "loadstone:read_ahead=off"),
@@ -86,6 +88,7 @@ ROWS = {
     "cold_transformers_bf16": ("transformers", "bf16", None),
     "cold_loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
     "cold_loadstone_native_bf16_noahead": ("loadstone", "bf16", "loadstone:read_ahead=off"),
+    "cold_loadstone_native_bf16_buffered": ("loadstone", "bf16", "loadstone:io=buffered"),
     "e2e_loadstone_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
     "cold_loadstone_native_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
 }

@@ -19,6 +19,29 @@ VENV_PYTHON = sys.executable
 FIXTURE_DISTS = REPO / "tests" / "fixtures" / "dists"
 
 
+@pytest.fixture
+def disk_folder(tmp_path: Path) -> Any:
+    """An empty folder on a file system whose pages the kernel can drop and that takes O_DIRECT:
+    ``tmp_path``, unless that is tmpfs (which keeps every page in memory), then one in the
+    checkout, removed afterwards."""
+    import shutil
+    import tempfile
+
+    best, kind = "", ""
+    for line in open("/proc/mounts") if os.path.exists("/proc/mounts") else []:
+        mount, fstype = line.split()[1:3]
+        if str(tmp_path.resolve()).startswith(mount) and len(mount) > len(best):
+            best, kind = mount, fstype
+    if kind not in ("tmpfs", "ramfs"):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(dir=REPO, prefix=".disk-folder-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def sharded_llama(tiny_checkpoint: Callable[..., Path]) -> Path:
     """The Llama checkpoint every test shares: three shards plus an index."""

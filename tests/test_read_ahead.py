@@ -269,51 +269,28 @@ def test_a_checkpoint_out_of_the_page_cache_is_read_after_the_plan(native_starts
     assert native_starts.asked in ([], [native_starts.files])
 
 
-def _disk_folder(tmp_path):
-    """A folder whose pages the kernel can drop (tmpfs keeps its pages: then the checkout's)."""
-    import tempfile
-
-    def filesystem(path):
-        best, kind = "", ""
-        for line in open("/proc/mounts"):
-            mount, fstype = line.split()[1:3]
-            if str(path).startswith(mount) and len(mount) > len(best):
-                best, kind = mount, fstype
-        return kind
-
-    if filesystem(tmp_path.resolve()) not in ("tmpfs", "ramfs"):
-        return tmp_path
-    return tempfile.mkdtemp(dir=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and posix_fadvise are Linux's")
-def test_the_page_cache_is_asked_without_reading(tmp_path):
-    import shutil
-
+def test_the_page_cache_is_asked_without_reading(disk_folder):
     from loadstone.engines.page_cache import cached_fraction
 
-    folder = _disk_folder(tmp_path)
-    try:
-        path = os.path.join(folder, "weights.bin")
-        with open(path, "wb") as fh:
-            fh.write(os.urandom(8 << 20))
-            fh.flush()
-            os.fsync(fh.fileno())
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-        assert cached_fraction([path]) < 0.5
-        assert cached_fraction([path]) < 0.5  # asking read nothing in
-        with open(path, "rb") as fh:
-            fh.read()
-        assert cached_fraction([path]) == 1.0
-        empty = os.path.join(folder, "empty.bin")
-        open(empty, "wb").close()
-        assert cached_fraction([empty]) is None and cached_fraction([]) is None
-        assert cached_fraction([os.path.join(folder, "missing.bin")]) is None
-    finally:
-        if folder != tmp_path:
-            shutil.rmtree(folder)
+    folder = str(disk_folder)
+    path = os.path.join(folder, "weights.bin")
+    with open(path, "wb") as fh:
+        fh.write(os.urandom(8 << 20))
+        fh.flush()
+        os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert cached_fraction([path]) < 0.5
+    assert cached_fraction([path]) < 0.5  # asking read nothing in
+    with open(path, "rb") as fh:
+        fh.read()
+    assert cached_fraction([path]) == 1.0
+    empty = os.path.join(folder, "empty.bin")
+    open(empty, "wb").close()
+    assert cached_fraction([empty]) is None and cached_fraction([]) is None
+    assert cached_fraction([os.path.join(folder, "missing.bin")]) is None
 
 
 @pytest.mark.parametrize("value,stored", [("auto", "auto"), ("off", 0), (0, 0), ("0", 0), ("4GiB", 4 * GiB),

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from ..contract.engines import ReadAhead
 from ..contract.units import format_size
+from .page_cache import cached_fraction
 from .reader import SafetensorsReader
 from .streaming import StreamItem
 
@@ -29,6 +30,11 @@ INSTANT_CHUNK = 4 << 20
 # read_ahead) holds more device memory during the load for little more overlap.
 READ_AHEAD_MAX = 8 << 30
 READ_AHEAD_MARGIN = 1 << 30  # device memory left over beside the model and the ring
+# Direct reads (io=direct): instanttensor's own chunk for them, and at most this many in flight,
+# about what a 16-thread O_DIRECT read of 64 MiB chunks keeps queued (the benchmark's cold disk row).
+DIRECT_CHUNK = 8 << 20
+DIRECT_DEPTH = 64
+COLD_FRACTION = 0.5  # below this share of the checkpoint in the page cache, io=auto reads directly
 
 
 def read_ahead_ring(free: int, needed: int, checkpoint: int, asked: int | None) -> int:
@@ -55,7 +61,8 @@ def check_instant_ring(options: dict[str, Any], ring: int = INSTANT_BUFFER) -> s
     that the plan refuses them instead), or ``None`` when it takes them."""
     from instanttensor._impl import required_buffer_size_for_io
 
-    depth, chunk = options.get("readers", 1), options.get("chunk_bytes", INSTANT_CHUNK)
+    default_chunk = DIRECT_CHUNK if options.get("io") == "direct" else INSTANT_CHUNK
+    depth, chunk = options.get("readers", 1), options.get("chunk_bytes", default_chunk)
     needed = required_buffer_size_for_io(chunk, depth, 1)
     if needed > ring:
         return (f"engine options readers={depth} and chunk_bytes={format_size(chunk)} need a "
@@ -63,16 +70,41 @@ def check_instant_ring(options: dict[str, Any], ring: int = INSTANT_BUFFER) -> s
     return None
 
 
+def instanttensor_installed() -> bool:
+    """Whether the optional instanttensor package can be imported (asked without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("instanttensor") is not None
+
+
+def instant_io(asked: str, files: list[str]) -> str:
+    """``io=auto`` settled: ``"direct"`` when less than :data:`COLD_FRACTION` of ``files`` is in the
+    page cache (a cold disk read past the page cache at its full speed), else ``"buffered"``."""
+    if asked != "auto":
+        return asked
+    cached = cached_fraction(files)
+    return "direct" if cached is not None and cached < COLD_FRACTION else "buffered"
+
+
 def _open(files: list[str], device: str, ring: int, io_depth: int | None, chunk_bytes: int | None,
-          names: list[str] | None = None) -> Any:
+          names: list[str] | None = None, direct: bool = False) -> Any:
     """An instanttensor handle reading ``files`` (only the tensors ``names``, if given) onto
-    ``device`` through the page cache; it starts reading at once."""
+    ``device`` through the page cache, or past it (``direct``: O_DIRECT, or memory-mapped where the
+    files are in memory, on tmpfs); it starts reading at once."""
     from instanttensor import safe_open
-    from instanttensor._impl import BackendPolicy
+    from instanttensor._impl import Backend, BackendPolicy, required_buffer_size_for_io
 
     selection = {} if names is None else {"tensor_filter": names, "tensor_name_match_mode": "exact"}
-    handle = safe_open(files, framework="pt", device=device, backend=BackendPolicy.BUFFERED, buffer_size=ring,
-                       io_depth=io_depth, chunk_size=chunk_bytes or INSTANT_CHUNK, **selection)
+    if direct:
+        # named, so that INSTANTTENSOR_BACKEND cannot turn it into something else; a depth that fits
+        # the ring, so that instanttensor need not shrink it (with a warning)
+        chunk = chunk_bytes or DIRECT_CHUNK
+        depth = io_depth or max(1, min(DIRECT_DEPTH, ring // required_buffer_size_for_io(chunk, 1, 1)))
+        handle = safe_open(files, framework="pt", device=device, backend=[Backend.URING, Backend.AIO, Backend.MMAP],
+                           buffer_size=ring, io_depth=depth, chunk_size=chunk, **selection)
+    else:
+        handle = safe_open(files, framework="pt", device=device, backend=BackendPolicy.BUFFERED, buffer_size=ring,
+                           io_depth=io_depth, chunk_size=chunk_bytes or INSTANT_CHUNK, **selection)
     return handle.__enter__()  # entered once (it opened already): closing it is then always its __exit__
 
 
@@ -111,13 +143,17 @@ class InstantTensorStream:
 
     :param ahead: a read-ahead of these files to continue, instead of opening them afresh (its
         ring then replaces ``buffer_bytes``; tensors it reads that no item wants are dropped).
+    :param direct: read past the page cache (engine option ``io=direct``); where instanttensor
+        cannot (a file system without O_DIRECT), it reads through the page cache and says why in
+        :attr:`fallback`.
     """
 
     accelerated = True
     chunk = 0
 
     def __init__(self, reader: SafetensorsReader, items: list[StreamItem], *, buffer_bytes: int = INSTANT_BUFFER,
-                 io_depth: int | None = None, chunk_bytes: int | None = None, ahead: InstantReadAhead | None = None):
+                 io_depth: int | None = None, chunk_bytes: int | None = None, ahead: InstantReadAhead | None = None,
+                 direct: bool = False):
         devices = {item.device for item in items}
         if len(devices) != 1 or not next(iter(devices), "cpu").startswith("cuda"):
             raise ValueError("the instanttensor reader loads onto one CUDA device")
@@ -128,6 +164,7 @@ class InstantTensorStream:
         self.gpus = sorted(devices)
         self.readers = "instanttensor"
         self.ahead = ahead
+        self.direct, self.fallback = direct and ahead is None, None
         if ahead is not None and (ahead.device != self.gpus[0]
                                   or not {os.fspath(i.info.file) for i in items} <= set(ahead.files)):
             raise ValueError(f"the read-ahead reads {len(ahead.files)} files onto {ahead.device}, "
@@ -142,8 +179,7 @@ class InstantTensorStream:
         if self.ahead is not None:
             handle = self.ahead.take()
         else:
-            handle = _open(sorted({os.fspath(item.info.file) for item in self.items}), self.gpus[0], self.buffer_bytes,
-                           self.io_depth, self.chunk_bytes, sorted(wanted))
+            handle = self._open(sorted({os.fspath(item.info.file) for item in self.items}), sorted(wanted))
         stash: dict[str, Any] = {}
         with torch.cuda.device(self.gpus[0]), handle:
             arriving = handle.tensors()
@@ -155,6 +191,14 @@ class InstantTensorStream:
                     tensor = None
                 yield item, stash.pop(item.info.name)
 
+    def _open(self, files: list[str], names: list[str]) -> Any:
+        if self.direct:
+            try:
+                return _open(files, self.gpus[0], self.buffer_bytes, self.io_depth, self.chunk_bytes, names, direct=True)
+            except Exception as exc:  # noqa: BLE001 (any refusal of O_DIRECT: the page cache still serves)
+                self.fallback = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return _open(files, self.gpus[0], self.buffer_bytes, self.io_depth, self.chunk_bytes, names)
+
     def release(self, item: StreamItem) -> None:
         """Nothing to release: each tensor is torch memory of its own."""
 
@@ -165,7 +209,8 @@ def refuse_overflow(options: dict[str, Any], ring: int) -> None:
     if problem:
         from ..contract.errors import OptionError
 
-        depth, chunk = options.get("readers", 1), options.get("chunk_bytes", INSTANT_CHUNK)
+        depth = options.get("readers", 1)
+        chunk = options.get("chunk_bytes", DIRECT_CHUNK if options.get("io") == "direct" else INSTANT_CHUNK)
         raise OptionError(problem + ".", field="engine option readers", found=f"readers={depth}, chunk_bytes={chunk}",
                           expected=f"readers x chunk_bytes within {format_size(ring)}",
                           fix="pass fewer readers or a smaller chunk_bytes")
@@ -194,10 +239,8 @@ def start_read_ahead(inventory: Any, device: str, options: dict[str, Any], *, wi
     instanttensor not installed, a ring that does not fit (:func:`read_ahead_ring`; ``wider``: how
     many times the checkpoint's bytes the model takes on the device), or instanttensor failing to
     start (a file system it cannot read, the memory taken meanwhile)."""
-    import importlib.util
-
     asked = options.get("read_ahead", "auto")
-    if asked == 0 or importlib.util.find_spec("instanttensor") is None:
+    if asked == 0 or not instanttensor_installed():
         return None
     import torch
 

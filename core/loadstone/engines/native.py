@@ -34,16 +34,15 @@ from .instant import (
     InstantReadAhead,
     InstantTensorStream,
     checkpoint_files,
-    read_ahead_option,
+    instant_io,
+    instanttensor_installed,
     refuse_overflow,
     start_read_ahead,
 )
+from .native_options import OPTION_HELP, normalize_native_options
 from .page_cache import cached_fraction
 from .reader import SafetensorsReader
-from .streaming import DEFAULT_CHUNK_BYTES, StreamItem, TensorStream, in_flight_allowance, in_flight_option
-
-READERS = ("auto", "pread", "instanttensor", "mmap")
-
+from .streaming import DEFAULT_CHUNK_BYTES, StreamItem, TensorStream, in_flight_allowance
 
 class NativeEngine(Engine):
     name = "loadstone"
@@ -64,62 +63,21 @@ class NativeEngine(Engine):
         return problems
 
     def option_help(self) -> dict[str, str]:
-        return {"readers": "pread reader threads (default: one per core, at least 4 and at most 8); with "
-                           "reader=instanttensor, its reads in flight (its io_depth)",
-                "chunk_bytes": "bytes per read (defaults: 8MiB for pread, 4MiB for instanttensor); each pread reader "
-                               "holds two pinned buffers of this size when loading onto a GPU; instanttensor holds one "
-                               "host buffer per read in flight",
-                "reader": "auto (default: instanttensor where it is installed, the load goes to one CUDA device and its "
-                          "1 GiB ring buffer fits the budget; else pread), pread, instanttensor, or mmap (tensors "
-                          "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
-                          "then depends on the files; docs/user-guide.md, reader=mmap)",
-                "read_ahead": "auto (default: when the placement names one CUDA device and the checkpoint is in the "
-                              "page cache, instanttensor starts reading before the plan, into a GPU ring of up to "
-                              "8 GiB that fits beside the model; not for a quantizing load), off, or the ring's size, "
-                              "e.g. 4GiB (read ahead even then)",
-                "in_flight": "auto (default: 256 MiB where the budget has room) or a size: GPU bytes of "
-                             "full-precision tensors waiting to be quantized or fused beyond the largest one, so "
-                             "that readers need not wait for each; counted in the plan's peak (pread reader)"}
+        return dict(OPTION_HELP)
 
     def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        from ..contract.errors import OptionError
-        from ..contract.units import parse_size
-
-        out = super().normalize_options(options)
-        if "readers" in out:
-            readers = out["readers"]
-            if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= 256:
-                raise OptionError(f"engine option readers={readers!r} is not a thread count.",
-                                  field="engine option readers", expected="an integer from 1 to 256",
-                                  found=repr(readers), fix="pass e.g. readers=8")
-        if out.get("reader", "auto") not in READERS:
-            raise OptionError(f"engine option reader={out['reader']!r} is not a reader.", field="engine option reader",
-                              expected=", ".join(READERS), found=repr(out["reader"]), fix="pass reader=pread")
-        if "read_ahead" in out:
-            out["read_ahead"] = read_ahead_option(out["read_ahead"])
-        if "in_flight" in out:
-            out["in_flight"] = in_flight_option(out["in_flight"])
-        if "chunk_bytes" in out:
-            out["chunk_bytes"] = parse_size(out["chunk_bytes"], field="engine option chunk_bytes")
-            if not (1 << 20) <= out["chunk_bytes"] <= (1 << 30):
-                raise OptionError("engine option chunk_bytes must lie between 1 MiB and 1 GiB.",
-                                  field="engine option chunk_bytes", expected="1MiB .. 1GiB",
-                                  found=out["chunk_bytes"], fix="pass e.g. chunk_bytes=16MiB")
-        return out
+        return normalize_native_options(super().normalize_options(options))
 
     def extra_bytes(self, plan: Plan) -> dict[str, int]:
         """Settles the reader: instanttensor reads faster into one CUDA device (37.6 against 30.2
         GB/s for an 8B checkpoint on an H200, bench/results), through a ring buffer of its own
         outside torch's allocator, which the plan then counts."""
-        import importlib.util
-
         options = plan.engine_options
         wanted = options.get("reader", "auto")
         devices = {str(d) for d in plan.device_map.values()}
         device = next(iter(devices)) if len(devices) == 1 else None
         label = f"cuda:{device}" if device is not None and device.isdigit() else device
-        usable = (label is not None and label.startswith("cuda")
-                  and importlib.util.find_spec("instanttensor") is not None)
+        usable = label is not None and label.startswith("cuda") and instanttensor_installed()
         if wanted == "instanttensor" and not usable:
             from ..contract.errors import OptionError
 
@@ -139,14 +97,22 @@ class NativeEngine(Engine):
         if isinstance(ahead, InstantReadAhead):
             if wanted in ("auto", "instanttensor") and usable and ahead.device == label and (
                     room is None or room >= ahead.ring):
-                options["reader"] = "instanttensor"
+                options["reader"], options["io"] = "instanttensor", "buffered"
                 return {label: ahead.ring + self._held_by_instanttensor(plan, label)}
             plan.read_ahead = None  # the plan went elsewhere, or has no room for the ring beside the model
             ahead.close()
         if wanted == "auto":
             wanted = "instanttensor" if usable and (room is None or room >= INSTANT_BUFFER) else "pread"
         options["reader"] = wanted
+        if wanted != "instanttensor" and options.pop("io", "auto") == "direct":
+            from ..contract.errors import OptionError
+
+            raise OptionError("engine option io=direct reads with instanttensor, which this load cannot use: it needs "
+                              "the instanttensor package, one CUDA device and room for its 1 GiB ring.",
+                              field="engine option io", found="direct", expected="io=auto or io=buffered here",
+                              fix="drop io=direct")
         if wanted == "instanttensor":
+            options["io"] = instant_io(options.get("io", "auto"), checkpoint_files(plan.inventory))
             if "readers" in options or "chunk_bytes" in options:
                 refuse_overflow(options, INSTANT_BUFFER)
             return {label: INSTANT_BUFFER + self._held_by_instanttensor(plan, label)}
@@ -184,7 +150,7 @@ class NativeEngine(Engine):
             options = self.normalize_options(dict(request.engine_options))
         except LoadstoneError:
             return None  # the plan refuses them, in its own words
-        if options.get("reader", "auto") not in ("auto", "instanttensor"):
+        if options.get("reader", "auto") not in ("auto", "instanttensor") or options.get("io") == "direct":
             return None
         if options.get("read_ahead", "auto") == "auto":
             if request.quantization not in (None, "none"):
@@ -222,7 +188,8 @@ class NativeEngine(Engine):
             ahead = plan.read_ahead if isinstance(plan.read_ahead, InstantReadAhead) else None
             if options.get("reader") == "instanttensor":
                 stream = InstantTensorStream(reader, items, buffer_bytes=INSTANT_BUFFER, io_depth=options.get("readers"),
-                                             chunk_bytes=options.get("chunk_bytes"), ahead=ahead)
+                                             chunk_bytes=options.get("chunk_bytes"), ahead=ahead,
+                                             direct=options.get("io") == "direct")
             else:
                 stream = TensorStream(reader, items, readers=options.get("readers"),
                                       chunk_bytes=options.get("chunk_bytes", DEFAULT_CHUNK_BYTES),
@@ -232,7 +199,9 @@ class NativeEngine(Engine):
                          f"before this stage, while the plan was made (read_ahead: a {format_size(ahead.ring)} GPU "
                          f"ring buffer outside torch's allocator)")
             elif isinstance(stream, InstantTensorStream):
-                ctx.note("engine loadstone: instanttensor reader (a 1 GiB GPU ring buffer outside torch's allocator)")
+                ctx.note("engine loadstone: instanttensor reader (a 1 GiB GPU ring buffer outside torch's allocator), "
+                         + ("direct reads (io=direct: past the page cache)" if stream.direct else
+                            "reads through the page cache"))
             elif items:
                 ctx.note(f"engine loadstone: {stream.readers} pread reader threads, {stream.chunk >> 20} MiB chunks"
                          + (", pinned buffers and CUDA streams" if stream.accelerated else ""))
@@ -257,6 +226,8 @@ class NativeEngine(Engine):
                     ctx.backend.load_tensor(module_name, modules[module_name], name, tensor, qctx)
                     tensor = None
                     stream.release(item)
+            if getattr(stream, "fallback", None):
+                ctx.note(f"engine loadstone: io=direct was refused ({stream.fallback}); read through the page cache")
             for device in stream.gpus:  # the copies are done, on every GPU, before the clock says so
                 torch.cuda.synchronize(device)
         streamed_s = time.perf_counter() - started - skeleton_s

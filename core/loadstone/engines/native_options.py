@@ -1,0 +1,71 @@
+"""The native engine's options: what each means (``loadstone plugins`` prints it) and their
+validation. Defaults that depend on the plan (the reader, ``in_flight``, ``io``) are settled later,
+in :meth:`NativeEngine.extra_bytes <loadstone.engines.native.NativeEngine.extra_bytes>`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .instant import read_ahead_option
+from .streaming import in_flight_option
+
+READERS = ("auto", "pread", "instanttensor", "mmap")
+IO_MODES = ("auto", "buffered", "direct")
+
+OPTION_HELP = {
+    "readers": "pread reader threads (default: one per core, at least 4 and at most 8); with "
+               "reader=instanttensor, its reads in flight (its io_depth)",
+    "chunk_bytes": "bytes per read (defaults: 8MiB for pread and for instanttensor's direct reads, 4MiB for its "
+                   "buffered ones); each pread reader holds two pinned buffers of this size when loading onto a GPU; "
+                   "instanttensor holds one host buffer per read in flight",
+    "reader": "auto (default: instanttensor where it is installed, the load goes to one CUDA device and its "
+              "1 GiB ring buffer fits the budget; else pread), pread, instanttensor, or mmap (tensors "
+              "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
+              "then depends on the files; docs/user-guide.md, reader=mmap)",
+    "read_ahead": "auto (default: when the placement names one CUDA device and the checkpoint is in the "
+                  "page cache, instanttensor starts reading before the plan, into a GPU ring of up to "
+                  "8 GiB that fits beside the model; not for a quantizing load), off, or the ring's size, "
+                  "e.g. 4GiB (read ahead even then)",
+    "in_flight": "auto (default: 256 MiB where the budget has room) or a size: GPU bytes of "
+                 "full-precision tensors waiting to be quantized or fused beyond the largest one, so "
+                 "that readers need not wait for each; counted in the plan's peak (pread reader)",
+    "io": "how instanttensor reads the files: auto (default: direct when less than half of the checkpoint "
+          "is in the page cache, else buffered), buffered (through the page cache, which keeps the files "
+          "for the next load), or direct (O_DIRECT, past the page cache: a cold disk at its full speed, "
+          "and the next load reads the disk again)",
+}
+
+
+def normalize_native_options(out: dict[str, Any]) -> dict[str, Any]:
+    """``out`` (unknown names already refused) with every value checked and sizes parsed; raises
+    :class:`~loadstone.OptionError` naming the option, what it got and what it takes."""
+    from ..contract.errors import OptionError
+    from ..contract.units import parse_size
+
+    if "readers" in out:
+        readers = out["readers"]
+        if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= 256:
+            raise OptionError(f"engine option readers={readers!r} is not a thread count.",
+                              field="engine option readers", expected="an integer from 1 to 256",
+                              found=repr(readers), fix="pass e.g. readers=8")
+    for name, allowed, fix in (("reader", READERS, "pass reader=pread"), ("io", IO_MODES, "pass io=buffered")):
+        value = out.get(name, "auto")
+        if not isinstance(value, str) or value not in allowed:
+            raise OptionError(f"engine option {name}={value!r} is not one of {', '.join(allowed)}.",
+                              field=f"engine option {name}", expected=", ".join(allowed), found=repr(value)[:80],
+                              fix=fix)
+    if "read_ahead" in out:
+        out["read_ahead"] = read_ahead_option(out["read_ahead"])
+    if "in_flight" in out:
+        out["in_flight"] = in_flight_option(out["in_flight"])
+    if "chunk_bytes" in out:
+        out["chunk_bytes"] = parse_size(out["chunk_bytes"], field="engine option chunk_bytes")
+        if not (1 << 20) <= out["chunk_bytes"] <= (1 << 30):
+            raise OptionError("engine option chunk_bytes must lie between 1 MiB and 1 GiB.",
+                              field="engine option chunk_bytes", expected="1MiB .. 1GiB",
+                              found=out["chunk_bytes"], fix="pass e.g. chunk_bytes=16MiB")
+    if out.get("io") == "direct" and out.get("reader", "auto") not in ("auto", "instanttensor"):
+        raise OptionError(f"engine option io=direct is instanttensor's, and reader={out['reader']} was asked for.",
+                          field="engine option io", found="direct", expected="io=auto or io=buffered with this reader",
+                          fix="drop io=direct, or pass reader=instanttensor")
+    return out
