@@ -1,2 +1,2 @@
 export PYTHONPATH=/tmp/site:$PWD/core:$PWD/plugins/loadstone-bnb
-timeout 560 python3 bench/gpu_engines.py $OUT/bench --repeat 2 --rows cold_disk_read,cold_transformers_bf16,cold_loadstone_native_bf16,cold_loadstone_native_bf16_buffered 2>&1 | tail -8
+timeout 500 python3 bench/gpu_engines.py $OUT/bench --repeat 4 --rows instanttensor_buffered,loadstone_native_bf16,loadstone_native_bf16_ahead16,loadstone_native_bf16_noahead 2>&1 | tail -6

@@ -89,6 +89,7 @@ ROWS = {
     "cold_loadstone_native_bf16": ("loadstone", "bf16", "loadstone"),
     "cold_loadstone_native_bf16_noahead": ("loadstone", "bf16", "loadstone:read_ahead=off"),
     "cold_loadstone_native_bf16_buffered": ("loadstone", "bf16", "loadstone:io=buffered"),
+    "cold_loadstone_native_bf16_d64": ("loadstone", "bf16", "loadstone:io=direct,readers=64"),
     "e2e_loadstone_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
     "cold_loadstone_native_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
 }

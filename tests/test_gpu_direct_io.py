@@ -74,9 +74,11 @@ def test_a_cold_checkpoint_is_read_directly_and_gives_the_same_model(llama_on_di
     assert_same_weights(warm.model, reference.model)
 
 
-def test_direct_reads_on_a_warm_checkpoint_when_asked(llama_on_disk):
+def test_direct_reads_on_a_warm_checkpoint_when_asked(llama_on_disk, recwarn):
     asked = _load(llama_on_disk, io="direct")
     plain = _load(llama_on_disk, io="buffered", read_ahead="off")
+    # the checkpoint is smaller than the 1 GiB ring: instanttensor trims it, and that is not the user's business
+    assert not [w for w in recwarn if "buffer size" in str(w.message)], [str(w.message) for w in recwarn]
     assert asked.plan.engine_options["io"] == "direct" and plain.plan.engine_options["io"] == "buffered"
     assert_same_weights(asked.model, plain.model)
 

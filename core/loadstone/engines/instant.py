@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any, Iterator
 
 from ..contract.engines import ReadAhead
@@ -30,10 +31,10 @@ INSTANT_CHUNK = 4 << 20
 # read_ahead) holds more device memory during the load for little more overlap.
 READ_AHEAD_MAX = 8 << 30
 READ_AHEAD_MARGIN = 1 << 30  # device memory left over beside the model and the ring
-# Direct reads (io=direct): instanttensor's own chunk for them, and at most this many in flight,
-# about what a 16-thread O_DIRECT read of 64 MiB chunks keeps queued (the benchmark's cold disk row).
+# Direct reads (io=direct): instanttensor's own chunk for them, and at most this many in flight
+# (each holds a pinned host buffer of the chunk's size: 128 MiB in all).
 DIRECT_CHUNK = 8 << 20
-DIRECT_DEPTH = 64
+DIRECT_DEPTH = 16
 COLD_FRACTION = 0.5  # below this share of the checkpoint in the page cache, io=auto reads directly
 
 
@@ -91,21 +92,29 @@ def _open(files: list[str], device: str, ring: int, io_depth: int | None, chunk_
     """An instanttensor handle reading ``files`` (only the tensors ``names``, if given) onto
     ``device`` through the page cache, or past it (``direct``: O_DIRECT, or memory-mapped where the
     files are in memory, on tmpfs); it starts reading at once."""
+    selection = {} if names is None else {"tensor_filter": names, "tensor_name_match_mode": "exact"}
+    with warnings.catch_warnings():
+        # instanttensor trims a ring bigger than the tensors it reads, and says so: the plan counted
+        # the whole ring, an upper bound, and a user has nothing to act on
+        warnings.filterwarnings("ignore", message="Shrink buffer size", category=RuntimeWarning)
+        handle = _safe_open(files, device, ring, io_depth, chunk_bytes, selection, direct)
+    return handle.__enter__()  # entered once (it opened already): closing it is then always its __exit__
+
+
+def _safe_open(files: list[str], device: str, ring: int, io_depth: int | None, chunk_bytes: int | None,
+               selection: dict[str, Any], direct: bool) -> Any:
     from instanttensor import safe_open
     from instanttensor._impl import Backend, BackendPolicy, required_buffer_size_for_io
 
-    selection = {} if names is None else {"tensor_filter": names, "tensor_name_match_mode": "exact"}
     if direct:
         # named, so that INSTANTTENSOR_BACKEND cannot turn it into something else; a depth that fits
         # the ring, so that instanttensor need not shrink it (with a warning)
         chunk = chunk_bytes or DIRECT_CHUNK
         depth = io_depth or max(1, min(DIRECT_DEPTH, ring // required_buffer_size_for_io(chunk, 1, 1)))
-        handle = safe_open(files, framework="pt", device=device, backend=[Backend.URING, Backend.AIO, Backend.MMAP],
-                           buffer_size=ring, io_depth=depth, chunk_size=chunk, **selection)
-    else:
-        handle = safe_open(files, framework="pt", device=device, backend=BackendPolicy.BUFFERED, buffer_size=ring,
-                           io_depth=io_depth, chunk_size=chunk_bytes or INSTANT_CHUNK, **selection)
-    return handle.__enter__()  # entered once (it opened already): closing it is then always its __exit__
+        return safe_open(files, framework="pt", device=device, backend=[Backend.URING, Backend.AIO, Backend.MMAP],
+                         buffer_size=ring, io_depth=depth, chunk_size=chunk, **selection)
+    return safe_open(files, framework="pt", device=device, backend=BackendPolicy.BUFFERED, buffer_size=ring,
+                     io_depth=io_depth, chunk_size=chunk_bytes or INSTANT_CHUNK, **selection)
 
 
 class InstantReadAhead(ReadAhead):
