@@ -199,8 +199,10 @@ class NativeEngine(Engine):
                          f"before this stage, while the plan was made (read_ahead: a {format_size(ahead.ring)} GPU "
                          f"ring buffer outside torch's allocator)")
             elif isinstance(stream, InstantTensorStream):
+                chosen = "io=auto found the checkpoint out of the page cache" if plan.request.engine_options.get(
+                    "io", "auto") == "auto" else "io=direct"
                 ctx.note("engine loadstone: instanttensor reader (a 1 GiB GPU ring buffer outside torch's allocator), "
-                         + ("direct reads (io=direct: past the page cache)" if stream.direct else
+                         + (f"direct reads past the page cache ({chosen})" if stream.direct else
                             "reads through the page cache"))
             elif items:
                 ctx.note(f"engine loadstone: {stream.readers} pread reader threads, {stream.chunk >> 20} MiB chunks"
