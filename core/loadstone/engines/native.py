@@ -44,6 +44,7 @@ from .page_cache import cached_fraction
 from .reader import SafetensorsReader
 from .streaming import DEFAULT_CHUNK_BYTES, StreamItem, TensorStream, in_flight_allowance
 
+
 class NativeEngine(Engine):
     name = "loadstone"
     preference = 100
