@@ -74,9 +74,9 @@ def test_an_asked_ring_size_is_the_one_used(gigabyte_llama):
     assert loaded.report.engine["read_ahead"] == {"cuda:0": GiB}
 
 
-def test_a_ring_that_does_not_fit_the_plan_is_given_back_and_the_plan_reads_after(gigabyte_llama):
-    """A budget of 1.5 GiB holds the model (1.0 GiB) but not the ring beside it: the engine closes
-    the read-ahead at plan time and reads with pread, the same model."""
+def test_a_ring_that_does_not_fit_the_budget_is_not_read_into_and_the_plan_reads_after(gigabyte_llama):
+    """A budget of 1.5 GiB holds the model (1.0 GiB) but not a ring beside it: the engine reads
+    nothing ahead (the ring is sized within max_memory) and reads with pread, the same model."""
     free_before = _free_after_cleanup()
     loaded = loadstone.load(gigabyte_llama, placement="cuda:0", max_memory={0: "1.5GiB", "cpu": "64GiB"},
                             progress=False, trainable=False)

@@ -189,14 +189,17 @@ def test_the_plan_counts_what_the_read_ahead_holds_as_free(llama):
 
 
 @pytest.mark.parametrize("free,needed,checkpoint,asked,ring", [
-    (140 * GiB, 16 * GiB, 16 * GiB, None, READ_AHEAD_MAX),  # an 8B model on an H200: the most that helps
+    (140 * GiB, 16 * GiB, 16 * GiB, None, 16 * GiB),  # an 8B model on an H200: the whole checkpoint
+    (140 * GiB, 32 * GiB, 32 * GiB, None, READ_AHEAD_MAX),  # a 16B one: the most that helps
     (140 * GiB, 2 * GiB, 2 * GiB, None, 2 * GiB),  # never more than the checkpoint
     (140 * GiB, 1 << 20, 1 << 20, None, INSTANT_BUFFER),  # nor less than the ring a load uses anyway
     (140 * GiB, 16 * GiB, 16 * GiB, 4 * GiB, 4 * GiB),  # the user's size
-    (24 * GiB, 16 * GiB, 16 * GiB, None, 0),  # a 24 GiB GPU: 8 GiB left, minus the margin, is too little
-    (26 * GiB, 16 * GiB, 16 * GiB, None, READ_AHEAD_MAX),  # 9 GiB beside the model: fits
-    (14 * GiB, 2 * GiB, 16 * GiB, None, 0),  # 11 GiB beside an NF4 model, but instanttensor takes half of 14
-    (40 * GiB, 16 * GiB, 16 * GiB, None, READ_AHEAD_MAX),  # 23 GiB room, 20 GiB half: fits
+    (24 * GiB, 16 * GiB, 16 * GiB, None, 7 * GiB),  # a 24 GiB GPU: 8 GiB left, less the margin
+    (26 * GiB, 16 * GiB, 16 * GiB, None, 9 * GiB),  # 9 GiB beside the model
+    (14 * GiB, 2 * GiB, 16 * GiB, None, 7 * GiB),  # 11 GiB beside an NF4 model, but instanttensor takes half of 14
+    (18 * GiB, 16 * GiB, 16 * GiB, None, INSTANT_BUFFER),  # 1 GiB of room: the smallest ring
+    (35 * GiB // 2, 16 * GiB, 16 * GiB, None, 0),  # half a GiB of room: none
+    (40 * GiB, 16 * GiB, 16 * GiB, None, 16 * GiB),  # 23 GiB room, 20 GiB half: the checkpoint fits
     (40 * GiB, 16 * GiB, 16 * GiB, 32 * GiB, 16 * GiB),  # an asked size, cut to the checkpoint
     (40 * GiB, 8 * GiB, 32 * GiB, 24 * GiB, 0),  # an asked size that does not fit: no read-ahead
     (3 * GiB, 4 * GiB, 4 * GiB, None, 0),  # the model alone does not fit
@@ -208,8 +211,26 @@ def test_the_ring_fits_beside_the_model(free, needed, checkpoint, asked, ring):
 def test_the_ring_leaves_the_margin(tmp_path):
     free, needed = 20 * GiB, 10 * GiB
     ring = read_ahead_ring(free, needed, 10 * GiB, None)
-    assert ring == READ_AHEAD_MAX and free - needed - ring >= READ_AHEAD_MARGIN
+    assert ring == free - needed - READ_AHEAD_MARGIN
     assert read_ahead_ring(free, needed, 10 * GiB, free - needed - READ_AHEAD_MARGIN + 1) == 0
+
+
+@pytest.mark.parametrize("max_memory, budget", [(None, None), ({"cuda:0": "6GiB"}, 6 * GiB), ({0: "2GiB"}, 2 * GiB),
+                                                ({"cuda:1": "6GiB", "cpu": "8GiB"}, None)])
+def test_the_users_budget_for_the_device_bounds_the_ring(llama, monkeypatch, max_memory, budget):
+    """The plan holds the ring to ``max_memory``: a ring sized by the free memory alone would be
+    read into and then given back at plan time."""
+    from loadstone.contract.request import LoadRequest
+    from loadstone.engines import native
+
+    inventory = loadstone.plan(llama, placement="cpu").inventory
+    seen = []
+    monkeypatch.setattr(native, "start_read_ahead", lambda inventory, device, opts, **kw: seen.append(kw))
+    monkeypatch.setattr(native, "cached_fraction", lambda paths: 1.0)
+    request = LoadRequest(reference=llama, placement="cuda:0", max_memory=max_memory)
+    request.validate()
+    NativeEngine().read_ahead(request, inventory, "cuda:0")
+    assert seen == [{"wider": 1, "budget": budget}]
 
 
 @pytest.mark.parametrize("options", [{}, {"reader": "pread"}, {"read_ahead": "off"}, {"readers": "many"}])

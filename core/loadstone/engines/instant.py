@@ -26,10 +26,12 @@ INSTANT_BUFFER = 1 << 30  # the ring of a load that did not read ahead
 # Bytes per read: 4 MiB loaded an 8B checkpoint in 0.49 s against 0.61 s with instanttensor's own
 # 8 MiB, and holds half the host memory in flight (H200, bench/results/h200_gpu_engines_2026-12-03_read_ahead.json).
 INSTANT_CHUNK = 4 << 20
-# The most a read-ahead ring holds by default: about what the page cache delivers (40 GB/s) while
-# an 8B model's code is imported and its load planned (0.2-0.3 s); a bigger ring (engine option
-# read_ahead) holds more device memory during the load for little more overlap.
-READ_AHEAD_MAX = 8 << 30
+# The most a read-ahead ring holds by default: more than the page cache delivers (40 GB/s) while
+# a model's code is imported and its load planned (0.25 s for an 8B Llama on an H200, with the
+# readers running). An 8 GiB ring filled before that plan was made, and the readers waited: the load
+# took 0.48 s (median of ten runs) against 0.43 s (seven runs) with the whole 15 GiB checkpoint
+# in the ring (bench/results/h200_gpu_engines_2026-12-03*.json).
+READ_AHEAD_MAX = 16 << 30
 READ_AHEAD_MARGIN = 1 << 30  # device memory left over beside the model and the ring
 # Direct reads (io=direct): instanttensor's own chunk for them, and at most this many in flight
 # (each holds a pinned host buffer of the chunk's size: 128 MiB in all).
@@ -45,14 +47,18 @@ def read_ahead_ring(free: int, needed: int, checkpoint: int, asked: int | None) 
     :param needed: what the model will take there at most (its tensors in the load dtype).
     :param checkpoint: the checkpoint's bytes: a ring never needs to hold more (but it is never
         smaller than the 1 GiB ring a load uses anyway; instanttensor trims it to what it needs).
-    :param asked: the user's ``read_ahead`` size, or ``None`` for the automatic one
-        (:data:`READ_AHEAD_MAX`).
+    :param asked: the user's ``read_ahead`` size, or ``None`` for the automatic one.
 
     The ring must fit beside the model with a margin, and within half the free memory, which is
-    all instanttensor takes.
+    all instanttensor takes. The automatic ring is as big as fits there, up to
+    :data:`READ_AHEAD_MAX` (and at least 1 GiB, or none); an asked size is that size or none.
     """
     room = min(free // 2, free - needed - READ_AHEAD_MARGIN)
-    ring = min(asked if asked is not None else READ_AHEAD_MAX, max(checkpoint, INSTANT_BUFFER))
+    largest = max(checkpoint, INSTANT_BUFFER)
+    if asked is None:
+        ring = min(READ_AHEAD_MAX, largest, room)
+        return ring if ring >= INSTANT_BUFFER else 0
+    ring = min(asked, largest)
     return ring if 0 < ring <= room else 0
 
 
@@ -242,18 +248,21 @@ def read_ahead_option(value: Any) -> str | int:
     return size
 
 
-def start_read_ahead(inventory: Any, device: str, options: dict[str, Any], *, wider: int = 1) -> InstantReadAhead | None:
+def start_read_ahead(inventory: Any, device: str, options: dict[str, Any], *, wider: int = 1,
+                     budget: int | None = None) -> InstantReadAhead | None:
     """The native engine's read-ahead onto the CUDA ``device`` (``options`` normalised, reader
     ``auto`` or ``instanttensor``), or ``None`` where there is none: ``read_ahead=off``,
     instanttensor not installed, a ring that does not fit (:func:`read_ahead_ring`; ``wider``: how
-    many times the checkpoint's bytes the model takes on the device), or instanttensor failing to
-    start (a file system it cannot read, the memory taken meanwhile)."""
+    many times the checkpoint's bytes the model takes on the device; ``budget``: the user's
+    ``max_memory`` for the device, which the plan will hold the ring to), or instanttensor failing
+    to start (a file system it cannot read, the memory taken meanwhile)."""
     asked = options.get("read_ahead", "auto")
     if asked == 0 or not instanttensor_installed():
         return None
     import torch
 
     free = int(torch.cuda.mem_get_info(device)[0])
+    free = free if budget is None else min(free, budget)
     stored = sum(info.nbytes for info in inventory.tensors.values())
     ring = read_ahead_ring(free, stored * wider, stored, None if asked == "auto" else asked)
     if not ring or ("readers" in options or "chunk_bytes" in options) and check_instant_ring(options, ring):

@@ -164,7 +164,10 @@ class NativeEngine(Engine):
                 # From a cold disk the readers queue the import of the model's code behind the
                 # weights: 3.19 s of imports, 10.77 s in all on the H200, against 0.24 and 9.72 s.
                 return None
-        return start_read_ahead(inventory, device, options, wider=2 if request.dtype == "float32" else 1)
+        index = int(device.partition(":")[2] or 0)
+        budget = (request.max_memory or {}).get(index)
+        return start_read_ahead(inventory, device, options, wider=2 if request.dtype == "float32" else 1,
+                                budget=budget)
 
     def load(self, plan: Plan, ctx: EngineContext) -> Any:
         import torch

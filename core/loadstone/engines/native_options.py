@@ -23,9 +23,9 @@ OPTION_HELP = {
               "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
               "then depends on the files; docs/user-guide.md, reader=mmap)",
     "read_ahead": "auto (default: when the placement names one CUDA device and the checkpoint is in the "
-                  "page cache, instanttensor starts reading before the plan, into a GPU ring of up to "
-                  "8 GiB that fits beside the model; not for a quantizing load), off, or the ring's size, "
-                  "e.g. 4GiB (read ahead even then)",
+                  "page cache, instanttensor starts reading before the plan, into a GPU ring as big as fits "
+                  "beside the model, up to 16 GiB; not for a quantizing load), off, or the ring's size, "
+                  "e.g. 4GiB (read ahead even then, where it fits)",
     "in_flight": "auto (default: 256 MiB where the budget has room) or a size: GPU bytes of "
                  "full-precision tensors waiting to be quantized or fused beyond the largest one, so "
                  "that readers need not wait for each; counted in the plan's peak (pread reader)",
