@@ -54,6 +54,34 @@ def llama_lora(tiny_adapter: Callable[..., Path], sharded_llama: Path) -> Path:
     return tiny_adapter("llama", checkpoint_kwargs={"max_shard_size": "200KB"})
 
 
+def write_sparse_checkpoint(folder: Path, config: Any) -> int:
+    """A float32 checkpoint of ``config``'s model whose data region is a hole: the headers are
+    real, the weights never hit the disk (a plan of a multi-GiB model costs nothing). Returns
+    the data bytes."""
+    import json
+    import math
+    import struct
+
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    header, offset = {}, 0
+    for name, tensor in model.state_dict().items():
+        nbytes = math.prod(tensor.shape) * 4
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return offset
+
+
 def offloaded_state_dict(model: Any) -> dict[str, Any]:
     """The values a model serves, including disk/CPU-offloaded ones (accelerate's view)."""
     from accelerate.utils.modeling import get_state_dict_offloaded_model

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import pytest
 
 import loadstone
 from loadstone.telemetry import RssSampler, current_rss
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package (--import-mode=importlib)
+from conftest import write_sparse_checkpoint  # noqa: E402
 
 # (placement, cpu budget as a fraction of the model's bytes or None, offload?)
 CASES = [
@@ -95,35 +98,13 @@ def test_plan_does_not_depend_on_weight_data(sharded_llama, tmp_path, reference_
         same_weights(loaded.model, reference_model(sharded_llama))
 
 
-def _write_sparse_checkpoint(folder: Path, config) -> int:
-    """A checkpoint whose data region is a hole: headers are real, the weights never hit the disk."""
-    import torch
-    import transformers
-
-    folder.mkdir(parents=True)
-    config.save_pretrained(folder)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    header, offset = {}, 0
-    for name, tensor in model.state_dict().items():
-        nbytes = math.prod(tensor.shape) * 4
-        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(folder / "model.safetensors", "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        fh.truncate(8 + len(raw) + offset)
-    return offset
-
-
 def test_plan_of_a_large_checkpoint_maps_no_weight_pages(tmp_path):
     from loadstone.testing import make_config
 
     config = make_config("llama", hidden_size=2048, intermediate_size=5504, num_hidden_layers=6,
                          num_attention_heads=16, num_key_value_heads=16, vocab_size=32000)
     folder = tmp_path / "sparse"
-    data_bytes = _write_sparse_checkpoint(folder, config)
+    data_bytes = write_sparse_checkpoint(folder, config)
     assert data_bytes > 1.5e9
     rss_before = current_rss()
     with RssSampler(interval=0.001) as rss:

@@ -40,7 +40,14 @@ DIRECT_DEPTH = 16
 COLD_FRACTION = 0.5  # below this share of the checkpoint in the page cache, io=auto reads directly
 
 
-def read_ahead_ring(free: int, needed: int, checkpoint: int, asked: int | None) -> int:
+def instant_ring(inventory: Any) -> int:
+    """The ring of a load that did not read ahead: :data:`INSTANT_BUFFER`, or the checkpoint's
+    largest tensor where that is bigger (instanttensor enlarges the ring to it by itself, and the
+    plan must count what it takes: a 128k-token vocabulary of width 8192 is 2 GiB in bf16)."""
+    return max([INSTANT_BUFFER, *(info.nbytes for info in inventory.tensors.values())])
+
+
+def read_ahead_ring(free: int, needed: int, checkpoint: int, asked: int | None, largest: int = 0) -> int:
     """Bytes of ring to read ahead into, or 0 for no read-ahead.
 
     :param free: the device's free memory now.
@@ -48,18 +55,22 @@ def read_ahead_ring(free: int, needed: int, checkpoint: int, asked: int | None) 
     :param checkpoint: the checkpoint's bytes: a ring never needs to hold more (but it is never
         smaller than the 1 GiB ring a load uses anyway; instanttensor trims it to what it needs).
     :param asked: the user's ``read_ahead`` size, or ``None`` for the automatic one.
+    :param largest: the checkpoint's largest tensor: no ring is smaller (instanttensor would
+        enlarge it to that).
 
     The ring must fit beside the model with a margin, and within half the free memory, which is
     all instanttensor takes. The automatic ring is as big as fits there, up to
-    :data:`READ_AHEAD_MAX` (and at least 1 GiB, or none); an asked size is that size or none.
+    :data:`READ_AHEAD_MAX` (and at least 1 GiB and the largest tensor, or none); an asked size
+    is that size or none.
     """
     room = min(free // 2, free - needed - READ_AHEAD_MARGIN)
-    largest = max(checkpoint, INSTANT_BUFFER)
+    smallest = max(INSTANT_BUFFER, largest)
+    most = max(checkpoint, smallest)
     if asked is None:
-        ring = min(READ_AHEAD_MAX, largest, room)
-        return ring if ring >= INSTANT_BUFFER else 0
-    ring = min(asked, largest)
-    return ring if 0 < ring <= room else 0
+        ring = min(max(min(READ_AHEAD_MAX, most), smallest), room)
+        return ring if ring >= smallest else 0
+    ring = max(min(asked, most), smallest)
+    return ring if ring <= room else 0
 
 
 def check_instant_ring(options: dict[str, Any], ring: int = INSTANT_BUFFER) -> str | None:
@@ -264,7 +275,8 @@ def start_read_ahead(inventory: Any, device: str, options: dict[str, Any], *, wi
     free = int(torch.cuda.mem_get_info(device)[0])
     free = free if budget is None else min(free, budget)
     stored = sum(info.nbytes for info in inventory.tensors.values())
-    ring = read_ahead_ring(free, stored * wider, stored, None if asked == "auto" else asked)
+    largest = max((info.nbytes for info in inventory.tensors.values()), default=0)
+    ring = read_ahead_ring(free, stored * wider, stored, None if asked == "auto" else asked, largest)
     if not ring or ("readers" in options or "chunk_bytes" in options) and check_instant_ring(options, ring):
         return None
     try:

@@ -30,11 +30,11 @@ from ..contract.tensors import TensorGroup
 from ..contract.units import format_size
 from .finish import finish_loading
 from .instant import (
-    INSTANT_BUFFER,
     InstantReadAhead,
     InstantTensorStream,
     checkpoint_files,
     instant_io,
+    instant_ring,
     instanttensor_installed,
     refuse_overflow,
     start_read_ahead,
@@ -102,21 +102,23 @@ class NativeEngine(Engine):
                 return {label: ahead.ring + self._held_by_instanttensor(plan, label)}
             plan.read_ahead = None  # the plan went elsewhere, or has no room for the ring beside the model
             ahead.close()
+        ring = instant_ring(plan.inventory)
         if wanted == "auto":
-            wanted = "instanttensor" if usable and (room is None or room >= INSTANT_BUFFER) else "pread"
+            wanted = "instanttensor" if usable and (room is None or room >= ring) else "pread"
         options["reader"] = wanted
         if wanted != "instanttensor" and options.pop("io", "auto") == "direct":
             from ..contract.errors import OptionError
 
             raise OptionError("engine option io=direct reads with instanttensor, which this load cannot use: it needs "
-                              "the instanttensor package, one CUDA device and room for its 1 GiB ring.",
+                              "the instanttensor package, one CUDA device and room for its ring buffer (1 GiB, or "
+                              "the largest tensor).",
                               field="engine option io", found="direct", expected="io=auto or io=buffered here",
                               fix="drop io=direct")
         if wanted == "instanttensor":
             options["io"] = instant_io(options.get("io", "auto"), checkpoint_files(plan.inventory))
             if "readers" in options or "chunk_bytes" in options:
-                refuse_overflow(options, INSTANT_BUFFER)
-            return {label: INSTANT_BUFFER + self._held_by_instanttensor(plan, label)}
+                refuse_overflow(options, ring)
+            return {label: ring + self._held_by_instanttensor(plan, label)}
         # pread onto a GPU: transient tensors beyond the largest group, counted here so that the
         # plan's peak holds. Not on the CPU, whose consumer quantizes with the readers' own cores.
         budgets, peaks = plan.report.placement.get("budget") or {}, plan.peak_bytes_per_device
@@ -191,7 +193,8 @@ class NativeEngine(Engine):
                 items = self._map(plan, ctx, reader, items, owners, modules, model, progress)
             ahead = plan.read_ahead if isinstance(plan.read_ahead, InstantReadAhead) else None
             if options.get("reader") == "instanttensor":
-                stream = InstantTensorStream(reader, items, buffer_bytes=INSTANT_BUFFER, io_depth=options.get("readers"),
+                stream = InstantTensorStream(reader, items, buffer_bytes=instant_ring(plan.inventory),
+                                             io_depth=options.get("readers"),
                                              chunk_bytes=options.get("chunk_bytes"), ahead=ahead,
                                              direct=options.get("io") == "direct")
             else:
@@ -205,7 +208,8 @@ class NativeEngine(Engine):
             elif isinstance(stream, InstantTensorStream):
                 chosen = "io=auto found the checkpoint out of the page cache" if plan.request.engine_options.get(
                     "io", "auto") == "auto" else "io=direct"
-                ctx.note("engine loadstone: instanttensor reader (a 1 GiB GPU ring buffer outside torch's allocator), "
+                ctx.note(f"engine loadstone: instanttensor reader (a {format_size(stream.buffer_bytes)} GPU ring buffer "
+                         "outside torch's allocator), "
                          + (f"direct reads past the page cache ({chosen})" if stream.direct else
                             "reads through the page cache"))
             elif items:

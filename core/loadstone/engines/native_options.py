@@ -19,7 +19,7 @@ OPTION_HELP = {
                    "buffered ones); each pread reader holds two pinned buffers of this size when loading onto a GPU; "
                    "instanttensor holds one host buffer per read in flight",
     "reader": "auto (default: instanttensor where it is installed, the load goes to one CUDA device and its "
-              "1 GiB ring buffer fits the budget; else pread), pread, instanttensor, or mmap (tensors "
+              "ring buffer (1 GiB, or the largest tensor where bigger) fits the budget; else pread), pread, instanttensor, or mmap (tensors "
               "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
               "then depends on the files; docs/user-guide.md, reader=mmap)",
     "read_ahead": "auto (default: when the placement names one CUDA device and the checkpoint is in the "
