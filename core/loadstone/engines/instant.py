@@ -11,6 +11,7 @@ an 8B Llama on an H200) overlap the first gigabytes of reading, up to what the r
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -120,9 +121,13 @@ def _open(files: list[str], device: str, ring: int, io_depth: int | None, chunk_
 
 def _safe_open(files: list[str], device: str, ring: int, io_depth: int | None, chunk_bytes: int | None,
                selection: dict[str, Any], direct: bool) -> Any:
-    from instanttensor import safe_open
+    from instanttensor import safe_open as instanttensor_open
     from instanttensor._impl import Backend, BackendPolicy, required_buffer_size_for_io
 
+    # The plan counted the ring beside the model within the device's budget: instanttensor's own
+    # rule, a ring within half the free memory, would refuse a plan that fits (a small model on a
+    # nearly full GPU) with an error from inside it.
+    safe_open = functools.partial(instanttensor_open, max_free_mem_usage=1.0)
     if direct:
         # named, so that INSTANTTENSOR_BACKEND cannot turn it into something else; a depth that fits
         # the ring, so that instanttensor need not shrink it (with a warning)
