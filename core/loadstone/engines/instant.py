@@ -80,13 +80,19 @@ def check_instant_ring(options: dict[str, Any], ring: int = INSTANT_BUFFER) -> s
     that the plan refuses them instead), or ``None`` when it takes them."""
     from instanttensor._impl import required_buffer_size_for_io
 
-    default_chunk = DIRECT_CHUNK if options.get("io") == "direct" else INSTANT_CHUNK
-    depth, chunk = options.get("readers", 1), options.get("chunk_bytes", default_chunk)
+    depth, chunk = _depth_and_chunk(options)
     needed = required_buffer_size_for_io(chunk, depth, 1)
     if needed > ring:
         return (f"engine options readers={depth} and chunk_bytes={format_size(chunk)} need a "
                 f"{format_size(needed)} ring buffer, and instanttensor's is {format_size(ring)}")
     return None
+
+
+def _depth_and_chunk(options: dict[str, Any]) -> tuple[int, int]:
+    """The reads in flight and bytes per read the options ask instanttensor for (defaults: one
+    read; the chunk of the ``io`` mode)."""
+    return options.get("readers", 1), options.get("chunk_bytes", DIRECT_CHUNK if options.get("io") == "direct"
+                                                  else INSTANT_CHUNK)
 
 
 def instanttensor_installed() -> bool:
@@ -240,8 +246,7 @@ def refuse_overflow(options: dict[str, Any], ring: int) -> None:
     if problem:
         from ..contract.errors import OptionError
 
-        depth = options.get("readers", 1)
-        chunk = options.get("chunk_bytes", DIRECT_CHUNK if options.get("io") == "direct" else INSTANT_CHUNK)
+        depth, chunk = _depth_and_chunk(options)
         raise OptionError(problem + ".", field="engine option readers", found=f"readers={depth}, chunk_bytes={chunk}",
                           expected=f"readers x chunk_bytes within {format_size(ring)}",
                           fix="pass fewer readers or a smaller chunk_bytes")
