@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import loadstone
-from loadstone.engines import instant, native
+from loadstone.engines import instant, native, page_cache
 
 GiB = 1 << 30
 
@@ -26,7 +26,7 @@ def gpu_plan(llama, monkeypatch):
 
     def plan(cached=1.0, **options):
         plan.asked = []
-        monkeypatch.setattr(instant, "cached_fraction", lambda paths: plan.asked.append(sorted(paths)) or cached)
+        monkeypatch.setattr(page_cache, "cached_fraction", lambda paths: plan.asked.append(sorted(paths)) or cached)
         return loadstone.plan(llama, placement="auto", max_memory={"cuda:0": "80GiB"}, engine="loadstone",
                               engine_options=options)
 
@@ -80,7 +80,7 @@ def test_a_direct_read_is_never_read_ahead(llama, monkeypatch):
     inventory = loadstone.plan(llama, placement="cpu").inventory
     started = []
     monkeypatch.setattr(native, "start_read_ahead", lambda inventory, device, opts, **kw: started.append(opts))
-    monkeypatch.setattr(native, "cached_fraction", lambda paths: 1.0)
+    monkeypatch.setattr(page_cache, "cached_fraction", lambda paths: 1.0)
     for options, expected in (({"io": "direct"}, 0), ({"io": "direct", "read_ahead": "2GiB"}, 0),
                               ({"io": "buffered"}, 1), ({}, 2)):
         native.NativeEngine().read_ahead(LoadRequest(reference=llama, placement="cuda:0", engine_options=options),

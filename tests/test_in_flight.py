@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 import loadstone
-from loadstone.engines.streaming import IN_FLIGHT, in_flight_allowance, in_flight_option
+from loadstone.engines.native_options import in_flight_option
+from loadstone.engines.streaming import IN_FLIGHT, in_flight_allowance
 
 MiB = 1 << 20
 

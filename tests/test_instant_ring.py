@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import loadstone
-from loadstone.engines import instant, native
+from loadstone.engines import native, page_cache
 from loadstone.engines.instant import INSTANT_BUFFER, read_ahead_ring
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package (--import-mode=importlib)
@@ -35,7 +35,7 @@ def wide_vocabulary(tmp_path_factory) -> str:
 @pytest.fixture
 def with_instanttensor(monkeypatch):
     monkeypatch.setattr(native, "instanttensor_installed", lambda: True)
-    monkeypatch.setattr(instant, "cached_fraction", lambda paths: 1.0)
+    monkeypatch.setattr(page_cache, "cached_fraction", lambda paths: 1.0)
 
 
 def _plan(folder: str, budget: str = "80GiB", **options):

@@ -221,12 +221,12 @@ def test_the_users_budget_for_the_device_bounds_the_ring(llama, monkeypatch, max
     """The plan holds the ring to ``max_memory``: a ring sized by the free memory alone would be
     read into and then given back at plan time."""
     from loadstone.contract.request import LoadRequest
-    from loadstone.engines import native
+    from loadstone.engines import native, page_cache
 
     inventory = loadstone.plan(llama, placement="cpu").inventory
     seen = []
     monkeypatch.setattr(native, "start_read_ahead", lambda inventory, device, opts, **kw: seen.append(kw))
-    monkeypatch.setattr(native, "cached_fraction", lambda paths: 1.0)
+    monkeypatch.setattr(page_cache, "cached_fraction", lambda paths: 1.0)
     request = LoadRequest(reference=llama, placement="cuda:0", max_memory=max_memory)
     request.validate()
     NativeEngine().read_ahead(request, inventory, "cuda:0")
@@ -254,14 +254,14 @@ def native_starts(llama, monkeypatch):
     page cache answering ``cached`` (forced: the test does not depend on what this machine has
     cached). ``ask.asked`` holds the files the page cache was asked about."""
     from loadstone.contract.request import LoadRequest
-    from loadstone.engines import native
+    from loadstone.engines import native, page_cache
 
     inventory = loadstone.plan(llama, placement="cpu").inventory
 
     def ask(cached=1.0, **fields):
         started, ask.asked = [], []
         monkeypatch.setattr(native, "start_read_ahead", lambda inventory, device, opts, **kw: started.append(opts))
-        monkeypatch.setattr(native, "cached_fraction", lambda paths: ask.asked.append(list(paths)) or cached)
+        monkeypatch.setattr(page_cache, "cached_fraction", lambda paths: ask.asked.append(list(paths)) or cached)
         request = LoadRequest(reference=llama, placement="cuda:0", **fields)
         assert NativeEngine().read_ahead(request, inventory, "cuda:0") is None  # what the recorder returned
         return bool(started)

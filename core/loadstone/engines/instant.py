@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from ..contract.engines import ReadAhead
 from ..contract.units import format_size
-from .page_cache import cached_fraction
+from .page_cache import is_cold
 from .reader import SafetensorsReader
 from .streaming import StreamItem
 
@@ -38,7 +38,6 @@ READ_AHEAD_MARGIN = 1 << 30  # device memory left over beside the model and the 
 # (each holds a pinned host buffer of the chunk's size: 128 MiB in all).
 DIRECT_CHUNK = 8 << 20
 DIRECT_DEPTH = 16
-COLD_FRACTION = 0.5  # below this share of the checkpoint in the page cache, io=auto reads directly
 
 
 def instant_ring(inventory: Any) -> int:
@@ -103,12 +102,11 @@ def instanttensor_installed() -> bool:
 
 
 def instant_io(asked: str, files: list[str]) -> str:
-    """``io=auto`` settled: ``"direct"`` when less than :data:`COLD_FRACTION` of ``files`` is in the
-    page cache (a cold disk read past the page cache at its full speed), else ``"buffered"``."""
+    """``io=auto`` settled: ``"direct"`` when ``files`` are cold (:func:`~.page_cache.is_cold`: a
+    cold disk is read past the page cache at its full speed), else ``"buffered"``."""
     if asked != "auto":
         return asked
-    cached = cached_fraction(files)
-    return "direct" if cached is not None and cached < COLD_FRACTION else "buffered"
+    return "direct" if is_cold(files) else "buffered"
 
 
 def _open(files: list[str], device: str, ring: int, io_depth: int | None, chunk_bytes: int | None,
@@ -250,23 +248,6 @@ def refuse_overflow(options: dict[str, Any], ring: int) -> None:
         raise OptionError(problem + ".", field="engine option readers", found=f"readers={depth}, chunk_bytes={chunk}",
                           expected=f"readers x chunk_bytes within {format_size(ring)}",
                           fix="pass fewer readers or a smaller chunk_bytes")
-
-
-def read_ahead_option(value: Any) -> str | int:
-    """``read_ahead``: ``"auto"``, ``"off"`` (0), or a ring size from 1 GiB to 1 TiB."""
-    from ..contract.errors import OptionError
-    from ..contract.units import parse_size
-
-    if value == "auto":
-        return "auto"
-    if value in ("off", 0, "0") and not isinstance(value, bool):
-        return 0
-    size = parse_size(value, field="engine option read_ahead")
-    if not INSTANT_BUFFER <= size <= 1 << 40:
-        raise OptionError("engine option read_ahead is a ring size from 1 GiB to 1 TiB, 'auto' or 'off'.",
-                          field="engine option read_ahead", expected="auto, off, or 1GiB .. 1TiB",
-                          found=repr(value)[:80], fix="pass e.g. read_ahead=4GiB, or read_ahead=off")
-    return size
 
 
 def start_read_ahead(inventory: Any, device: str, options: dict[str, Any], *, wider: int = 1,

@@ -40,7 +40,7 @@ from .instant import (
     start_read_ahead,
 )
 from .native_options import OPTION_HELP, normalize_native_options
-from .page_cache import cached_fraction
+from .page_cache import is_cold
 from .reader import SafetensorsReader
 from .streaming import DEFAULT_CHUNK_BYTES, StreamItem, TensorStream, in_flight_allowance
 
@@ -161,8 +161,7 @@ class NativeEngine(Engine):
                 # a ring of the checkpoint's size held 13.6 GiB of the H200 for a 5.4 GiB NF4 model,
                 # and the load was no faster (0.81 s against 0.73 s without it).
                 return None
-            cached = cached_fraction(checkpoint_files(inventory))
-            if cached is not None and cached < 0.5:
+            if is_cold(checkpoint_files(inventory)):
                 # From a cold disk the readers queue the import of the model's code behind the
                 # weights: 3.19 s of imports, 10.77 s in all on the H200, against 0.24 and 9.72 s.
                 return None

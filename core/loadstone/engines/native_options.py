@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .instant import read_ahead_option
-from .streaming import in_flight_option
+from ..contract.errors import OptionError
+from ..contract.units import parse_size
+from .instant import INSTANT_BUFFER
 
 READERS = ("auto", "pread", "instanttensor", "mmap")
 IO_MODES = ("auto", "buffered", "direct")
@@ -39,9 +40,6 @@ OPTION_HELP = {
 def normalize_native_options(out: dict[str, Any]) -> dict[str, Any]:
     """``out`` (unknown names already refused) with every value checked and sizes parsed; raises
     :class:`~loadstone.OptionError` naming the option, what it got and what it takes."""
-    from ..contract.errors import OptionError
-    from ..contract.units import parse_size
-
     if "readers" in out:
         readers = out["readers"]
         if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= 256:
@@ -69,3 +67,29 @@ def normalize_native_options(out: dict[str, Any]) -> dict[str, Any]:
                           field="engine option io", found="direct", expected="io=auto or io=buffered with this reader",
                           fix="drop io=direct, or pass reader=instanttensor")
     return out
+
+
+def read_ahead_option(value: Any) -> str | int:
+    """``read_ahead``: ``"auto"``, ``"off"`` (0), or a ring size from 1 GiB to 1 TiB."""
+    if value == "auto":
+        return "auto"
+    if value in ("off", 0, "0") and not isinstance(value, bool):
+        return 0
+    size = parse_size(value, field="engine option read_ahead")
+    if not INSTANT_BUFFER <= size <= 1 << 40:
+        raise OptionError("engine option read_ahead is a ring size from 1 GiB to 1 TiB, 'auto' or 'off'.",
+                          field="engine option read_ahead", expected="auto, off, or 1GiB .. 1TiB",
+                          found=repr(value)[:80], fix="pass e.g. read_ahead=4GiB, or read_ahead=off")
+    return size
+
+
+def in_flight_option(value: Any) -> str | int:
+    """The engine option ``in_flight``: ``"auto"`` or a size from 0 to 1 TiB."""
+    if value == "auto":
+        return "auto"
+    size = parse_size(value, field="engine option in_flight")
+    if size > 1 << 40:
+        raise OptionError("engine option in_flight is a size from 0 to 1 TiB, or 'auto'.",
+                          field="engine option in_flight", expected="auto, or 0 .. 1TiB", found=repr(value)[:80],
+                          fix="pass e.g. in_flight=256MiB, or in_flight=0")
+    return size

@@ -1,6 +1,7 @@
 """Whether a checkpoint's files are in the page cache, asked of the kernel (``mincore``) without
-reading them: a read-ahead from a cold disk makes the import of the model's code, which reads its
-own files from the same disk, wait behind gigabytes of weights."""
+reading them. A cold checkpoint is not read ahead (the import of the model's code, which reads its
+own files from the same disk, would wait behind gigabytes of weights) and is read past the page
+cache (engine option ``io=auto``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from typing import Iterable
 
 PROBES_PER_FILE = 16
+COLD_FRACTION = 0.5  # below this share of a checkpoint in the page cache, it is cold
 
 
 def cached_fraction(paths: Iterable[str], probes: int = PROBES_PER_FILE) -> float | None:
@@ -53,3 +55,10 @@ def cached_fraction(paths: Iterable[str], probes: int = PROBES_PER_FILE) -> floa
         finally:
             os.close(fd)
     return resident / asked if asked else None
+
+
+def is_cold(paths: Iterable[str]) -> bool:
+    """Whether less than :data:`COLD_FRACTION` of these files is in the page cache; ``False``
+    where that cannot be asked (:func:`cached_fraction` is ``None``)."""
+    cached = cached_fraction(paths)
+    return cached is not None and cached < COLD_FRACTION

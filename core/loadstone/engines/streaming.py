@@ -42,21 +42,6 @@ DEFAULT_CHUNK_BYTES = 8 << 20
 IN_FLIGHT = 256 << 20
 
 
-def in_flight_option(value: Any) -> str | int:
-    """The engine option ``in_flight``: ``"auto"`` or a size from 0 to 1 TiB."""
-    from ..contract.errors import OptionError
-    from ..contract.units import parse_size
-
-    if value == "auto":
-        return "auto"
-    size = parse_size(value, field="engine option in_flight")
-    if size > 1 << 40:
-        raise OptionError("engine option in_flight is a size from 0 to 1 TiB, or 'auto'.",
-                          field="engine option in_flight", expected="auto, or 0 .. 1TiB", found=repr(value)[:80],
-                          fix="pass e.g. in_flight=256MiB, or in_flight=0")
-    return size
-
-
 def in_flight_allowance(room: dict[str, int | None], asked: str | int) -> dict[str, int]:
     """Per device that holds transient tensors, the bytes of them allowed beyond its largest group.
 
