@@ -24,10 +24,11 @@ import time
 from typing import Any, Iterator
 
 from ..contract.engines import Engine, EngineContext
+from ..contract.errors import OptionError
 from ..contract.placement import map_entry
 from ..contract.plan import Plan
 from ..contract.tensors import TensorGroup
-from ..contract.units import format_size
+from ..contract.units import format_size, normalize_device
 from .finish import finish_loading
 from .instant import (
     InstantReadAhead,
@@ -80,14 +81,10 @@ class NativeEngine(Engine):
         label = f"cuda:{device}" if device is not None and device.isdigit() else device
         usable = label is not None and label.startswith("cuda") and instanttensor_installed()
         if wanted == "instanttensor" and not usable:
-            from ..contract.errors import OptionError
-
             raise OptionError("engine option reader=instanttensor needs the instanttensor package and a load onto "
                               "one CUDA device.", field="engine option reader", found="instanttensor",
                               expected="pread here", fix="drop the option (reader=auto picks what can run)")
         if wanted == "mmap" and "cpu" not in devices:
-            from ..contract.errors import OptionError
-
             raise OptionError("engine option reader=mmap maps tensors kept on the CPU, and this plan places none "
                               f"there (it loads onto {', '.join(sorted(devices))}).", field="engine option reader",
                               found="mmap", expected="a placement that keeps tensors on the CPU",
@@ -107,8 +104,6 @@ class NativeEngine(Engine):
             wanted = "instanttensor" if usable and (room is None or room >= ring) else "pread"
         options["reader"] = wanted
         if wanted != "instanttensor" and options.pop("io", "auto") == "direct":
-            from ..contract.errors import OptionError
-
             raise OptionError("engine option io=direct reads with instanttensor, which this load cannot use: it needs "
                               "the instanttensor package, one CUDA device and room for its ring buffer (1 GiB, or "
                               "the largest tensor).",
@@ -165,8 +160,7 @@ class NativeEngine(Engine):
                 # From a cold disk the readers queue the import of the model's code behind the
                 # weights: 3.19 s of imports, 10.77 s in all on the H200, against 0.24 and 9.72 s.
                 return None
-        index = int(device.partition(":")[2] or 0)
-        budget = (request.max_memory or {}).get(index)
+        budget = (request.max_memory or {}).get(normalize_device(device))  # max_memory's keys are normalised
         return start_read_ahead(inventory, device, options, wider=2 if request.dtype == "float32" else 1,
                                 budget=budget)
 
