@@ -332,3 +332,54 @@ def test_the_transformers_engines_file_handles_read_whole_tensors_and_delegate_p
                     if tensor.ndim:
                         assert torch.equal(part[0:1], tensor[0:1])
     assert modeling_utils.safe_open is original
+
+
+def test_the_transformers_engine_reads_tensors_bound_for_a_gpu_into_pinned_memory(tiny_checkpoint, monkeypatch):
+    """Whole tensors the plan's device map puts on a CUDA device are asked for in page-locked
+    memory (forced here on any machine: the allocation is recorded and served with plain memory),
+    the others in plain memory; the same bytes either way, and the pinned blocks are given back
+    when the load's reading ends."""
+    import transformers.modeling_utils as modeling_utils
+
+    from loadstone.engines import reader as reader_module
+    from loadstone.engines import transformers as engine
+
+    pinned_sizes, released = [], []
+    monkeypatch.setattr(reader_module, "_pinned_bytes",
+                        lambda n: pinned_sizes.append(n) or torch.empty(n, dtype=torch.uint8))
+    monkeypatch.setattr(engine, "release_pinned_blocks", lambda: released.append(True))
+    folder = tiny_checkpoint("llama")
+    plan = loadstone.plan(str(folder), placement="cpu")
+    device_map = {"model.embed_tokens": 0, "model.layers.0": "cuda:1", "model.layers.1": "cpu", "model.norm": "disk",
+                  "lm_head": "cpu"}
+    gpu_bound = engine.bound_for_gpu(plan.inventory, device_map)
+    assert gpu_bound and gpu_bound == {n for n in plan.inventory.tensors if n.startswith(("model.embed_tokens.", "model.layers.0."))}
+    (path,) = folder.glob("*.safetensors")
+    with engine.safetensors_read_not_mapped(plan.inventory, device_map):
+        with modeling_utils.safe_open(str(path), framework="pt", device="cpu") as handle:
+            for name in plan.inventory.tensors:
+                by_slice, whole = handle.get_slice(name)[...], handle.get_tensor(name)
+                assert torch.equal(by_slice, whole)
+        assert not released
+    assert released == [True]
+    assert sorted(pinned_sizes) == sorted(2 * [plan.inventory.tensors[n].nbytes for n in gpu_bound])
+
+
+def test_no_pinned_memory_where_the_driver_gives_none_is_a_read_into_plain_memory(tiny_checkpoint, monkeypatch):
+    """Page-locked memory refused (a CPU-only torch always refuses it): the tensor is read as usual."""
+    from loadstone.engines import reader as reader_module
+    from loadstone.engines.reader import SafetensorsReader
+
+    def refuse(*args, **kwargs):
+        if kwargs.get("pin_memory"):
+            raise RuntimeError("no pinned memory allocator is available on this system")
+        return real_empty(*args, **kwargs)
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", refuse)
+    assert reader_module._pinned_bytes(64) is None
+    folder = tiny_checkpoint("llama")
+    plan = loadstone.plan(str(folder), placement="cpu")
+    name, info = next(iter(plan.inventory.tensors.items()))
+    with SafetensorsReader(plan.inventory) as reader:
+        assert torch.equal(reader.read(info, pinned=True), reader.read(info))

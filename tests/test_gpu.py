@@ -168,3 +168,17 @@ def test_gpu_and_disk_offload_through_transformers_reads_without_mmap_and_cleans
     del loaded
     gc.collect()
     assert not (tmp_path / "off").exists()
+
+
+def test_the_transformers_engine_reads_through_pinned_memory_and_gives_it_back(tiny_checkpoint):
+    """The GPU-bound tensors pass through torch's caching host allocator (pinned blocks handed
+    out), none of its blocks is kept after the load, and the model equals the native engine's."""
+    folder = str(tiny_checkpoint("llama", dtype="bfloat16", max_shard_size="2MB"))
+    torch.cuda.init()
+    before = torch.cuda.host_memory_stats()
+    loaded = loadstone.load(folder, placement="cuda:0", engine="transformers", progress=False, trainable=False)
+    after = torch.cuda.host_memory_stats()
+    assert after["num_host_alloc"] > before.get("num_host_alloc", 0)
+    assert after["allocated_bytes.current"] == 0, after
+    native = loadstone.load(folder, placement="cuda:0", engine="loadstone", progress=False, trainable=False)
+    _same_state(loaded.model, native.model)

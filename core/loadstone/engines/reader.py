@@ -102,15 +102,34 @@ class SafetensorsReader:
         flat = torch.frombuffer(mapped, dtype=torch_dtype, count=info.nbytes // torch_dtype.itemsize, offset=offset)
         return flat.reshape(info.shape)
 
-    def read(self, info: TensorInfo) -> Any:
-        """The tensor as stored (its checkpoint dtype and shape), in new CPU memory."""
+    def read(self, info: TensorInfo, *, pinned: bool = False) -> Any:
+        """The tensor as stored (its checkpoint dtype and shape), in new CPU memory.
+
+        :param pinned: in page-locked memory from torch's caching host allocator (CUDA only), for a
+            tensor about to be copied to a GPU: the copy is then a DMA, and once it is done the
+            block is reused, already faulted in, by the next tensor of its size (plain memory
+            where none can be had).
+        """
         import torch
 
         fd, data_start = self.open(info.file)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        buffer = _pinned_bytes(info.nbytes) if pinned else None
+        if buffer is None:
+            buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             pread_exactly(fd, data_start, info, memoryview(buffer.numpy()), 0)
         return buffer.view(torch_dtype_of(info)).reshape(info.shape)
+
+
+def _pinned_bytes(nbytes: int) -> Any | None:
+    """``nbytes`` of page-locked memory, or ``None`` where the driver has none to give (the tensor is
+    then read into plain memory: only its copy to the GPU is slower)."""
+    import torch
+
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    except RuntimeError:
+        return None
 
 
 def pread_exactly(fd: int, data_start: int, info: TensorInfo, view: memoryview, start: int) -> None:

@@ -33,7 +33,7 @@ def transformers_progress(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def safetensors_read_not_mapped(inventory: Any = None) -> Iterator[None]:
+def safetensors_read_not_mapped(inventory: Any = None, device_map: dict[str, Any] | None = None) -> Iterator[None]:
     """``from_pretrained`` reads safetensors with ``pread`` instead of through a memory map.
 
     A file truncated while mapped kills the process with SIGBUS at the next read of a lost page;
@@ -43,9 +43,13 @@ def safetensors_read_not_mapped(inventory: Any = None) -> Iterator[None]:
     of an unsharded load, comes from :class:`~loadstone.engines.reader.SafetensorsReader` where the
     plan's ``inventory`` lists it: one ``preadv`` into the tensor's memory, with the GIL released
     (transformers reads in four threads), where safetensors' backend took 2-8x as long as the
-    memory map. In force for the duration of the call (under ``TRANSFORMERS_GLOBAL_STATE``); if
-    transformers stops opening files through ``modeling_utils.safe_open``, files are mapped again
-    (docs/validation.md says what then remains).
+    memory map. A tensor the plan's ``device_map`` puts on a CUDA device is read into pinned
+    memory (:func:`bound_for_gpu`), so that transformers' copy of it to the GPU is a DMA, not a
+    copy through the driver's staging buffers: 4.75 s became ... for an 8B bf16 load on an H200
+    (docs/benchmarks.md); the pinned blocks are given back when the load ends. In force for the
+    duration of the call (under ``TRANSFORMERS_GLOBAL_STATE``); if transformers stops opening
+    files through ``modeling_utils.safe_open``, files are mapped again (docs/validation.md says
+    what then remains).
     """
     import transformers.modeling_utils as modeling_utils
 
@@ -56,6 +60,7 @@ def safetensors_read_not_mapped(inventory: Any = None) -> Iterator[None]:
         yield
         return
     reader = SafetensorsReader(inventory) if inventory is not None and inventory.tensors else None
+    pinned = bound_for_gpu(inventory, device_map) if reader is not None else frozenset()
 
     def read_with_pread(filename: Any, framework: str, device: Any = "cpu", **kwargs: Any) -> Any:
         handle = mapped_open(filename, framework, device=device, **{**kwargs, "backend": "pread"})
@@ -63,7 +68,7 @@ def safetensors_read_not_mapped(inventory: Any = None) -> Iterator[None]:
             return handle
         path = Path(filename)
         reader.open(path)  # now, as safetensors opened it: a file changed since the plan is refused here
-        return _PreadFile(handle, reader, path)
+        return _PreadFile(handle, reader, path, pinned)
 
     modeling_utils.safe_open = read_with_pread
     try:
@@ -72,13 +77,40 @@ def safetensors_read_not_mapped(inventory: Any = None) -> Iterator[None]:
         modeling_utils.safe_open = mapped_open
         if reader is not None:
             reader.close()
+        if pinned:
+            release_pinned_blocks()
+
+
+def bound_for_gpu(inventory: Any, device_map: dict[str, Any] | None) -> frozenset[str]:
+    """The names of ``inventory``'s tensors that ``device_map`` places on a CUDA device (an index or
+    ``"cuda..."``); a name the map does not cover is not among them (it is read into plain memory)."""
+    if not device_map or inventory is None:
+        return frozenset()
+    from ..contract.placement import map_entry
+
+    def on_gpu(name: str) -> bool:
+        key = map_entry(name, device_map)
+        device = device_map[key] if key is not None else "cpu"
+        return isinstance(device, int) and not isinstance(device, bool) or str(device).startswith("cuda")
+
+    return frozenset(name for name in inventory.tensors if on_gpu(name))
+
+
+def release_pinned_blocks() -> None:
+    """Give the page-locked blocks torch's caching host allocator keeps back to the system (the
+    GPU-bound tensors were read into them; the model holds none of them once it is on the GPU)."""
+    import torch
+
+    empty = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
+    if empty is not None and torch.cuda.is_initialized():
+        empty()
 
 
 class _PreadFile:
     """A safetensors file handle whose whole-tensor reads go through loadstone's reader."""
 
-    def __init__(self, handle: Any, reader: Any, path: Path):
-        self._handle, self._reader, self._path = handle, reader, path
+    def __init__(self, handle: Any, reader: Any, path: Path, pinned: frozenset[str] = frozenset()):
+        self._handle, self._reader, self._path, self._pinned = handle, reader, path, pinned
 
     def _info(self, name: str) -> Any:
         info = self._reader.inventory.tensors.get(name)
@@ -87,11 +119,11 @@ class _PreadFile:
     def get_slice(self, name: str) -> Any:
         info = self._info(name)
         sliced = self._handle.get_slice(name)
-        return sliced if info is None else _PreadSlice(sliced, self._reader, info)
+        return sliced if info is None else _PreadSlice(sliced, self._reader, info, name in self._pinned)
 
     def get_tensor(self, name: str) -> Any:
         info = self._info(name)
-        return self._handle.get_tensor(name) if info is None else self._reader.read(info)
+        return self._handle.get_tensor(name) if info is None else self._reader.read(info, pinned=name in self._pinned)
 
     def __enter__(self) -> "_PreadFile":
         self._handle.__enter__()
@@ -108,12 +140,12 @@ class _PreadSlice:
     """safetensors' lazy slice; ``[...]`` (the whole tensor) is read by loadstone's reader, any
     other index (a shard of the tensor) by safetensors' own ``pread`` backend."""
 
-    def __init__(self, sliced: Any, reader: Any, info: Any):
-        self._slice, self._reader, self._info = sliced, reader, info
+    def __init__(self, sliced: Any, reader: Any, info: Any, pinned: bool = False):
+        self._slice, self._reader, self._info, self._pinned = sliced, reader, info, pinned
 
     def __getitem__(self, index: Any) -> Any:
         if index is Ellipsis or (isinstance(index, tuple) and len(index) == 1 and index[0] is Ellipsis):
-            return self._reader.read(self._info)
+            return self._reader.read(self._info, pinned=self._pinned)
         return self._slice[index]
 
     def __getattr__(self, name: str) -> Any:  # get_shape(), get_dtype()
@@ -201,7 +233,7 @@ class TransformersEngine(Engine):
         if mapped:
             ctx.note("engine transformers: reader=mmap: safetensors files are memory-mapped (a file truncated during "
                      "the load kills the process)")
-        reading = contextlib.nullcontext() if mapped else safetensors_read_not_mapped(plan.inventory)
+        reading = contextlib.nullcontext() if mapped else safetensors_read_not_mapped(plan.inventory, plan.device_map)
         with TRANSFORMERS_GLOBAL_STATE, transformers_progress(ctx.progress), reading:
             try:
                 model, info = plan.auto_class.from_pretrained(str(plan.sources.base.path), **kwargs)
