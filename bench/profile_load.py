@@ -7,7 +7,7 @@ HTML into OUTDIR. A second, unprofiled load in the same process shows what the f
 (imports of modelling code, CUDA initialisation of libraries).
 
     python3 bench/profile_load.py OUTDIR [--method bf16|nf4|int8] [--device cuda:0|cpu] [--small]
-        [--engine-option key=value ...]
+        [--engine loadstone|transformers] [--engine-option key=value ...]
 
 Needs ``pyinstrument`` (``pip install pyinstrument``); falls back to cProfile's cumulative listing.
 """
@@ -24,14 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bnb import make_checkpoint  # noqa: E402  (the benchmarks' checkpoint)
 
 
-def load_once(ckpt: str, method: str, device: str, options: dict):
+def load_once(ckpt: str, method: str, device: str, options: dict, engine: str = "auto"):
     import loadstone
     from loadstone.testing import plugins_with
 
     plugins = plugins_with(method, "loadstone_bnb.plugin", "bnb") if method in ("nf4", "int8") else None
     return loadstone.load(ckpt, quantization=None if method == "bf16" else method, placement=device,
                           dtype="bfloat16", trainable=False, progress=False, plugins=plugins,
-                          engine_options=options)
+                          engine=engine, engine_options=options)
 
 
 def main() -> None:
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--method", default="bf16", choices=["bf16", "nf4", "int8"])
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--small", action="store_true", help="a tiny checkpoint (checks the script on a CPU)")
+    parser.add_argument("--engine", default="auto", help="loadstone's engine (default: auto)")
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     options = {k: int(v) if v.isdigit() else v for k, _, v in (o.partition("=") for o in args.engine_option)}
@@ -59,7 +60,8 @@ def main() -> None:
         torch.empty(1, device=args.device)
         torch.cuda.synchronize()
     os.makedirs(args.outdir, exist_ok=True)
-    stem = os.path.join(args.outdir, f"profile_{args.method}_{args.device.replace(':', '')}")
+    engine = "" if args.engine == "auto" else f"_{args.engine}"
+    stem = os.path.join(args.outdir, f"profile_{args.method}_{args.device.replace(':', '')}{engine}")
     try:
         from pyinstrument import Profiler
     except ImportError:
@@ -68,7 +70,7 @@ def main() -> None:
     if Profiler is not None:
         profiler = Profiler(interval=0.0005)
         profiler.start()
-        result = load_once(ckpt, args.method, args.device, options)
+        result = load_once(ckpt, args.method, args.device, options, args.engine)
         profiler.stop()
         text = profiler.output_text(unicode=False, color=False, show_all=False)
         with open(stem + ".html", "w") as f:
@@ -79,7 +81,7 @@ def main() -> None:
         import pstats
 
         prof = cProfile.Profile()
-        result = prof.runcall(load_once, ckpt, args.method, args.device, options)
+        result = prof.runcall(load_once, ckpt, args.method, args.device, options, args.engine)
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(60)
         text = out.getvalue()
@@ -90,7 +92,7 @@ def main() -> None:
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     started = time.perf_counter()
-    again = load_once(ckpt, args.method, args.device, options)
+    again = load_once(ckpt, args.method, args.device, options, args.engine)
     second = time.perf_counter() - started
     summary = {"first_load_s (profiled)": round(first, 3), "first_stages": stages, "first_engine": timings,
                "second_load_s": round(second, 3),
