@@ -336,9 +336,9 @@ def test_the_transformers_engines_file_handles_read_whole_tensors_and_delegate_p
 
 def test_the_transformers_engine_reads_tensors_bound_for_a_gpu_into_pinned_memory(tiny_checkpoint, monkeypatch):
     """Whole tensors the plan's device map puts on a CUDA device are asked for in page-locked
-    memory (forced here on any machine: the allocation is recorded and served with plain memory),
-    the others in plain memory; the same bytes either way, and the pinned blocks are given back
-    when the load's reading ends."""
+    memory where at least PINNED_REUSE of them share a block size (forced here on any machine: the
+    allocation is recorded and served with plain memory), the others in plain memory; the same
+    bytes either way, and the pinned blocks are given back when the load's reading ends."""
     import transformers.modeling_utils as modeling_utils
 
     from loadstone.engines import reader as reader_module
@@ -348,21 +348,26 @@ def test_the_transformers_engine_reads_tensors_bound_for_a_gpu_into_pinned_memor
     monkeypatch.setattr(reader_module, "_pinned_bytes",
                         lambda n: pinned_sizes.append(n) or torch.empty(n, dtype=torch.uint8))
     monkeypatch.setattr(engine, "release_pinned_blocks", lambda: released.append(True))
-    folder = tiny_checkpoint("llama")
+    folder = tiny_checkpoint("llama")  # 2 layers: each weight shape twice, 4 norms of one size
     plan = loadstone.plan(str(folder), placement="cpu")
-    device_map = {"model.embed_tokens": 0, "model.layers.0": "cuda:1", "model.layers.1": "cpu", "model.norm": "disk",
-                  "lm_head": "cpu"}
-    gpu_bound = engine.bound_for_gpu(plan.inventory, device_map)
-    assert gpu_bound and gpu_bound == {n for n in plan.inventory.tensors if n.startswith(("model.embed_tokens.", "model.layers.0."))}
+    tensors = plan.inventory.tensors
+    device_map = {"model.embed_tokens": 0, "model.layers": "cuda:1", "model.norm": "disk", "lm_head": "cpu"}
+    pinned = engine.bound_for_gpu(plan.inventory, device_map)
+    # every layer tensor (q/o, k/v, the three MLP weights and the norms each come 4 or 6 times);
+    # not the embedding (on the GPU, but the only tensor of its size), nor the CPU and disk ones
+    assert pinned == {name for name in tensors if name.startswith("model.layers.")}
+    everything_on_gpu = engine.bound_for_gpu(plan.inventory, {"": 0})
+    assert "model.norm.weight" in everything_on_gpu  # the fifth norm
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & everything_on_gpu  # two of their size
     (path,) = folder.glob("*.safetensors")
     with engine.safetensors_read_not_mapped(plan.inventory, device_map):
         with modeling_utils.safe_open(str(path), framework="pt", device="cpu") as handle:
-            for name in plan.inventory.tensors:
+            for name in tensors:
                 by_slice, whole = handle.get_slice(name)[...], handle.get_tensor(name)
                 assert torch.equal(by_slice, whole)
         assert not released
     assert released == [True]
-    assert sorted(pinned_sizes) == sorted(2 * [plan.inventory.tensors[n].nbytes for n in gpu_bound])
+    assert sorted(pinned_sizes) == sorted(2 * [tensors[name].nbytes for name in pinned])
 
 
 def test_no_pinned_memory_where_the_driver_gives_none_is_a_read_into_plain_memory(tiny_checkpoint, monkeypatch):
@@ -383,3 +388,45 @@ def test_no_pinned_memory_where_the_driver_gives_none_is_a_read_into_plain_memor
     name, info = next(iter(plan.inventory.tensors.items()))
     with SafetensorsReader(plan.inventory) as reader:
         assert torch.equal(reader.read(info, pinned=True), reader.read(info))
+
+
+@pytest.mark.parametrize("part", [4096, 1000])
+def test_a_big_tensor_read_in_parts_in_parallel_equals_one_read(tiny_checkpoint, monkeypatch, part):
+    """Every tensor split (the threshold forced down), into parts that divide it or not."""
+    from safetensors.torch import load_file
+
+    from loadstone.engines import reader as reader_module
+    from loadstone.engines.reader import SafetensorsReader
+
+    monkeypatch.setattr(reader_module, "SPLIT_AT", 1)
+    monkeypatch.setattr(reader_module, "PART_BYTES", part)
+    folder = tiny_checkpoint("llama", dtype="float32", hidden_size=256, intermediate_size=512)
+    plan = loadstone.plan(str(folder), placement="cpu")
+    expected = {}
+    for path in folder.glob("*.safetensors"):
+        expected.update(load_file(str(path)))
+    with SafetensorsReader(plan.inventory) as reader:
+        for name, info in plan.inventory.tensors.items():
+            assert torch.equal(reader.read(info), expected[name]), name
+
+
+def test_a_part_that_cannot_be_read_is_the_named_checkpoint_error(tiny_checkpoint, monkeypatch, tmp_path):
+    """A file truncated after its header was checked: the parts past the end fail, and the read
+    raises the CheckpointError that names the file and the tensor (after every part has ended)."""
+    import shutil
+
+    from loadstone.engines import reader as reader_module
+    from loadstone.engines.reader import SafetensorsReader
+
+    monkeypatch.setattr(reader_module, "SPLIT_AT", 1)
+    monkeypatch.setattr(reader_module, "PART_BYTES", 1024)
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint("llama", dtype="float32", hidden_size=256, intermediate_size=512), folder)
+    plan = loadstone.plan(str(folder), placement="cpu")
+    info = max(plan.inventory.tensors.values(), key=lambda i: i.nbytes)  # many parts
+    with SafetensorsReader(plan.inventory) as reader:
+        _, data_start = reader.open(info.file)  # checked against the plan, then cut short under the reader
+        os.truncate(info.file, data_start + info.start + info.nbytes // 2)
+        with pytest.raises(loadstone.CheckpointError, match="truncated during the load") as raised:
+            reader.read(info)
+    assert str(raised.value.file) == str(info.file) and repr(info.name) in str(raised.value)

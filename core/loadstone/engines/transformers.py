@@ -44,9 +44,9 @@ def safetensors_read_not_mapped(inventory: Any = None, device_map: dict[str, Any
     plan's ``inventory`` lists it: one ``preadv`` into the tensor's memory, with the GIL released
     (transformers reads in four threads), where safetensors' backend took 2-8x as long as the
     memory map. A tensor the plan's ``device_map`` puts on a CUDA device is read into pinned
-    memory (:func:`bound_for_gpu`), so that transformers' copy of it to the GPU is a DMA, not a
-    copy through the driver's staging buffers: 4.75 s became ... for an 8B bf16 load on an H200
-    (docs/benchmarks.md); the pinned blocks are given back when the load ends. In force for the
+    memory where its block will be reused (:func:`bound_for_gpu`), so that transformers' copy of
+    it to the GPU is a DMA, not a copy through the driver's staging buffers; the pinned blocks are
+    given back when the load ends (docs/benchmarks.md has the figures). In force for the
     duration of the call (under ``TRANSFORMERS_GLOBAL_STATE``); if transformers stops opening
     files through ``modeling_utils.safe_open``, files are mapped again (docs/validation.md says
     what then remains).
@@ -81,11 +81,21 @@ def safetensors_read_not_mapped(inventory: Any = None, device_map: dict[str, Any
             release_pinned_blocks()
 
 
+# Pinning memory costs more than the DMA it buys, unless the block is used again: torch's caching
+# host allocator hands out power-of-two blocks, and a tensor is read into pinned memory only where
+# at least this many tensors bound for the GPU share its block size (an 8B Llama's 1 GiB embedding
+# and head do not; its 96 MLP weights do).
+PINNED_REUSE = 4
+
+
 def bound_for_gpu(inventory: Any, device_map: dict[str, Any] | None) -> frozenset[str]:
-    """The names of ``inventory``'s tensors that ``device_map`` places on a CUDA device (an index or
-    ``"cuda..."``); a name the map does not cover is not among them (it is read into plain memory)."""
+    """The names of ``inventory``'s tensors to read into pinned memory: those that ``device_map``
+    places on a CUDA device (an index or ``"cuda..."``) whose block size :data:`PINNED_REUSE` of
+    them share. A name the map does not cover is not among them (it is read into plain memory)."""
     if not device_map or inventory is None:
         return frozenset()
+    from collections import defaultdict
+
     from ..contract.placement import map_entry
 
     def on_gpu(name: str) -> bool:
@@ -93,7 +103,11 @@ def bound_for_gpu(inventory: Any, device_map: dict[str, Any] | None) -> frozense
         device = device_map[key] if key is not None else "cpu"
         return isinstance(device, int) and not isinstance(device, bool) or str(device).startswith("cuda")
 
-    return frozenset(name for name in inventory.tensors if on_gpu(name))
+    by_block: dict[int, list[str]] = defaultdict(list)
+    for name, info in inventory.tensors.items():
+        if on_gpu(name):
+            by_block[max(info.nbytes - 1, 0).bit_length()].append(name)
+    return frozenset(name for names in by_block.values() if len(names) >= PINNED_REUSE for name in names)
 
 
 def release_pinned_blocks() -> None:
