@@ -430,3 +430,35 @@ def test_a_part_that_cannot_be_read_is_the_named_checkpoint_error(tiny_checkpoin
         with pytest.raises(loadstone.CheckpointError, match="truncated during the load") as raised:
             reader.read(info)
     assert str(raised.value.file) == str(info.file) and repr(info.name) in str(raised.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_reads_in_parts_with_a_pool_of_its_own(tiny_checkpoint, monkeypatch):
+    """The parent's pool threads do not exist in a child made by fork: the child starts its own
+    pool instead of waiting on them forever (it is killed after 60 s if it hangs). The child
+    compares bytes, not tensors: torch's own thread pool does not survive a fork either."""
+    import signal
+
+    from loadstone.engines import reader as reader_module
+    from loadstone.engines.reader import SafetensorsReader
+
+    monkeypatch.setattr(reader_module, "SPLIT_AT", 1)
+    monkeypatch.setattr(reader_module, "PART_BYTES", 4096)
+    folder = tiny_checkpoint("llama", dtype="float32", hidden_size=256, intermediate_size=512)
+    plan = loadstone.plan(str(folder), placement="cpu")
+    info = max(plan.inventory.tensors.values(), key=lambda i: i.nbytes)
+    with SafetensorsReader(plan.inventory) as reader:
+        expected = reader.read(info)  # the parent's pool, now with threads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running: this child only reads
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(60)
+            with SafetensorsReader(plan.inventory) as reader:
+                code = 0 if bytes(reader.read(info).numpy()) == bytes(expected.numpy()) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

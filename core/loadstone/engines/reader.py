@@ -129,19 +129,22 @@ class SafetensorsReader:
 SPLIT_AT = 64 << 20
 PART_BYTES = 16 << 20
 _pool: Any = None
+_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
 def read_in_parts(fd: int, data_start: int, info: TensorInfo, view: memoryview) -> None:
     """Fill ``view`` with the whole tensor, its parts read in parallel (the first error is raised
     once every part has ended)."""
-    global _pool
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        # a forked child inherits the pool but none of its threads: it would wait forever
+        if _pool is None or _pool_pid != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
 
             _pool = ThreadPoolExecutor(max_workers=max(4, min(8, os.cpu_count() or 1)),
                                        thread_name_prefix="loadstone-read")
+            _pool_pid = os.getpid()
     parts = [_pool.submit(pread_exactly, fd, data_start, info, view[start:start + PART_BYTES], start)
              for start in range(0, len(view), PART_BYTES)]
     for part in parts:
