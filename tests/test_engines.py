@@ -352,11 +352,11 @@ def test_the_transformers_engine_reads_tensors_bound_for_a_gpu_into_pinned_memor
     plan = loadstone.plan(str(folder), placement="cpu")
     tensors = plan.inventory.tensors
     device_map = {"model.embed_tokens": 0, "model.layers": "cuda:1", "model.norm": "disk", "lm_head": "cpu"}
-    pinned = engine.bound_for_gpu(plan.inventory, device_map)
+    pinned = engine.tensors_to_pin(plan.inventory, device_map)
     # every layer tensor (q/o, k/v, the three MLP weights and the norms each come 4 or 6 times);
     # not the embedding (on the GPU, but the only tensor of its size), nor the CPU and disk ones
     assert pinned == {name for name in tensors if name.startswith("model.layers.")}
-    everything_on_gpu = engine.bound_for_gpu(plan.inventory, {"": 0})
+    everything_on_gpu = engine.tensors_to_pin(plan.inventory, {"": 0})
     assert "model.norm.weight" in everything_on_gpu  # the fifth norm
     assert not {"model.embed_tokens.weight", "lm_head.weight"} & everything_on_gpu  # two of their size
     (path,) = folder.glob("*.safetensors")

@@ -23,7 +23,7 @@ from .contract.engines import Engine, EngineContext, ReadAhead  # noqa: E402
 from .contract.errors import *  # noqa: E402,F401,F403
 from .contract.errors import __all__ as _error_names  # noqa: E402
 from .contract.hookspecs import hookimpl  # noqa: E402
-from .contract.placement import PlacementContext, PlacementStrategy, map_entry  # noqa: E402
+from .contract.placement import PlacementContext, PlacementStrategy, map_entry, placed_device  # noqa: E402
 from .contract.plan import Plan  # noqa: E402
 from .contract.quantization import (  # noqa: E402
     QuantizationBackend,
@@ -53,7 +53,7 @@ __all__ = [
     "Decision", "QuantizationBackend", "QuantizationContext", "PlacementStrategy", "PlacementContext", "Resolver",
     "ResolveContext", "ResolvedSource", "RemoteHeader", "Engine", "EngineContext", "ReadAhead", "TensorMap", "TensorGroup",
     "TensorInfo", "CheckpointInventory", "PluginManager", "get_plugin_manager", "reset_plugin_manager", "hookimpl",
-    "requirement_problems", "set_module_tensor", "map_entry", "count_parameters", "SafetensorsReader",
+    "requirement_problems", "set_module_tensor", "map_entry", "placed_device", "count_parameters", "SafetensorsReader",
     "finish_loading",
     *_error_names,
 ]

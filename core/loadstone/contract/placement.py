@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .quantization import QuantizationContext
     from .request import LoadRequest
 
-__all__ = ["PlacementStrategy", "PlacementContext", "map_entry"]
+__all__ = ["PlacementStrategy", "PlacementContext", "map_entry", "placed_device"]
 
 
 def map_entry(name: str, device_map: dict[str, Any]) -> str | None:
@@ -30,6 +30,14 @@ def map_entry(name: str, device_map: dict[str, Any]) -> str | None:
             if best is None or len(key) > len(best):
                 best = key
     return best
+
+
+def placed_device(name: str, device_map: dict[str, Any]) -> str:
+    """Where ``device_map`` puts ``name``, as a device string: ``"cuda:N"`` for a GPU index, the
+    map's own value otherwise (``"cpu"``, ``"disk"``, ``"cuda:1"`` ...), ``"cpu"`` where no key covers it."""
+    key = map_entry(name, device_map)
+    device = device_map[key] if key is not None else "cpu"
+    return f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else str(device)
 
 
 @dataclass

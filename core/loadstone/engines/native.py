@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from ..contract.engines import Engine, EngineContext
 from ..contract.errors import OptionError
-from ..contract.placement import map_entry
+from ..contract.placement import placed_device
 from ..contract.plan import Plan
 from ..contract.tensors import TensorGroup
 from ..contract.units import format_size, normalize_device
@@ -317,9 +317,7 @@ class NativeEngine(Engine):
 
     @staticmethod
     def device_for(plan: Plan, name: str) -> Any:
-        key = map_entry(name, plan.device_map)
-        device = plan.device_map[key] if key is not None else "cpu"
-        return f"cuda:{device}" if isinstance(device, int) else str(device)
+        return placed_device(name, plan.device_map)
 
     @staticmethod
     def dtype_for(plan: Plan, name: str) -> Any:

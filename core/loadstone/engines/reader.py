@@ -123,6 +123,16 @@ class SafetensorsReader:
         return buffer.view(torch_dtype_of(info)).reshape(info.shape)
 
 
+def default_readers(accelerated: bool = False) -> int:
+    """Reader threads: 8 measured best on a 16-core H200 host (30.2 GB/s into the GPU; 12 and 16
+    threads lost more to the GIL than they gained in reads), one per core, but at least 4: a read
+    from a cold page cache waits on the disk, not the CPU, and on the 2-core CPU machine 4 readers
+    streamed 1.5 GB from a dropped cache in 0.74-0.81 s against 1.32-1.43 s for 2, while a warm
+    load lost 0.02-0.04 s to them (bench/results, docs/benchmarks.md)."""
+    cores = os.cpu_count() or 2
+    return max(4, min(8, cores))
+
+
 # A tensor this big is read in parts of PART_BYTES by a pool of threads: one preadv copies from the
 # page cache at about 5 GB/s, and from_pretrained reads a quantizing load's tensors one at a time
 # (3.2 of its 4.6 s for an 8B NF4 load on an H200 went to that one thread's preadv).
@@ -142,8 +152,7 @@ def read_in_parts(fd: int, data_start: int, info: TensorInfo, view: memoryview) 
         if _pool is None or _pool_pid != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
 
-            _pool = ThreadPoolExecutor(max_workers=max(4, min(8, os.cpu_count() or 1)),
-                                       thread_name_prefix="loadstone-read")
+            _pool = ThreadPoolExecutor(max_workers=default_readers(), thread_name_prefix="loadstone-read")
             _pool_pid = os.getpid()
     parts = [_pool.submit(pread_exactly, fd, data_start, info, view[start:start + PART_BYTES], start)
              for start in range(0, len(view), PART_BYTES)]

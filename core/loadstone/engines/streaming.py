@@ -26,14 +26,13 @@ tensor dies, rather than into malloc's per-thread arenas, which would keep it.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..contract.checkpoint import TensorInfo
-from .reader import SafetensorsReader, pread_exactly, torch_dtype_of
+from .reader import SafetensorsReader, default_readers, pread_exactly, torch_dtype_of
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 # Bytes of transient tensors a device may hold beyond the largest group that is quantized or fused
@@ -54,16 +53,6 @@ def in_flight_allowance(room: dict[str, int | None], asked: str | int) -> dict[s
     if asked != "auto":
         return {device: int(asked) for device in room}
     return {device: IN_FLIGHT if free is None else max(0, min(IN_FLIGHT, free)) for device, free in room.items()}
-
-
-def default_readers(accelerated: bool) -> int:
-    """Reader threads: 8 measured best on a 16-core H200 host (30.2 GB/s into the GPU; 12 and 16
-    threads lost more to the GIL than they gained in reads), one per core, but at least 4: a read
-    from a cold page cache waits on the disk, not the CPU, and on the 2-core CPU machine 4 readers
-    streamed 1.5 GB from a dropped cache in 0.74-0.81 s against 1.32-1.43 s for 2, while a warm
-    load lost 0.02-0.04 s to them (bench/results, docs/benchmarks.md)."""
-    cores = os.cpu_count() or 2
-    return max(4, min(8, cores))
 
 
 @dataclass

@@ -44,7 +44,7 @@ def safetensors_read_not_mapped(inventory: Any = None, device_map: dict[str, Any
     plan's ``inventory`` lists it: one ``preadv`` into the tensor's memory, with the GIL released
     (transformers reads in four threads), where safetensors' backend took 2-8x as long as the
     memory map. A tensor the plan's ``device_map`` puts on a CUDA device is read into pinned
-    memory where its block will be reused (:func:`bound_for_gpu`), so that transformers' copy of
+    memory where its block will be reused (:func:`tensors_to_pin`), so that transformers' copy of
     it to the GPU is a DMA, not a copy through the driver's staging buffers; the pinned blocks are
     given back when the load ends (docs/benchmarks.md has the figures). In force for the
     duration of the call (under ``TRANSFORMERS_GLOBAL_STATE``); if transformers stops opening
@@ -60,7 +60,7 @@ def safetensors_read_not_mapped(inventory: Any = None, device_map: dict[str, Any
         yield
         return
     reader = SafetensorsReader(inventory) if inventory is not None and inventory.tensors else None
-    pinned = bound_for_gpu(inventory, device_map) if reader is not None else frozenset()
+    pinned = tensors_to_pin(inventory, device_map) if reader is not None else frozenset()
 
     def read_with_pread(filename: Any, framework: str, device: Any = "cpu", **kwargs: Any) -> Any:
         handle = mapped_open(filename, framework, device=device, **{**kwargs, "backend": "pread"})
@@ -88,7 +88,7 @@ def safetensors_read_not_mapped(inventory: Any = None, device_map: dict[str, Any
 PINNED_REUSE = 4
 
 
-def bound_for_gpu(inventory: Any, device_map: dict[str, Any] | None) -> frozenset[str]:
+def tensors_to_pin(inventory: Any, device_map: dict[str, Any] | None) -> frozenset[str]:
     """The names of ``inventory``'s tensors to read into pinned memory: those that ``device_map``
     places on a CUDA device (an index or ``"cuda..."``) whose block size :data:`PINNED_REUSE` of
     them share. A name the map does not cover is not among them (it is read into plain memory)."""
@@ -96,16 +96,11 @@ def bound_for_gpu(inventory: Any, device_map: dict[str, Any] | None) -> frozense
         return frozenset()
     from collections import defaultdict
 
-    from ..contract.placement import map_entry
-
-    def on_gpu(name: str) -> bool:
-        key = map_entry(name, device_map)
-        device = device_map[key] if key is not None else "cpu"
-        return isinstance(device, int) and not isinstance(device, bool) or str(device).startswith("cuda")
+    from ..contract.placement import placed_device
 
     by_block: dict[int, list[str]] = defaultdict(list)
     for name, info in inventory.tensors.items():
-        if on_gpu(name):
+        if placed_device(name, device_map).startswith("cuda"):
             by_block[max(info.nbytes - 1, 0).bit_length()].append(name)
     return frozenset(name for names in by_block.values() if len(names) >= PINNED_REUSE for name in names)
 
