@@ -462,3 +462,21 @@ def test_a_forked_child_reads_in_parts_with_a_pool_of_its_own(tiny_checkpoint, m
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_transformers_engine_says_which_tensors_it_read_into_pinned_memory(tiny_checkpoint, monkeypatch,
+                                                                                same_weights):
+    """Forced on any machine: the plan's layers taken as bound for a GPU (a CPU torch then gives
+    plain memory, as a GPU machine's would give pinned); the report says so, the model is the same."""
+    from loadstone.engines import transformers as engine
+
+    folder = str(tiny_checkpoint("llama"))
+    monkeypatch.setattr(engine, "tensors_to_pin",
+                        lambda inventory, device_map: frozenset(n for n in inventory.tensors if ".layers." in n))
+    loaded = loadstone.load(folder, placement="cpu", engine="transformers", progress=False)
+    notes = [note for note in loaded.report.notes if "page-locked" in note]
+    assert len(notes) == 1 and notes[0].startswith("engine transformers: 18 of the tensors bound for the GPU ("), notes
+    monkeypatch.undo()
+    plain = loadstone.load(folder, placement="cpu", engine="transformers", progress=False)
+    assert not [note for note in plain.report.notes if "page-locked" in note]
+    same_weights(loaded.model, plain.model)

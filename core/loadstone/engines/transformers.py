@@ -18,6 +18,7 @@ from ..contract.checkpoint import SAFE_SINGLE
 from ..contract.engines import Engine, EngineContext
 from ..contract.errors import LoadstoneError, WeightsMismatchError
 from ..contract.plan import Plan
+from ..contract.units import format_size
 
 
 @contextlib.contextmanager
@@ -33,7 +34,8 @@ def transformers_progress(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def safetensors_read_not_mapped(inventory: Any = None, device_map: dict[str, Any] | None = None) -> Iterator[None]:
+def safetensors_read_not_mapped(inventory: Any = None,
+                                device_map: dict[str, Any] | None = None) -> Iterator[frozenset[str]]:
     """``from_pretrained`` reads safetensors with ``pread`` instead of through a memory map.
 
     A file truncated while mapped kills the process with SIGBUS at the next read of a lost page;
@@ -46,7 +48,8 @@ def safetensors_read_not_mapped(inventory: Any = None, device_map: dict[str, Any
     memory map. A tensor the plan's ``device_map`` puts on a CUDA device is read into pinned
     memory where its block will be reused (:func:`tensors_to_pin`), so that transformers' copy of
     it to the GPU is a DMA, not a copy through the driver's staging buffers; the pinned blocks are
-    given back when the load ends (docs/benchmarks.md has the figures). In force for the
+    given back when the load ends (docs/benchmarks.md has the figures); it yields the names of
+    those tensors. In force for the
     duration of the call (under ``TRANSFORMERS_GLOBAL_STATE``); if transformers stops opening
     files through ``modeling_utils.safe_open``, files are mapped again (docs/validation.md says
     what then remains).
@@ -57,7 +60,7 @@ def safetensors_read_not_mapped(inventory: Any = None, device_map: dict[str, Any
 
     mapped_open = getattr(modeling_utils, "safe_open", None)
     if mapped_open is None:
-        yield
+        yield frozenset()
         return
     reader = SafetensorsReader(inventory) if inventory is not None and inventory.tensors else None
     pinned = tensors_to_pin(inventory, device_map) if reader is not None else frozenset()
@@ -72,7 +75,7 @@ def safetensors_read_not_mapped(inventory: Any = None, device_map: dict[str, Any
 
     modeling_utils.safe_open = read_with_pread
     try:
-        yield
+        yield pinned
     finally:
         modeling_utils.safe_open = mapped_open
         if reader is not None:
@@ -107,7 +110,9 @@ def tensors_to_pin(inventory: Any, device_map: dict[str, Any] | None) -> frozens
 
 def release_pinned_blocks() -> None:
     """Give the page-locked blocks torch's caching host allocator keeps back to the system (the
-    GPU-bound tensors were read into them; the model holds none of them once it is on the GPU)."""
+    GPU-bound tensors were read into them; the model holds none of them once it is on the GPU).
+    The cache is the process's: blocks the caller's own code freed earlier go back too (blocks
+    still in use stay)."""
     import torch
 
     empty = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
@@ -242,8 +247,13 @@ class TransformersEngine(Engine):
         if mapped:
             ctx.note("engine transformers: reader=mmap: safetensors files are memory-mapped (a file truncated during "
                      "the load kills the process)")
-        reading = contextlib.nullcontext() if mapped else safetensors_read_not_mapped(plan.inventory, plan.device_map)
-        with TRANSFORMERS_GLOBAL_STATE, transformers_progress(ctx.progress), reading:
+        reading = contextlib.nullcontext(frozenset()) if mapped else safetensors_read_not_mapped(plan.inventory,
+                                                                                                  plan.device_map)
+        with TRANSFORMERS_GLOBAL_STATE, transformers_progress(ctx.progress), reading as pinned:
+            if pinned:
+                ctx.note(f"engine transformers: {len(pinned)} of the tensors bound for the GPU "
+                         f"({format_size(sum(plan.inventory.tensors[name].nbytes for name in pinned))}) are read into "
+                         f"page-locked blocks that are reused and given back after the load (DMA copies)")
             try:
                 model, info = plan.auto_class.from_pretrained(str(plan.sources.base.path), **kwargs)
             except LoadstoneError:
