@@ -176,7 +176,8 @@ class TransformersEngine(Engine):
 
     def option_help(self) -> dict[str, str]:
         return {"reader": "pread (default: a checkpoint file truncated or rewritten during the load is a "
-                          "CheckpointError) or mmap (transformers' own memory map: no copy into host memory, but a file "
+                          "CheckpointError; tensors bound for a GPU pass through reused page-locked blocks, and big "
+                          "ones are read in parallel parts) or mmap (transformers' own memory map: no copy into host memory, but a file "
                           "truncated mid-load kills the process with SIGBUS; docs/validation.md)"}
 
     def normalize_options(self, options: dict[str, Any]) -> dict[str, Any]:
