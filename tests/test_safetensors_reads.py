@@ -144,9 +144,10 @@ def test_a_part_that_cannot_be_read_is_the_named_checkpoint_error(tiny_checkpoin
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_reads_in_parts_with_a_pool_of_its_own(tiny_checkpoint, monkeypatch):
-    """The parent's pool threads do not exist in a child made by fork: the child starts its own
-    pool instead of waiting on them forever (it is killed after 60 s if it hangs). The child
-    compares bytes, not tensors: torch's own thread pool does not survive a fork either."""
+    """The reader's pool threads do not exist in a child made by fork: the child, reading with the
+    same reader, starts its own pool instead of waiting on them forever (it is killed after 60 s
+    if it hangs). The child compares bytes, not tensors: torch's own thread pool does not survive
+    a fork either."""
     import signal
 
     from loadstone.engines import reader as reader_module
@@ -158,20 +159,35 @@ def test_a_forked_child_reads_in_parts_with_a_pool_of_its_own(tiny_checkpoint, m
     plan = loadstone.plan(str(folder), placement="cpu")
     info = max(plan.inventory.tensors.values(), key=lambda i: i.nbytes)
     with SafetensorsReader(plan.inventory) as reader:
-        expected = reader.read(info)  # the parent's pool, now with threads
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running: this child only reads
-        pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            signal.alarm(60)
-            with SafetensorsReader(plan.inventory) as reader:
-                code = 0 if bytes(reader.read(info).numpy()) == bytes(expected.numpy()) else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
+        expected = bytes(reader.read(info).numpy())  # the reader's pool, now with threads
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running: the child only reads
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.alarm(60)
+                code = 0 if bytes(reader.read(info).numpy()) == expected else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_read_pool_ends_with_the_reader(tiny_checkpoint, monkeypatch):
+    """No thread of a load outlives it (Python warns at a later fork() while threads run)."""
+    import threading
+
+    from loadstone.engines import reader as reader_module
+    from loadstone.engines.reader import SafetensorsReader
+
+    monkeypatch.setattr(reader_module, "SPLIT_AT", 1)
+    monkeypatch.setattr(reader_module, "PART_BYTES", 4096)
+    plan = loadstone.plan(str(tiny_checkpoint("llama")), placement="cpu")
+    with SafetensorsReader(plan.inventory) as reader:
+        reader.read(max(plan.inventory.tensors.values(), key=lambda i: i.nbytes))
+        assert any(t.name.startswith("loadstone-read") for t in threading.enumerate())
+    assert not any(t.name.startswith("loadstone-read") for t in threading.enumerate())
 
 
 def test_the_transformers_engine_says_which_tensors_it_read_into_pinned_memory(tiny_checkpoint, monkeypatch,

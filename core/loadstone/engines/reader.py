@@ -31,6 +31,8 @@ class SafetensorsReader:
         self._files: dict[Path, tuple[int, int]] = {}  # path -> (fd, data section start)
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
+        self._parts: Any = None  # the pool that reads big tensors in parts, and the pid it was made in
+        self._parts_pid = 0
 
     def __enter__(self) -> "SafetensorsReader":
         return self
@@ -44,6 +46,9 @@ class SafetensorsReader:
                 os.close(fd)
             self._files.clear()
             self._maps.clear()  # the tensors made by map() hold their mappings themselves
+            pool, self._parts = self._parts, None
+        if pool is not None and self._parts_pid == os.getpid():
+            pool.shutdown()  # no thread of the load outlives it (a later fork() warns about threads)
 
     def open(self, path: Path) -> tuple[int, int]:
         """``(file descriptor, offset of the data section)`` of one weight file, opened once and
@@ -117,10 +122,29 @@ class SafetensorsReader:
         if buffer is None:
             buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes >= SPLIT_AT:
-            read_in_parts(fd, data_start, info, memoryview(buffer.numpy()))
+            self._read_in_parts(fd, data_start, info, memoryview(buffer.numpy()))
         elif info.nbytes:
             pread_exactly(fd, data_start, info, memoryview(buffer.numpy()), 0)
         return buffer.view(torch_dtype_of(info)).reshape(info.shape)
+
+    def _read_in_parts(self, fd: int, data_start: int, info: TensorInfo, view: memoryview) -> None:
+        """Fill ``view`` with the whole tensor, its parts of :data:`PART_BYTES` read in parallel by
+        this reader's pool of :func:`default_readers` threads (the first error is raised once every
+        part has ended)."""
+        with self._lock:
+            # a child made by fork() inherits the pool but none of its threads: it would wait forever
+            if self._parts is None or self._parts_pid != os.getpid():
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._parts = ThreadPoolExecutor(max_workers=default_readers(), thread_name_prefix="loadstone-read")
+                self._parts_pid = os.getpid()
+            pool = self._parts
+        parts = [pool.submit(pread_exactly, fd, data_start, info, view[start:start + PART_BYTES], start)
+                 for start in range(0, len(view), PART_BYTES)]
+        for part in parts:
+            part.exception()  # waits: no part may still write into the buffer when this returns
+        for part in parts:
+            part.result()
 
 
 def default_readers(accelerated: bool = False) -> int:
@@ -138,28 +162,6 @@ def default_readers(accelerated: bool = False) -> int:
 # (3.2 of its 4.6 s for an 8B NF4 load on an H200 went to that one thread's preadv).
 SPLIT_AT = 64 << 20
 PART_BYTES = 16 << 20
-_pool: Any = None
-_pool_pid = 0
-_pool_lock = threading.Lock()
-
-
-def read_in_parts(fd: int, data_start: int, info: TensorInfo, view: memoryview) -> None:
-    """Fill ``view`` with the whole tensor, its parts read in parallel (the first error is raised
-    once every part has ended)."""
-    global _pool, _pool_pid
-    with _pool_lock:
-        # a forked child inherits the pool but none of its threads: it would wait forever
-        if _pool is None or _pool_pid != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
-
-            _pool = ThreadPoolExecutor(max_workers=default_readers(), thread_name_prefix="loadstone-read")
-            _pool_pid = os.getpid()
-    parts = [_pool.submit(pread_exactly, fd, data_start, info, view[start:start + PART_BYTES], start)
-             for start in range(0, len(view), PART_BYTES)]
-    for part in parts:
-        part.exception()  # waits: no part may still write into the buffer when this returns
-    for part in parts:
-        part.result()
 
 
 def _pinned_bytes(nbytes: int) -> Any | None:
