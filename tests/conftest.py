@@ -82,6 +82,18 @@ def write_sparse_checkpoint(folder: Path, config: Any) -> int:
     return offset
 
 
+def gpu_free_after_cleanup(device: int = 0) -> int:
+    """Free memory of a CUDA device once Python's garbage and torch's cached blocks are gone."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
 def offloaded_state_dict(model: Any) -> dict[str, Any]:
     """The values a model serves, including disk/CPU-offloaded ones (accelerate's view)."""
     from accelerate.utils.modeling import get_state_dict_offloaded_model

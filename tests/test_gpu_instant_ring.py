@@ -7,7 +7,6 @@ lent GPU machine:
     python3 -m pytest tests/test_gpu_instant_ring.py
 """
 
-import gc
 import sys
 import threading
 import warnings
@@ -19,7 +18,7 @@ import torch
 import loadstone
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package (--import-mode=importlib)
-from conftest import assert_same_weights  # noqa: E402
+from conftest import assert_same_weights, gpu_free_after_cleanup  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,7 +38,7 @@ def _save(folder: Path, **config) -> str:
         model = LlamaForCausalLM(LlamaConfig(**config, dtype="float32")).float()
     model.save_pretrained(folder, max_shard_size="2GB")
     del model
-    _free_after_cleanup()
+    gpu_free_after_cleanup()
     return str(folder)
 
 
@@ -56,13 +55,6 @@ def float32_llama(tmp_path_factory) -> str:
     in bf16: smaller than the ring."""
     return _save(tmp_path_factory.mktemp("fp32") / "checkpoint", vocab_size=4096, hidden_size=2048,
                  intermediate_size=5632, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=16)
-
-
-def _free_after_cleanup() -> int:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    return int(torch.cuda.mem_get_info(0)[0])
 
 
 class _DevicePeak:
@@ -89,7 +81,7 @@ class _DevicePeak:
 @pytest.mark.parametrize("read_ahead", ["off", "auto"])
 def test_a_tensor_bigger_than_the_ring_is_counted_in_the_plan_and_loads_as_stored(wide_vocabulary, read_ahead):
     largest = VOCAB * WIDTH * 4
-    used_before = torch.cuda.mem_get_info(0)[1] - _free_after_cleanup()
+    used_before = torch.cuda.mem_get_info(0)[1] - gpu_free_after_cleanup()
     with warnings.catch_warnings(record=True) as caught, _DevicePeak() as device:
         warnings.simplefilter("always")
         loaded = loadstone.load(wide_vocabulary, placement="cuda:0", dtype="float32", progress=False,
@@ -117,7 +109,7 @@ def test_a_nearly_full_gpu_loads_a_plan_that_fits(float32_llama):
     left = peak + 128 * MiB
     assert left / 2 < GiB  # instanttensor's own budget, half the free memory, is smaller than its ring
     files = sorted(str(p) for p in Path(float32_llama).glob("*.safetensors"))
-    hog = torch.empty(_free_after_cleanup() - left, dtype=torch.uint8, device="cuda:0")
+    hog = torch.empty(gpu_free_after_cleanup() - left, dtype=torch.uint8, device="cuda:0")
     try:
         with pytest.raises(RuntimeError, match="exceeds device memory budget"):
             safe_open(files, framework="pt", device="cuda:0", backend=BackendPolicy.BUFFERED, buffer_size=GiB)

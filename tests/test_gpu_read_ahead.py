@@ -6,7 +6,6 @@
 The checkpoint is 1.1 GB, so that the ring (at least 1 GiB) is memory a test can see come back.
 """
 
-import gc
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 import loadstone
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package (--import-mode=importlib)
-from conftest import assert_same_weights  # noqa: E402
+from conftest import assert_same_weights, gpu_free_after_cleanup  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,15 +42,8 @@ def gigabyte_llama(tmp_path_factory):
     return str(folder)
 
 
-def _free_after_cleanup() -> int:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(0)[0]
-
-
 def test_reading_ahead_gives_the_same_model_and_gives_its_ring_back(gigabyte_llama):
-    free_before = _free_after_cleanup()
+    free_before = gpu_free_after_cleanup()
     ahead = loadstone.load(gigabyte_llama, placement="cuda:0", progress=False, trainable=False)
     ring = ahead.report.engine["read_ahead"]["cuda:0"]
     assert ring >= GiB and ahead.report.engine["extra_bytes"] == {"cuda:0": ring}
@@ -65,7 +57,7 @@ def test_reading_ahead_gives_the_same_model_and_gives_its_ring_back(gigabyte_lla
     assert_same_weights(ahead.model, reference.model)
     assert_same_weights(after_plain.model, reference.model)
     del ahead, after_plain, reference
-    assert _free_after_cleanup() > free_before - 256 * (1 << 20)  # no ring left behind
+    assert gpu_free_after_cleanup() > free_before - 256 * (1 << 20)  # no ring left behind
 
 
 def test_an_asked_ring_size_is_the_one_used(gigabyte_llama):
@@ -77,7 +69,7 @@ def test_an_asked_ring_size_is_the_one_used(gigabyte_llama):
 def test_a_ring_that_does_not_fit_the_budget_is_not_read_into_and_the_plan_reads_after(gigabyte_llama):
     """A budget of 1.5 GiB holds the model (1.0 GiB) but not a ring beside it: the engine reads
     nothing ahead (the ring is sized within max_memory) and reads with pread, the same model."""
-    free_before = _free_after_cleanup()
+    free_before = gpu_free_after_cleanup()
     loaded = loadstone.load(gigabyte_llama, placement="cuda:0", max_memory={0: "1.5GiB", "cpu": "64GiB"},
                             progress=False, trainable=False)
     assert loaded.plan.engine_options["reader"] == "pread" and "read_ahead" not in loaded.report.engine
@@ -85,15 +77,15 @@ def test_a_ring_that_does_not_fit_the_budget_is_not_read_into_and_the_plan_reads
                                trainable=False)
     assert_same_weights(loaded.model, reference.model)
     del loaded, reference
-    assert _free_after_cleanup() > free_before - 256 * (1 << 20)
+    assert gpu_free_after_cleanup() > free_before - 256 * (1 << 20)
 
 
 def test_a_plan_that_fails_after_reading_ahead_gives_the_ring_back(gigabyte_llama):
-    free_before = _free_after_cleanup()
+    free_before = gpu_free_after_cleanup()
     with pytest.raises(loadstone.PlacementError, match="does not fit"):
         loadstone.load(gigabyte_llama, placement="cuda:0", max_memory={0: "512MiB", "cpu": "64GiB"},
                        progress=False)
-    assert _free_after_cleanup() > free_before - 256 * (1 << 20)
+    assert gpu_free_after_cleanup() > free_before - 256 * (1 << 20)
 
 
 def test_nf4_reads_ahead_only_when_asked_and_equals_reading_after(gigabyte_llama):

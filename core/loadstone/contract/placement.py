@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
-from .units import normalize_device
+from .units import device_label, normalize_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from .quantization import QuantizationContext
@@ -36,8 +36,7 @@ def placed_device(name: str, device_map: dict[str, Any]) -> str:
     """Where ``device_map`` puts ``name``, as a device string: ``"cuda:N"`` for a GPU index, the
     map's own value otherwise (``"cpu"``, ``"disk"``, ``"cuda:1"`` ...), ``"cpu"`` where no key covers it."""
     key = map_entry(name, device_map)
-    device = device_map[key] if key is not None else "cpu"
-    return f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else str(device)
+    return device_label(device_map[key]) if key is not None else "cpu"
 
 
 @dataclass
@@ -122,7 +121,7 @@ class PlacementContext:
         for name, nbytes in self.tensor_bytes.items():
             key = map_entry(name, device_map)
             if key is not None:
-                label = _label(device_map[key])
+                label = device_label(device_map[key])
                 out[label] = out.get(label, 0.0) + nbytes
         return {k: int(round(v)) for k, v in out.items()}
 
@@ -225,10 +224,6 @@ def free_memory(gpus: list[int]) -> dict[str | int, int]:
     if not integrated:
         budget["cpu"] = int(psutil.virtual_memory().available) + held.get("cpu", 0)
     return budget
-
-
-def _label(device: Any) -> str:
-    return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
 class _SizeOracle:

@@ -18,6 +18,7 @@ import warnings
 from typing import Any, Iterator
 
 from ..contract.engines import ReadAhead
+from ..contract.errors import OptionError
 from ..contract.units import format_size
 from .page_cache import is_cold
 from .reader import SafetensorsReader
@@ -242,8 +243,6 @@ def refuse_overflow(options: dict[str, Any], ring: int) -> None:
     """:func:`check_instant_ring`'s answer as the plan's :class:`~loadstone.OptionError`."""
     problem = check_instant_ring(options, ring)
     if problem:
-        from ..contract.errors import OptionError
-
         depth, chunk = _depth_and_chunk(options)
         raise OptionError(problem + ".", field="engine option readers", found=f"readers={depth}, chunk_bytes={chunk}",
                           expected=f"readers x chunk_bytes within {format_size(ring)}",

@@ -28,7 +28,7 @@ from ..contract.errors import OptionError
 from ..contract.placement import placed_device
 from ..contract.plan import Plan
 from ..contract.tensors import TensorGroup
-from ..contract.units import format_size, normalize_device
+from ..contract.units import device_label, format_size, normalize_device
 from .finish import finish_loading
 from .instant import (
     InstantReadAhead,
@@ -78,7 +78,7 @@ class NativeEngine(Engine):
         wanted = options.get("reader", "auto")
         devices = {str(d) for d in plan.device_map.values()}
         device = next(iter(devices)) if len(devices) == 1 else None
-        label = f"cuda:{device}" if device is not None and device.isdigit() else device
+        label = device_label(normalize_device(device)) if device is not None else None
         usable = label is not None and label.startswith("cuda") and instanttensor_installed()
         if wanted == "instanttensor" and not usable:
             raise OptionError("engine option reader=instanttensor needs the instanttensor package and a load onto "

@@ -147,7 +147,7 @@ class SafetensorsReader:
             part.result()
 
 
-def default_readers(accelerated: bool = False) -> int:
+def default_readers() -> int:
     """Reader threads: 8 measured best on a 16-core H200 host (30.2 GB/s into the GPU; 12 and 16
     threads lost more to the GIL than they gained in reads), one per core, but at least 4: a read
     from a cold page cache waits on the disk, not the CPU, and on the 2-core CPU machine 4 readers

@@ -147,7 +147,7 @@ class TensorStream:
             import torch
 
             self.home = {device: torch.cuda.current_stream(device) for device in self.gpus}
-        self.readers = max(1, readers or default_readers(self.accelerated))
+        self.readers = max(1, readers or default_readers())
         # whole pages, hence whole elements: a chunk cast on the CPU starts and ends on an element
         self.chunk = max(1 << 20, int(chunk_bytes)) // 4096 * 4096
         largest: dict[str, int] = {}
