@@ -5,6 +5,7 @@ pinned buffers (one CPU copy, then the DMA). Warm page cache; the 8B checkpoint 
 
     python3 bench/gpu_engines.py OUTDIR --rows instanttensor_buffered   # builds the checkpoint
     python3 bench/gpu_page_cache_dma.py /tmp/llama8b-shape              # writes $OUT or /tmp
+    python3 bench/gpu_page_cache_dma.py /tmp/llama8b-shape ceiling      # the link alone, the reads alone
 
 Each configuration fills one preallocated GPU buffer with every byte of every shard; 8 random
 4 KiB spans are compared with the files afterwards (``ok``). ``register_s`` sums the threads'
@@ -150,6 +151,48 @@ def preadv_pinned(size: int, threads: int) -> dict:
     return {"kind": "pread", "wall": wall}
 
 
+def link_only(size: int, threads: int) -> dict:
+    """The link's own ceiling: the same chunks copied to the GPU from pinned buffers, with no read
+    (the buffers hold whatever they held)."""
+    local = threading.local()
+
+    def job(stream, item) -> None:
+        if not hasattr(local, "buffers"):
+            local.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            local.events, local.turn = [None, None], 0
+        if item is None:
+            stream.synchronize()
+            return
+        _, _, length, at = item
+        turn = local.turn
+        if local.events[turn] is not None:
+            local.events[turn].synchronize()
+        target[at:at + length].copy_(local.buffers[turn][:length], non_blocking=True)
+        local.events[turn] = torch.cuda.Event()
+        local.events[turn].record(stream)
+        local.turn ^= 1
+
+    return {"kind": "link only", "wall": in_threads(threads, chunks(size), job)}
+
+
+def read_only(size: int, threads: int) -> dict:
+    """The page cache's own ceiling: preadv of every chunk into a pinned buffer, no copy to the GPU."""
+    fds = [os.open(f, os.O_RDONLY) for f in files]
+    local = threading.local()
+
+    def job(stream, item) -> None:
+        if not hasattr(local, "buffer"):
+            local.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        if item is not None:
+            index, offset, length, _ = item
+            os.preadv(fds[index], [memoryview(local.buffer.numpy())[:length]], offset)
+
+    wall = in_threads(threads, chunks(size), job)
+    for fd in fds:
+        os.close(fd)
+    return {"kind": "read only", "wall": wall}
+
+
 def matches_files() -> bool:
     for _ in range(8):
         index = random.randrange(len(files))
@@ -170,7 +213,12 @@ def main() -> None:
                 pass
     print("checkpoint GB", total / 1e9, "kernel", os.uname().release, flush=True)
     configurations = [(preadv_pinned, dict(threads=16, size=8 << 20)), (preadv_pinned, dict(threads=16, size=4 << 20))]
-    for whole_map in (False, True):
+    if sys.argv[2:] == ["ceiling"]:  # what bounds the page cache -> GPU stream: the link, or the reads
+        configurations = [(link_only, dict(threads=t, size=c)) for t, c in [(1, 64 << 20), (2, 64 << 20),
+                                                                            (4, 8 << 20), (8, 8 << 20)]]
+        configurations += [(read_only, dict(threads=t, size=8 << 20)) for t in (4, 8, 12, 16)]
+        configurations += [(preadv_pinned, dict(threads=t, size=8 << 20)) for t in (12, 16)]
+    for whole_map in (False, True) if len(configurations) == 2 else ():
         for populate in (False, True):
             for threads, size in [(8, 64 << 20), (16, 64 << 20), (16, 16 << 20), (8, 256 << 20), (4, 256 << 20)]:
                 configurations.append((registered, dict(threads=threads, size=size, populate=populate,
@@ -179,10 +227,12 @@ def main() -> None:
     for run, config in configurations:
         target.zero_()
         record = {**run(**config), "threads": config["threads"], "chunk": config["size"]}
-        record.update(gbs=total / record["wall"] / 1e9, ok=not record.get("errors") and matches_files())
+        record.update(gbs=total / record["wall"] / 1e9,
+                      ok=None if run in (link_only, read_only) else not record.get("errors") and matches_files())
         print(record, flush=True)
         results.append(record)
-    with open(os.path.join(os.environ.get("OUT", "/tmp"), "page_cache_dma.json"), "w") as fh:
+    name = "link_ceiling.json" if sys.argv[2:] == ["ceiling"] else "page_cache_dma.json"
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), name), "w") as fh:
         json.dump({"checkpoint_bytes": total, "torch": torch.__version__, "kernel": os.uname().release,
                    "gpu": torch.cuda.get_device_name(0), "rows": results}, fh, indent=1)
 

@@ -150,7 +150,8 @@ def _change_at_second_pread(folder: Path, how: str) -> Iterator[list]:
 def _load_while_changing(folder: str, engine: str, how: str) -> dict:
     if engine == "loadstone":  # one reader thread: its reads come in file order
         with _change_at_second_pread(Path(folder), how) as calls:
-            loadstone.load(folder, placement="cpu", engine=engine, engine_options={"readers": 1}, progress=False)
+            loadstone.load(folder, placement="cpu", engine=engine, engine_options={"readers": 1, "reader": "pread"},
+                           progress=False)
         return {"changed": len(calls) >= 2}
     # from_pretrained reads in a thread pool unless told not to; in the caller's thread, the torch
     # mode sees the first tensor read and the reads that follow it meet the damaged files.

@@ -111,7 +111,7 @@ def test_mmap_is_refused_at_plan_time_where_nothing_stays_on_the_cpu(tiny_checkp
     plan = loadstone.plan(str(tiny_checkpoint("llama")), placement="cpu", engine_options=MMAP)
     assert plan.engine_options["reader"] == "mmap" and plan.report.engine["options"]["reader"] == "mmap"
     engine_line = next(line for line in plan.report.render().splitlines() if line.startswith("engine "))
-    assert engine_line.endswith(f"loadstone (loadstone {loadstone.__version__}), reader=mmap"), engine_line
+    assert engine_line.endswith(f"loadstone (loadstone {loadstone.__version__}), reader=mmap, unleased=map"), engine_line
     plan.device_map = {"": 0}  # what a plan onto cuda:0 holds; CI has no GPU to plan one for real
     with pytest.raises(loadstone.OptionError) as info:
         NativeEngine().extra_bytes(plan)

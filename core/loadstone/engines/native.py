@@ -40,6 +40,7 @@ from .instant import (
     refuse_overflow,
     start_read_ahead,
 )
+from .leases import leases_supported
 from .native_options import OPTION_HELP, normalize_native_options
 from .page_cache import is_cold
 from .reader import SafetensorsReader
@@ -100,9 +101,13 @@ class NativeEngine(Engine):
             plan.read_ahead = None  # the plan went elsewhere, or has no room for the ring beside the model
             ahead.close()
         ring = instant_ring(plan.inventory)
+        if wanted == "auto" and "cpu" in devices:
+            wanted = self._auto_cpu_reader(plan)
         if wanted == "auto":
             wanted = "instanttensor" if usable and (room is None or room >= ring) else "pread"
         options["reader"] = wanted
+        if wanted == "mmap":
+            options.setdefault("unleased", "map" if plan.request.engine_options.get("reader") == "mmap" else "read")
         if wanted != "instanttensor" and options.pop("io", "auto") == "direct":
             raise OptionError("engine option io=direct reads with instanttensor, which this load cannot use: it needs "
                               "the instanttensor package, one CUDA device and room for its ring buffer (1 GiB, or "
@@ -124,6 +129,22 @@ class NativeEngine(Engine):
         allowance = in_flight_allowance(room, options.get("in_flight", "auto"))
         options["in_flight"] = min(allowance.values())
         return {device: n for device, n in allowance.items() if n}
+
+    def _auto_cpu_reader(self, plan: Plan) -> str:
+        """``reader=auto`` for a placement that keeps tensors on the CPU: ``mmap`` (leased views, no
+        copy) where the page cache holds the checkpoint, else ``pread``; the plan's notes say why."""
+        files = checkpoint_files(plan.inventory)
+        if not leases_supported():
+            why, chosen = "this platform has no file leases to keep a mapped model intact (Linux has)", "pread"
+        elif is_cold(files):
+            why, chosen = ("less than half of the checkpoint is in the page cache: reader threads read a disk "
+                           "faster than a mapping's page faults do"), "pread"
+        else:
+            why, chosen = ("the page cache holds the checkpoint: tensors kept on the CPU as stored are views of "
+                           "its pages, no copy, each file under a read lease (a file that cannot be leased is "
+                           "read)"), "mmap"
+        plan.report.notes.append(f"engine loadstone: reader=auto chose {chosen} for the CPU: {why}")
+        return chosen
 
     def _held_by_instanttensor(self, plan: Plan, device: str) -> int:
         """instanttensor's iterator keeps the tensor it handed out last while it clones the next:
@@ -245,22 +266,34 @@ class NativeEngine(Engine):
         """``reader=mmap``: hands every tensor kept on the CPU as stored (a group of one tensor, no
         cast, no conversion) over as a view of its file; returns the items left to stream."""
         left, mapped = [], 0
+        unleased = plan.engine_options.get("unleased", "map")
         for item in items:
             owner = owners[id(item)]
-            tensor = (reader.map(item.info) if item.device == "cpu" and not item.transient and item.cast_to is None
-                      and isinstance(owner, TensorGroup) and len(owner.sources) == 1 else None)
+            tensor = (reader.map(item.info, unleased=unleased) if item.device == "cpu" and not item.transient
+                      and item.cast_to is None and isinstance(owner, TensorGroup) and len(owner.sources) == 1
+                      else None)
             if tensor is None:
                 left.append(item)
                 continue
             self._group(plan, ctx, modules, model, owner, [tensor])
             mapped += item.info.nbytes
             progress(item.info.nbytes)
+        files = reader.mapped_files
+        leased = sorted(p.name for p, (how, _) in files.items() if how == "leased")
         if mapped:
             ctx.note(f"engine loadstone: {len(items) - len(left)} tensors ({format_size(mapped)}) are copy-on-write "
-                     f"views of the checkpoint files (reader=mmap): rewriting a file in place changes or kills the model")
+                     f"views of the checkpoint files (reader=mmap)"
+                     + (f"; {len(leased)} of {len(files)} files under a read lease: a process that rewrites or "
+                        "truncates one waits while the model's bytes are copied out of it" if leased else ""))
         else:
-            ctx.note("engine loadstone: reader=mmap mapped no tensor: each is cast, converted, placed off the CPU or "
-                     "unaligned in its file, and was read")
+            ctx.note("engine loadstone: reader=mmap mapped no tensor: each is cast, converted, placed off the CPU, "
+                     "unaligned in its file or in a file that was read, and was read")
+        for path, (how, why) in sorted(files.items()):
+            if how == "unprotected":
+                ctx.note(f"engine loadstone: {path.name} is mapped with no lease ({why}): rewriting it in place "
+                         "changes or kills the model (unleased=read copies such a file instead)")
+            elif how == "read":
+                ctx.note(f"engine loadstone: {path.name} was read, not mapped: no lease ({why})")
         return left
 
     def _items(self, plan: Plan) -> tuple[list[StreamItem], dict[int, Any], dict[str, int]]:

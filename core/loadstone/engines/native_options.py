@@ -11,6 +11,7 @@ from ..contract.units import parse_size
 from .instant import INSTANT_BUFFER
 
 READERS = ("auto", "pread", "instanttensor", "mmap")
+UNLEASED = ("map", "read")
 IO_MODES = ("auto", "buffered", "direct")
 
 OPTION_HELP = {
@@ -20,9 +21,14 @@ OPTION_HELP = {
                    "buffered ones); each pread reader holds two pinned buffers of this size when loading onto a GPU; "
                    "instanttensor holds one host buffer per read in flight",
     "reader": "auto (default: instanttensor where it is installed, the load goes to one CUDA device and its "
-              "ring buffer (1 GiB, or the largest tensor where bigger) fits the budget; else pread), pread, instanttensor, or mmap (tensors "
-              "kept on the CPU as stored become copy-on-write views of the files: no copy, but the model "
-              "then depends on the files; docs/user-guide.md, reader=mmap)",
+              "ring buffer (1 GiB, or the largest tensor where bigger) fits the budget; mmap for tensors kept on "
+              "the CPU where the page cache holds the checkpoint, with unleased=read; else pread), pread (copies "
+              "every tensor into memory of its own), instanttensor, or mmap (tensors kept on the CPU as stored become "
+              "copy-on-write views of the files, no copy, each file under a read lease that keeps them intact when "
+              "the file is rewritten; docs/user-guide.md, memory-mapped CPU loads)",
+    "unleased": "what reader=mmap does with a file it cannot lease (another user's, open for writing elsewhere, "
+                "a file system without leases): map (the default with reader=mmap: mapped unprotected, as "
+                "from_pretrained does) or read (the default where reader=auto chose mmap: copied with pread)",
     "read_ahead": "auto (default: when the placement names one CUDA device and the checkpoint is in the "
                   "page cache, instanttensor starts reading before the plan, into a GPU ring as big as fits "
                   "beside the model, up to 16 GiB; not for a quantizing load), off, or the ring's size, "
@@ -46,8 +52,10 @@ def normalize_native_options(out: dict[str, Any]) -> dict[str, Any]:
             raise OptionError(f"engine option readers={readers!r} is not a thread count.",
                               field="engine option readers", expected="an integer from 1 to 256",
                               found=repr(readers), fix="pass e.g. readers=8")
-    for name, allowed, fix in (("reader", READERS, "pass reader=pread"), ("io", IO_MODES, "pass io=buffered")):
-        value = out.get(name, "auto")
+    for name, allowed, fix, default in (("reader", READERS, "pass reader=pread", "auto"),
+                                        ("io", IO_MODES, "pass io=buffered", "auto"),
+                                        ("unleased", UNLEASED, "pass unleased=read", "map")):
+        value = out.get(name, default)
         if not isinstance(value, str) or value not in allowed:
             raise OptionError(f"engine option {name}={value!r} is not one of {', '.join(allowed)}.",
                               field=f"engine option {name}", expected=", ".join(allowed), found=repr(value)[:80],
@@ -62,6 +70,11 @@ def normalize_native_options(out: dict[str, Any]) -> dict[str, Any]:
             raise OptionError("engine option chunk_bytes must lie between 1 MiB and 1 GiB.",
                               field="engine option chunk_bytes", expected="1MiB .. 1GiB",
                               found=out["chunk_bytes"], fix="pass e.g. chunk_bytes=16MiB")
+    if "unleased" in out and out.get("reader", "auto") not in ("auto", "mmap"):
+        raise OptionError(f"engine option unleased says what reader=mmap does without a lease, and "
+                          f"reader={out['reader']} maps nothing.", field="engine option unleased",
+                          found=repr(out["unleased"]), expected="reader=mmap or reader=auto beside it",
+                          fix="drop unleased, or pass reader=mmap")
     if out.get("io") == "direct" and out.get("reader", "auto") not in ("auto", "instanttensor"):
         raise OptionError(f"engine option io=direct is instanttensor's, and reader={out['reader']} was asked for.",
                           field="engine option io", found="direct", expected="io=auto or io=buffered with this reader",

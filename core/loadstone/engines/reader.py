@@ -5,9 +5,10 @@ process with SIGBUS through a mapping; ``pread`` returns short instead, which be
 :class:`~loadstone.CheckpointError` naming the file. Each file is checked against what the plan
 read from its header (size and mtime) when it is opened.
 
-:meth:`SafetensorsReader.map` is the opt-in exception (the native engine's ``reader=mmap``): a
+:meth:`SafetensorsReader.map` is the exception, for tensors kept on the CPU as stored (the native
+engine's ``reader=mmap``, and ``reader=auto`` where the page cache holds the checkpoint): a
 copy-on-write view of the file's pages, no read and no copy, as ``from_pretrained`` does on the
-CPU. The tensor then depends on the file for as long as it lives.
+CPU, under a read lease that keeps the view's bytes when the file is rewritten (:mod:`.leases`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from ..contract.checkpoint import CheckpointInventory, TensorInfo, changed_file_error
 from ..contract.errors import CheckpointError
 from ..safetensors_header import TORCH_DTYPE_NAMES
+from . import leases
 
 
 class SafetensorsReader:
@@ -29,7 +31,10 @@ class SafetensorsReader:
     def __init__(self, inventory: CheckpointInventory):
         self.inventory = inventory
         self._files: dict[Path, tuple[int, int]] = {}  # path -> (fd, data section start)
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._maps: dict[Path, mmap.mmap | None] = {}
+        #: per file :meth:`map` was asked about: ``"leased"``, ``"unprotected"`` (mapped with no
+        #: lease) or ``"read"``, and why no lease could be had (``None`` where one was)
+        self.mapped_files: dict[Path, tuple[str, str | None]] = {}
         self._lock = threading.Lock()
         self._parts: Any = None  # the pool that reads big tensors in parts, and the pid it was made in
         self._parts_pid = 0
@@ -45,6 +50,9 @@ class SafetensorsReader:
             for fd, _ in self._files.values():
                 os.close(fd)
             self._files.clear()
+            for mapped in self._maps.values():
+                if mapped is not None:
+                    leases.noted_all(mapped)  # a lease break now copies only what the tensors use
             self._maps.clear()  # the tensors made by map() hold their mappings themselves
             pool, self._parts = self._parts, None
         if pool is not None and self._parts_pid == os.getpid():
@@ -78,34 +86,52 @@ class SafetensorsReader:
             self._files[path] = opened
             return opened
 
-    def map(self, info: TensorInfo) -> Any | None:
+    def map(self, info: TensorInfo, *, unleased: str = "map") -> Any | None:
         """The tensor as stored, a copy-on-write view of its file's pages (``MAP_PRIVATE``): nothing
-        is read until it is touched, and writes to it stay in this process. ``None`` where the
-        tensor's bytes are not aligned for its dtype in the file (read it instead)."""
+        is read until it is touched, and writes to it stay in this process. The file is mapped under
+        a read lease where one can be had (:mod:`~loadstone.engines.leases`: a process that rewrites
+        or truncates it waits while the used bytes are copied out); :attr:`mapped_files` says, per
+        file, which it was and why.
+
+        :param unleased: for a file no lease can be had on, ``"map"`` it unprotected or ``"read"``
+            it (this returns ``None``).
+        :returns: ``None`` where the tensor is to be read instead: its bytes are not aligned for its
+            dtype in the file, or its file is not mapped.
+        """
         import torch
 
-        fd, data_start = self.open(info.file)
         torch_dtype = torch_dtype_of(info)
+        mapped, data_start = self._mapping(info.file, unleased)
         offset = data_start + info.start
-        if offset % torch_dtype.itemsize or not info.nbytes:
+        if mapped is None or offset % torch_dtype.itemsize or not info.nbytes:
             return None
-        with self._lock:
-            mapped = self._maps.get(info.file)
-            if mapped is None:
-                try:
-                    mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-                except (OSError, ValueError) as exc:
-                    raise CheckpointError(f"{info.file.name} cannot be memory-mapped: {exc}.", file=info.file,
-                                          field="engine option reader", found="mmap",
-                                          fix="drop reader=mmap (the default reads the file instead)") from None
-                self._maps[info.file] = mapped
         if len(mapped) < data_start + info.end:
             raise CheckpointError(f"{info.file.name} is shorter than its header says: tensor {info.name!r} ends at "
                                   f"byte {data_start + info.end}.", file=info.file, field="file size",
                                   expected=f"at least {data_start + info.end} bytes", found=f"{len(mapped)} bytes",
                                   fix="re-download or re-save the checkpoint")
+        leases.note_use(mapped, offset, offset + info.nbytes)
         flat = torch.frombuffer(mapped, dtype=torch_dtype, count=info.nbytes // torch_dtype.itemsize, offset=offset)
         return flat.reshape(info.shape)
+
+    def _mapping(self, path: Path, unleased: str) -> tuple[mmap.mmap | None, int]:
+        """The file's mapping (``None``: read it) and where its data section starts, made once."""
+        fd, data_start = self.open(path)
+        with self._lock:
+            if path in self._maps:
+                return self._maps[path], data_start
+            mapped, refused = leases.lease_map(path, self.inventory.file_stats.get(path))
+            if mapped is None and unleased == "map":
+                try:
+                    mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as exc:
+                    raise CheckpointError(f"{path.name} cannot be memory-mapped: {exc}.", file=path,
+                                          field="engine option reader", found="mmap",
+                                          fix="drop reader=mmap (the default reads the file instead)") from None
+            self._maps[path] = mapped
+            self.mapped_files[path] = ("leased" if refused is None else "unprotected" if mapped is not None
+                                       else "read", refused)
+            return mapped, data_start
 
     def read(self, info: TensorInfo, *, pinned: bool = False) -> Any:
         """The tensor as stored (its checkpoint dtype and shape), in new CPU memory.

@@ -1,0 +1,286 @@
+"""Memory maps of checkpoint files that a file lease keeps correct while the file changes.
+
+A tensor that is a view of its checkpoint's pages (``MAP_PRIVATE``, as ``from_pretrained`` keeps
+CPU weights) costs no read and no copy, but it dies with SIGBUS at its next use once the file is
+truncated, and silently takes the new bytes when the file is rewritten in place: saving a model
+over the folder it was loaded from does both.
+
+A read lease (``fcntl(F_SETLEASE, F_RDLCK)``, Linux) closes that hole: the kernel makes any process,
+this one included, that opens the file for writing or truncates it wait until the lease holder
+lets go, and tells the holder first. A watcher thread of this module waits for that signal, copies
+every range the model uses out of the mapping into anonymous memory, puts the copy in the mapping's
+place at the same address (``mremap``, so every tensor and view stays valid and keeps the bytes it
+had, its own writes included), then lets go. The writer goes on a moment later; the model no longer
+reads the file.
+
+A lease is granted only to the file's owner (or with ``CAP_LEASE``), on a local file system that
+supports it, while no one has the file open for writing: where it is refused, :func:`lease_map`
+says why and the caller reads the file instead (or maps it unprotected, where asked to).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import signal
+import struct
+import sys
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+F_SETOWN_EX, F_OWNER_TID = 15, 0  # fcntl(2); the fcntl module names neither
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+# SIGURG is ignored by default: were it ever sent elsewhere than the watcher, nothing would die.
+LEASE_SIGNAL = signal.SIGURG
+# How fast a break must copy at the least to be done within the kernel's lease-break time (the
+# writer goes on after it, lease or not): measured 1.8-3.4 GB/s with 4 threads on the 2-core
+# machine, so a floor well below that.
+MIN_COPY_BYTES_PER_S = 500 << 20
+COPY_PART = 64 << 20
+
+_REFUSED = {
+    errno.EAGAIN: "the file is open for writing (or memory-mapped writable) elsewhere",
+    errno.EACCES: "this user does not own the file and lacks CAP_LEASE",
+    errno.EPERM: "this user does not own the file and lacks CAP_LEASE",
+    errno.EINVAL: "its file system does not support leases, or /proc/sys/fs/leases-enable is 0",
+    errno.ENOLCK: "the kernel has no lease left to give",
+}
+
+
+@dataclass
+class _Leased:
+    """One leased mapping: the watcher's own descriptor (holding the lease), where the mapping is,
+    and which byte ranges of it tensors use."""
+
+    fd: int
+    path: Path
+    mapping: "weakref.ref[mmap.mmap]"
+    address: int
+    size: int
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    # every range tensors will use is in ``ranges`` (the load that maps the file has ended); until
+    # then a break copies the whole file, so that views made after it still hold the planned bytes
+    complete: bool = False
+
+
+@dataclass
+class Broken:
+    """What one lease break did: the file, how many bytes were copied out, and where to."""
+
+    path: Path
+    copied: int
+    error: str | None = None  # why the copy failed: the mapping reads the changed file from then on
+
+
+class _Watcher:
+    """The thread that waits for lease breaks (one per process, started with the first lease)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.leased: dict[int, _Leased] = {}  # by fd
+        self.by_mapping: dict[int, _Leased] = {}  # by id() of the mapping, while it lives
+        self.broken: list[Broken] = []
+        self.pid = os.getpid()
+        self.ready = threading.Event()
+        self.tid = 0
+        self.thread = threading.Thread(target=self._run, name="loadstone-leases", daemon=True)
+        self.thread.start()
+        self.ready.wait()
+
+    def _run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {LEASE_SIGNAL})  # kept pending here for sigwaitinfo
+        self.tid = threading.get_native_id()
+        self.ready.set()
+        while True:
+            signal.sigwaitinfo({LEASE_SIGNAL})
+            with self.lock:
+                breaking = [entry for entry in self.leased.values() if _lease_of(entry.fd) != fcntl.F_RDLCK]
+                for entry in breaking:
+                    try:
+                        self.broken.append(Broken(entry.path, _materialize(entry)))
+                    except Exception as exc:  # noqa: BLE001 - the thread must live on, and the writer must
+                        # not wait out the lease-break time for nothing
+                        self.broken.append(Broken(entry.path, 0, error=f"{type(exc).__name__}: {exc}"))
+                    self._let_go(entry)
+
+    def _let_go(self, entry: _Leased) -> None:
+        """Ends the lease and the watch (the caller holds the lock)."""
+        if self.leased.pop(entry.fd, None) is None:
+            return
+        self.by_mapping = {key: e for key, e in self.by_mapping.items() if e is not entry}
+        try:
+            fcntl.fcntl(entry.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        finally:
+            os.close(entry.fd)
+
+    def forget(self, entry: _Leased) -> None:
+        """The mapping is gone (its last tensor was freed): the file is no concern of it any more."""
+        with self.lock:
+            if self.leased.get(entry.fd) is entry:  # not a later lease that reuses the fd's number
+                self._let_go(entry)
+
+
+_watcher: _Watcher | None = None
+_watcher_lock = threading.Lock()
+
+
+def _the_watcher() -> _Watcher:
+    global _watcher
+    with _watcher_lock:
+        # a child made by fork() inherits the object but not its thread
+        if _watcher is None or _watcher.pid != os.getpid():
+            _watcher = _Watcher()
+        return _watcher
+
+
+def _lease_of(fd: int) -> int:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETLEASE)
+    except OSError:
+        return fcntl.F_UNLCK
+
+
+def lease_break_seconds() -> float:
+    """How long the kernel lets a lease holder keep a writer waiting (``lease-break-time``)."""
+    try:
+        return float(Path("/proc/sys/fs/lease-break-time").read_text())
+    except (OSError, ValueError):
+        return 45.0
+
+
+def leases_supported() -> bool:
+    """Whether this platform has read leases and the calls the watcher needs (Linux)."""
+    return sys.platform.startswith("linux") and hasattr(fcntl, "F_SETLEASE") and hasattr(signal, "sigwaitinfo")
+
+
+def lease_map(path: Path, expected: tuple[int, int] | None) -> tuple[mmap.mmap | None, str | None]:
+    """A copy-on-write map of the whole file under a read lease, and ``None``; or ``None`` and why
+    no lease could be had (nothing is mapped then).
+
+    :param expected: the file's ``(size, mtime_ns)`` when the plan read its header; checked once the
+        lease is held, so the bytes mapped are the planned ones and stay so.
+    :raises CheckpointError: the file changed since the plan read it.
+    """
+    from ..contract.checkpoint import changed_file_error
+
+    if not leases_supported():
+        return None, "leases are a Linux feature"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return None, f"it cannot be opened: {exc.strerror or exc}"
+    size = os.fstat(fd).st_size
+    allowed = lease_break_seconds() * MIN_COPY_BYTES_PER_S
+    if size > allowed:
+        os.close(fd)
+        return None, (f"{size / 1e9:.1f} GB could not be copied out within the kernel's lease-break time "
+                      f"({lease_break_seconds():g} s, /proc/sys/fs/lease-break-time)")
+    watcher = _the_watcher()
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, LEASE_SIGNAL)
+        fcntl.fcntl(fd, F_SETOWN_EX, struct.pack("ii", F_OWNER_TID, watcher.tid))
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        os.close(fd)
+        return None, _REFUSED.get(exc.errno, f"the kernel refused a lease: {exc.strerror or exc}")
+    st = os.fstat(fd)
+    if expected is not None and (st.st_size, st.st_mtime_ns) != expected:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+        raise changed_file_error(path, expected, (st.st_size, st.st_mtime_ns), "before it was mapped")
+    try:
+        mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as exc:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+        return None, f"it cannot be memory-mapped: {exc}"
+    anchor = ctypes.c_char.from_buffer(mapping)
+    address = ctypes.addressof(anchor)
+    del anchor  # an exported buffer would keep the mapping from ever closing
+    entry = _Leased(fd, path, weakref.ref(mapping), address, len(mapping))
+    with watcher.lock:
+        watcher.leased[fd] = entry
+        watcher.by_mapping[id(mapping)] = entry
+    weakref.finalize(mapping, watcher.forget, entry)
+    return mapping, None
+
+
+def note_use(mapping: mmap.mmap, start: int, end: int) -> None:
+    """Bytes ``[start, end)`` of a leased mapping are a tensor's: a lease break copies them out."""
+    entry = _entry_of(mapping)
+    if entry is not None:
+        entry.ranges.append((start, end))
+
+
+def noted_all(mapping: mmap.mmap) -> None:
+    """Every tensor of this mapping is made: from now on a lease break copies the used ranges only."""
+    entry = _entry_of(mapping)
+    if entry is not None:
+        entry.complete = True
+
+
+def _entry_of(mapping: mmap.mmap) -> _Leased | None:
+    watcher = _watcher
+    if watcher is None:
+        return None
+    with watcher.lock:
+        entry = watcher.by_mapping.get(id(mapping))
+        return entry if entry is not None and entry.mapping() is mapping else None
+
+
+def breaks_seen() -> list[Broken]:
+    """Every lease break this process has answered so far, oldest first."""
+    return list(_watcher.broken) if _watcher is not None else []
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+def _materialize(entry: _Leased) -> int:
+    """Puts anonymous memory holding the used ranges' current bytes in place of the file's pages;
+    the bytes copied. Ranges no tensor uses become zero pages, which take no memory; while the load
+    that maps the file still runs, every byte is used."""
+    mapping = entry.mapping()
+    if mapping is None or mapping.closed:
+        return 0
+    libc = _libc()
+    fresh = libc.mmap(None, entry.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                      -1, 0)
+    if fresh in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap of anonymous memory for a lease break failed")
+    page = mmap.PAGESIZE
+    ranges = entry.ranges if entry.complete else [(0, entry.size)]
+    pages = [(start // page * page, min(entry.size, -(-end // page) * page)) for start, end in ranges]
+    parts = [(s, min(end, s + COPY_PART)) for start, end in _merged(pages) for s in range(start, end, COPY_PART)]
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="loadstone-lease-copy") as pool:
+        # ctypes releases the GIL around memmove: the parts copy in parallel
+        list(pool.map(lambda part: ctypes.memmove(fresh + part[0], entry.address + part[0], part[1] - part[0]),
+                      parts))
+    moved = libc.mremap(fresh, entry.size, entry.size, MREMAP_MAYMOVE | MREMAP_FIXED, entry.address)
+    if moved != entry.address:
+        libc.munmap(fresh, entry.size)
+        raise OSError(ctypes.get_errno(), "mremap over a leased mapping failed")
+    return sum(end - start for start, end in parts)
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
