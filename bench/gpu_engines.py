@@ -66,6 +66,9 @@ ROWS = {
     "loadstone_native_nf4_pread_if0": ("loadstone", "nf4", "loadstone:reader=pread,in_flight=0"),
     "loadstone_native_int8_pread_if0": ("loadstone", "int8", "loadstone:reader=pread,in_flight=0"),
     "loadstone_native_nf4_pread_if1g": ("loadstone", "nf4", "loadstone:reader=pread,in_flight=1GiB"),
+    "loadstone_native_nf4_pread_if64m": ("loadstone", "nf4", "loadstone:reader=pread,in_flight=64MiB"),
+    # max_memory is the load's own argument, not an engine option: the device budget the plan keeps
+    "loadstone_native_nf4_budget56": ("loadstone", "nf4", "loadstone:max_memory=5.6GiB"),
     "loadstone_native_bf16_ahead16": ("loadstone", "bf16", "loadstone:read_ahead=16GiB"),
     "loadstone_transformers_bf16_mmap": ("loadstone", "bf16", "transformers:reader=mmap"),
     "loadstone_transformers_nf4_mmap": ("loadstone", "nf4", "transformers:reader=mmap"),
@@ -184,9 +187,10 @@ def child(row: str, ckpt: str, device: str) -> dict:
         for pair in filter(None, option.split(",")):
             key, _, value = pair.partition("=")
             options[key] = int(value) if value.isdigit() else value
+        budget = options.pop("max_memory", None)
         result = loadstone.load(ckpt, quantization=None if method in ("bf16", "fp32") else method, placement=device,
                                 dtype="float32" if method == "fp32" else "bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,
-                                engine_options=options)
+                                engine_options=options, max_memory={device: budget} if budget else None)
         model = result.model
         report = result.report
         extra = {"engine": report.engine.get("name"), "stages": {k: round(v, 3) for k, v in report.stages.items()},
