@@ -94,6 +94,7 @@ ROWS = {
     "cold_loadstone_native_bf16_buffered": ("loadstone", "bf16", "loadstone:io=buffered"),
     "cold_loadstone_native_bf16_d64": ("loadstone", "bf16", "loadstone:io=direct,readers=64"),
     "e2e_loadstone_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
+    "e2e_loadstone_bf16_pread": ("loadstone", "bf16", "loadstone:reader=pread"),
     "cold_loadstone_native_bf16_mmap": ("loadstone", "bf16", "loadstone:reader=mmap"),
 }
 # the rows a plain run measures (the others are tuning variants: --rows picks any)
@@ -108,10 +109,10 @@ SMALL_CKPT = "/tmp/loadstone-bench-engines-small"
 CPU_CKPT = "/tmp/loadstone-bench-engines-cpu"
 CPU_SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
-CPU_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "loadstone_native_bf16_mmap",
+CPU_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_native_bf16", "loadstone_native_bf16_pread",
             "safetensors_load_file", "fastsafetensors", "transformers_fp32", "loadstone_native_fp32",
             "transformers_nf4", "loadstone_native_nf4", "loadstone_transformers_nf4",
-            "e2e_transformers_bf16", "e2e_loadstone_bf16", "e2e_loadstone_bf16_mmap", "cold_disk_read",
+            "e2e_transformers_bf16", "e2e_loadstone_bf16", "e2e_loadstone_bf16_pread", "cold_disk_read",
             "cold_transformers_bf16", "cold_loadstone_native_bf16", "cold_loadstone_native_bf16_mmap"]
 
 

@@ -255,3 +255,27 @@ def test_a_file_truncated_during_the_load_is_copied_out_then_refused(sharded, tm
     assert outcome["copied"] == [sizes[outcome["victim"]]], outcome  # the whole file: the load still ran
     assert outcome["raised"]["file"] == outcome["victim"], outcome
     assert "changed during the load" in outcome["raised"]["message"], outcome
+
+
+def test_a_forked_child_that_frees_the_model_leaves_the_parent_its_leases(sharded):
+    """A DataLoader worker made by fork() inherits the lease's file description: its copy of the
+    model being freed must not end the parent's leases."""
+    import gc
+
+    result = loadstone.load(str(sharded), placement="cpu", engine_options={"reader": "mmap"}, progress=False)
+    assert all(_leases_on(shard) for shard in _shards(sharded))
+    pid = os.fork()
+    if pid == 0:  # the child frees its copy, runs the finalizers, and leaves
+        code = 0
+        try:
+            del result
+            gc.collect()
+        except BaseException:  # noqa: BLE001
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert all(_leases_on(shard) for shard in _shards(sharded))
+    del result
+    gc.collect()
+    assert not any(_leases_on(shard) for shard in _shards(sharded))

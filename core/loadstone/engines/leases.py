@@ -23,17 +23,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import signal
 import struct
 import sys
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+log = logging.getLogger("loadstone.leases")
 F_SETOWN_EX, F_OWNER_TID = 15, 0  # fcntl(2); the fcntl module names neither
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 # SIGURG is ignored by default: were it ever sent elsewhere than the watcher, nothing would die.
@@ -71,10 +74,12 @@ class _Leased:
 
 @dataclass
 class Broken:
-    """What one lease break did: the file, how many bytes were copied out, and where to."""
+    """What one lease break did: the file, how many of its bytes were copied out of it into the
+    process's own memory, and in how many seconds."""
 
     path: Path
     copied: int
+    seconds: float = 0.0
     error: str | None = None  # why the copy failed: the mapping reads the changed file from then on
 
 
@@ -102,11 +107,18 @@ class _Watcher:
             with self.lock:
                 breaking = [entry for entry in self.leased.values() if _lease_of(entry.fd) != fcntl.F_RDLCK]
                 for entry in breaking:
+                    started = time.perf_counter()
                     try:
-                        self.broken.append(Broken(entry.path, _materialize(entry)))
+                        broken = Broken(entry.path, _materialize(entry), time.perf_counter() - started)
+                        log.info("%s is being rewritten or truncated: %d bytes of the model were copied out of it "
+                                 "first (%.2f s)", entry.path, broken.copied, broken.seconds)
                     except Exception as exc:  # noqa: BLE001 - the thread must live on, and the writer must
                         # not wait out the lease-break time for nothing
-                        self.broken.append(Broken(entry.path, 0, error=f"{type(exc).__name__}: {exc}"))
+                        broken = Broken(entry.path, 0, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
+                        log.warning("%s is being rewritten or truncated, and the model's bytes could not be copied "
+                                    "out of it (%s): the model reads the changed file from now on", entry.path,
+                                    broken.error)
+                    self.broken.append(broken)
                     self._let_go(entry)
 
     def _let_go(self, entry: _Leased) -> None:
@@ -116,11 +128,15 @@ class _Watcher:
         self.by_mapping = {key: e for key, e in self.by_mapping.items() if e is not entry}
         try:
             fcntl.fcntl(entry.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        except OSError:
+            pass  # the kernel ended it already (its lease-break time ran out)
         finally:
             os.close(entry.fd)
 
     def forget(self, entry: _Leased) -> None:
         """The mapping is gone (its last tensor was freed): the file is no concern of it any more."""
+        if os.getpid() != self.pid:
+            return  # a child made by fork(): the lease, on the file description it shares, is the parent's
         with self.lock:
             if self.leased.get(entry.fd) is entry:  # not a later lease that reuses the fd's number
                 self._let_go(entry)
@@ -227,7 +243,7 @@ def noted_all(mapping: mmap.mmap) -> None:
 
 def _entry_of(mapping: mmap.mmap) -> _Leased | None:
     watcher = _watcher
-    if watcher is None:
+    if watcher is None or watcher.pid != os.getpid():  # a child made by fork() maps under no lease of its own
         return None
     with watcher.lock:
         entry = watcher.by_mapping.get(id(mapping))
