@@ -7,7 +7,9 @@ GPU side (real pinned blocks) is tests/test_gpu.py."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +208,43 @@ def test_the_transformers_engine_says_which_tensors_it_read_into_pinned_memory(t
     plain = loadstone.load(folder, placement="cpu", engine="transformers", progress=False)
     assert not [note for note in plain.report.notes if "page-locked" in note]
     same_weights(loaded.model, plain.model)
+
+
+def _fail_the_first_scratch_allocation(folder: str) -> dict:
+    """A transient tensor (Mixtral's experts, fused next) read in several chunks, whose allocation
+    fails for its first chunk: every other chunk must see the failure instead of taking the
+    transient budget a second time, which waits for a turn that has passed."""
+    import time
+
+    from loadstone.engines import streaming
+
+    calls = []
+
+    def refuse(shape, dtype, nbytes):
+        calls.append(nbytes)
+        time.sleep(0.3)  # the item's other chunks, read by the other readers, queue on its allocation
+        raise MemoryError(f"no {nbytes} bytes for this test")
+
+    streaming.SCRATCH_MIN_BYTES, streaming.host_scratch = 1, refuse
+    try:
+        loadstone.load(folder, placement="cpu", engine_options={"reader": "pread", "readers": 4,
+                                                                "chunk_bytes": "1MiB"}, progress=False)
+    except Exception as error:  # noqa: BLE001 - the engine's plugin hook wraps it
+        cause = error.__cause__ or error
+        return {"raised": type(error).__name__, "cause": f"{type(cause).__name__}: {cause}", "calls": len(calls)}
+    return {"raised": None, "calls": len(calls)}
+
+
+def test_a_failed_allocation_is_raised_not_waited_on(tiny_checkpoint, tmp_path):
+    import signal
+
+    sys.path.insert(0, str(Path(__file__).parent))  # tests/ is not a package (--import-mode=importlib)
+    from fault_support import fork
+
+    # experts of 4 MiB (float32, 1024 x 1024): four 1 MiB chunks each
+    folder = tiny_checkpoint("mixtral", hidden_size=1024, intermediate_size=1024)
+    child = fork(_fail_the_first_scratch_allocation, str(folder), report=tmp_path / "child.json")
+    status = child.wait(timeout=60)  # before the fix: a reader waited for its turn forever
+    assert status == 0, (status, signal.SIGBUS, child.result())
+    outcome = child.result()["returned"]
+    assert outcome["cause"].startswith("MemoryError: no "), outcome

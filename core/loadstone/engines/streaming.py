@@ -184,34 +184,42 @@ class TensorStream:
         import torch
 
         with item.alloc:
+            if item.error is not None:
+                # this item's allocation failed for an earlier chunk (its budget is taken): taking it
+                # again would wait for a turn that has passed, and the load would hang
+                raise item.error
             if item.tensor is None:
-                if item.transient and item.device in self.budgets:
-                    self.budgets[item.device].take(item.info.nbytes, item.ticket, self.stop)
-                stored = torch_dtype_of(item.info)
-                where = item.device if _streams_to(item.device) else "cpu"  # other accelerators: staged on the host
-                if item.cast_to is not None:
-                    tensor = torch.empty(item.info.shape, dtype=getattr(torch, item.cast_to))
-                    item.flat, item.tensor = tensor.view(-1), tensor
-                    return tensor
-                if where == "cpu" and item.transient and item.info.nbytes >= SCRATCH_MIN_BYTES:
-                    tensor = host_scratch(item.info.shape, stored, item.info.nbytes)
-                elif where == "cpu":
-                    tensor = torch.empty(item.info.shape, dtype=stored, device="cpu")
-                else:
-                    # On the consumer's stream, not this reader's: torch caches freed memory per
-                    # stream, and transient tensors freed by the consumer but allocated on eight
-                    # reader streams left 1.4 GiB of an NF4 load's device memory cached and unused
-                    # (H200, 8B). The copies into it wait for the consumer's stream as it was now:
-                    # kernels still reading what this memory held before must finish first.
-                    home = self.home[where]
-                    with torch.cuda.stream(home):
-                        tensor = torch.empty(item.info.shape, dtype=stored, device=where)
-                    item.allocated = torch.cuda.Event()
-                    item.allocated.record(home)
-                item.flat = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
-                if where == "cpu" and tensor.numel():
-                    item.view = memoryview(item.flat.numpy())
-                item.tensor = tensor
+                try:
+                    if item.transient and item.device in self.budgets:
+                        self.budgets[item.device].take(item.info.nbytes, item.ticket, self.stop)
+                    stored = torch_dtype_of(item.info)
+                    where = item.device if _streams_to(item.device) else "cpu"  # other accelerators: staged on the host
+                    if item.cast_to is not None:
+                        tensor = torch.empty(item.info.shape, dtype=getattr(torch, item.cast_to))
+                        item.flat, item.tensor = tensor.view(-1), tensor
+                        return tensor
+                    if where == "cpu" and item.transient and item.info.nbytes >= SCRATCH_MIN_BYTES:
+                        tensor = host_scratch(item.info.shape, stored, item.info.nbytes)
+                    elif where == "cpu":
+                        tensor = torch.empty(item.info.shape, dtype=stored, device="cpu")
+                    else:
+                        # On the consumer's stream, not this reader's: torch caches freed memory per
+                        # stream, and transient tensors freed by the consumer but allocated on eight
+                        # reader streams left 1.4 GiB of an NF4 load's device memory cached and unused
+                        # (H200, 8B). The copies into it wait for the consumer's stream as it was now:
+                        # kernels still reading what this memory held before must finish first.
+                        home = self.home[where]
+                        with torch.cuda.stream(home):
+                            tensor = torch.empty(item.info.shape, dtype=stored, device=where)
+                        item.allocated = torch.cuda.Event()
+                        item.allocated.record(home)
+                    item.flat = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
+                    if where == "cpu" and tensor.numel():
+                        item.view = memoryview(item.flat.numpy())
+                    item.tensor = tensor
+                except BaseException as exc:
+                    item.error = item.error or exc
+                    raise
             return item.tensor
 
     def _work(self, accelerated: bool) -> None:
