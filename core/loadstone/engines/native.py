@@ -108,6 +108,8 @@ class NativeEngine(Engine):
         options["reader"] = wanted
         if wanted == "mmap":
             options.setdefault("unleased", "map" if plan.request.engine_options.get("reader") == "mmap" else "read")
+        else:
+            options.pop("unleased", None)  # nothing is mapped: there is no choice to report
         if wanted != "instanttensor" and options.pop("io", "auto") == "direct":
             raise OptionError("engine option io=direct reads with instanttensor, which this load cannot use: it needs "
                               "the instanttensor package, one CUDA device and room for its ring buffer (1 GiB, or "
