@@ -279,3 +279,55 @@ def test_a_forked_child_that_frees_the_model_leaves_the_parent_its_leases(sharde
     del result
     gc.collect()
     assert not any(_leases_on(shard) for shard in _shards(sharded))
+
+
+def _watchers() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "loadstone-leases"]
+
+
+def _wait_for(condition, seconds: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def test_the_watcher_thread_lives_only_while_a_lease_does(sharded, tmp_path):
+    """No thread is left behind once the models that needed it are gone (a later fork() would
+    warn of it); the next leased load starts a new one, which answers breaks as the first did."""
+    import gc
+
+    from loadstone.engines import leases
+
+    result = loadstone.load(str(sharded), placement="cpu", engine_options={"reader": "mmap"}, progress=False)
+    assert len(_watchers()) == 1
+    del result
+    gc.collect()
+    assert _wait_for(lambda: not _watchers()), _watchers()
+    with open(_shards(sharded)[0], "r+b"):  # refused: the watcher started for it ends at once
+        refused = loadstone.load(str(sharded), placement="cpu", engine_options={"reader": "mmap", "unleased": "read"},
+                                 progress=False)
+    assert _wait_for(lambda: len(_watchers()) == 1)  # the other shards are leased
+    del refused
+    gc.collect()
+    assert _wait_for(lambda: not _watchers()), _watchers()
+    again = loadstone.load(str(sharded), placement="cpu", progress=False)
+    seen = len(leases.breaks_seen())
+    other = tmp_path / "other.bin"
+    other.write_bytes(os.urandom(os.path.getsize(_shards(sharded)[0])))
+    before = logits(again.model)
+    for shard in _shards(sharded):
+        shutil.copyfile(other, shard)
+    assert len(leases.breaks_seen()) == seen + len(_shards(sharded))
+    import torch
+
+    assert torch.equal(logits(again.model), before)
+    del again
+    gc.collect()
+    assert _wait_for(lambda: not _watchers()), _watchers()

@@ -90,7 +90,6 @@ class _Watcher:
         self.lock = threading.Lock()
         self.leased: dict[int, _Leased] = {}  # by fd
         self.by_mapping: dict[int, _Leased] = {}  # by id() of the mapping, while it lives
-        self.broken: list[Broken] = []
         self.pid = os.getpid()
         self.ready = threading.Event()
         self.tid = 0
@@ -104,6 +103,8 @@ class _Watcher:
         self.ready.set()
         while True:
             signal.sigwaitinfo({LEASE_SIGNAL})
+            if self._idle():
+                return
             with self.lock:
                 breaking = [entry for entry in self.leased.values() if _lease_of(entry.fd) != fcntl.F_RDLCK]
                 for entry in breaking:
@@ -118,20 +119,28 @@ class _Watcher:
                         log.warning("%s is being rewritten or truncated, and the model's bytes could not be copied "
                                     "out of it (%s): the model reads the changed file from now on", entry.path,
                                     broken.error)
-                    self.broken.append(broken)
+                    _broken.append(broken)
                     self._let_go(entry)
+            if self._idle():
+                return
+
+    def _idle(self) -> bool:
+        """Whether nothing is leased any more: the thread then ends (a new lease starts another),
+        so that no thread is left behind by models that are gone (a later fork() warns of it)."""
+        global _watcher
+        with _watcher_lock, self.lock:  # lease_map registers under _watcher_lock: never half-way
+            if self.leased:
+                return False
+            if _watcher is self:
+                _watcher = None
+            return True
 
     def _let_go(self, entry: _Leased) -> None:
         """Ends the lease and the watch (the caller holds the lock)."""
         if self.leased.pop(entry.fd, None) is None:
             return
         self.by_mapping = {key: e for key, e in self.by_mapping.items() if e is not entry}
-        try:
-            fcntl.fcntl(entry.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        except OSError:
-            pass  # the kernel ended it already (its lease-break time ran out)
-        finally:
-            os.close(entry.fd)
+        _unlease(entry.fd)
 
     def forget(self, entry: _Leased) -> None:
         """The mapping is gone (its last tensor was freed): the file is no concern of it any more."""
@@ -140,19 +149,38 @@ class _Watcher:
         with self.lock:
             if self.leased.get(entry.fd) is entry:  # not a later lease that reuses the fd's number
                 self._let_go(entry)
+        self.wake_if_idle()
+
+    def wake_if_idle(self) -> None:
+        """Nothing is leased: wake the thread, which then ends (see :meth:`_idle`)."""
+        with self.lock:
+            idle = not self.leased
+        if idle and self.thread.is_alive() and self.thread.ident is not None:
+            signal.pthread_kill(self.thread.ident, LEASE_SIGNAL)
 
 
 _watcher: _Watcher | None = None
 _watcher_lock = threading.Lock()
+_broken: list[Broken] = []  # every break answered, by whichever watcher was running
 
 
 def _the_watcher() -> _Watcher:
+    """The running watcher, started if there is none (the caller holds ``_watcher_lock``)."""
     global _watcher
-    with _watcher_lock:
-        # a child made by fork() inherits the object but not its thread
-        if _watcher is None or _watcher.pid != os.getpid():
-            _watcher = _Watcher()
-        return _watcher
+    # a child made by fork() inherits the object but not its thread
+    if _watcher is None or _watcher.pid != os.getpid():
+        _watcher = _Watcher()
+    return _watcher
+
+
+def _unlease(fd: int) -> None:
+    """Ends the lease on ``fd`` and closes it."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass  # the kernel ended it already (its lease-break time ran out)
+    finally:
+        os.close(fd)
 
 
 def _lease_of(fd: int) -> int:
@@ -197,32 +225,34 @@ def lease_map(path: Path, expected: tuple[int, int] | None) -> tuple[mmap.mmap |
         os.close(fd)
         return None, (f"{size / 1e9:.1f} GB could not be copied out within the kernel's lease-break time "
                       f"({lease_break_seconds():g} s, /proc/sys/fs/lease-break-time)")
-    watcher = _the_watcher()
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETSIG, LEASE_SIGNAL)
-        fcntl.fcntl(fd, F_SETOWN_EX, struct.pack("ii", F_OWNER_TID, watcher.tid))
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-    except OSError as exc:
-        os.close(fd)
-        return None, _REFUSED.get(exc.errno, f"the kernel refused a lease: {exc.strerror or exc}")
-    st = os.fstat(fd)
-    if expected is not None and (st.st_size, st.st_mtime_ns) != expected:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        os.close(fd)
-        raise changed_file_error(path, expected, (st.st_size, st.st_mtime_ns), "before it was mapped")
-    try:
-        mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError) as exc:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        os.close(fd)
-        return None, f"it cannot be memory-mapped: {exc}"
-    anchor = ctypes.c_char.from_buffer(mapping)
-    address = ctypes.addressof(anchor)
-    del anchor  # an exported buffer would keep the mapping from ever closing
-    entry = _Leased(fd, path, weakref.ref(mapping), address, len(mapping))
-    with watcher.lock:
-        watcher.leased[fd] = entry
-        watcher.by_mapping[id(mapping)] = entry
+    with _watcher_lock:  # the watcher cannot end between taking the lease and watching it
+        watcher = _the_watcher()
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETSIG, LEASE_SIGNAL)
+            fcntl.fcntl(fd, F_SETOWN_EX, struct.pack("ii", F_OWNER_TID, watcher.tid))
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            os.close(fd)
+            watcher.wake_if_idle()
+            return None, _REFUSED.get(exc.errno, f"the kernel refused a lease: {exc.strerror or exc}")
+        st = os.fstat(fd)
+        if expected is not None and (st.st_size, st.st_mtime_ns) != expected:
+            _unlease(fd)
+            watcher.wake_if_idle()
+            raise changed_file_error(path, expected, (st.st_size, st.st_mtime_ns), "before it was mapped")
+        try:
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            _unlease(fd)
+            watcher.wake_if_idle()
+            return None, f"it cannot be memory-mapped: {exc}"
+        anchor = ctypes.c_char.from_buffer(mapping)
+        address = ctypes.addressof(anchor)
+        del anchor  # an exported buffer would keep the mapping from ever closing
+        entry = _Leased(fd, path, weakref.ref(mapping), address, len(mapping))
+        with watcher.lock:
+            watcher.leased[fd] = entry
+            watcher.by_mapping[id(mapping)] = entry
     weakref.finalize(mapping, watcher.forget, entry)
     return mapping, None
 
@@ -252,7 +282,7 @@ def _entry_of(mapping: mmap.mmap) -> _Leased | None:
 
 def breaks_seen() -> list[Broken]:
     """Every lease break this process has answered so far, oldest first."""
-    return list(_watcher.broken) if _watcher is not None else []
+    return list(_broken)
 
 
 def _libc() -> ctypes.CDLL:
