@@ -89,6 +89,7 @@ def _rewrite_while_loaded(folder: str, how: str) -> dict:
 
     from loadstone.engines import leases
 
+    seen = len(leases.breaks_seen())  # breaks of earlier tests in this process are not this one's
     loaded = loadstone.load(folder, placement="cpu", progress=False)
     before = logits(loaded.model)
     weight = loaded.model.get_parameter("model.layers.1.mlp.down_proj.weight")
@@ -109,7 +110,7 @@ def _rewrite_while_loaded(folder: str, how: str) -> dict:
     elif how == "rewritten in place by another process":
         code = "import sys\nfor p in sys.argv[1:]:\n    f = open(p, 'r+b'); f.seek(-4096, 2); f.write(bytes(4096)); f.close()"
         subprocess.run([sys.executable, "-c", code, *map(str, shards)], check=True, timeout=30)
-    broken = leases.breaks_seen()
+    broken = leases.breaks_seen()[seen:]
     after = logits(loaded.model)
     kept_own_write = bool(torch.equal(weight, changed))
     with torch.no_grad():
@@ -223,6 +224,7 @@ def _truncate_during_the_load(folder: str) -> dict:
     from loadstone.engines.reader import SafetensorsReader
 
     original, calls, victim = SafetensorsReader.map, [], []
+    seen = len(leases.breaks_seen())  # breaks of earlier tests in this process are not this one's
 
     def map_then_truncate(self, info, **kwargs):
         tensor = original(self, info, **kwargs)
@@ -242,7 +244,8 @@ def _truncate_during_the_load(folder: str) -> dict:
     finally:
         SafetensorsReader.map = original
     return {"mapped": len(calls), "victim": str(victim[0]), "size": os.path.getsize(victim[0]), "raised": raised,
-            "copied": [b.copied for b in leases.breaks_seen()], "errors": [b.error for b in leases.breaks_seen()]}
+            "copied": [b.copied for b in leases.breaks_seen()[seen:]],
+            "errors": [b.error for b in leases.breaks_seen()[seen:]]}
 
 
 def test_a_file_truncated_during_the_load_is_copied_out_then_refused(sharded, tmp_path):
@@ -298,36 +301,48 @@ def _wait_for(condition, seconds: float = 5.0) -> bool:
     return condition()
 
 
-def test_the_watcher_thread_lives_only_while_a_lease_does(sharded, tmp_path):
+def _watcher_lifecycle(folder: str, scratch: str) -> dict:
     """No thread is left behind once the models that needed it are gone (a later fork() would
-    warn of it); the next leased load starts a new one, which answers breaks as the first did."""
+    warn of it); the next leased load starts a new one, which answers breaks as the first did.
+    Run in a forked child: models of earlier tests in this process would keep a watcher alive."""
     import gc
+
+    import torch
 
     from loadstone.engines import leases
 
-    result = loadstone.load(str(sharded), placement="cpu", engine_options={"reader": "mmap"}, progress=False)
-    assert len(_watchers()) == 1
+    shards, steps = _shards(Path(folder)), {}
+    result = loadstone.load(folder, placement="cpu", engine_options={"reader": "mmap"}, progress=False)
+    steps["while loaded"] = len(_watchers())
     del result
     gc.collect()
-    assert _wait_for(lambda: not _watchers()), _watchers()
-    with open(_shards(sharded)[0], "r+b"):  # refused: the watcher started for it ends at once
-        refused = loadstone.load(str(sharded), placement="cpu", engine_options={"reader": "mmap", "unleased": "read"},
+    steps["ended once freed"] = _wait_for(lambda: not _watchers())
+    with open(shards[0], "r+b"):  # refused for this shard; the others are leased
+        refused = loadstone.load(folder, placement="cpu", engine_options={"reader": "mmap", "unleased": "read"},
                                  progress=False)
-    assert _wait_for(lambda: len(_watchers()) == 1)  # the other shards are leased
+    steps["with a refused lease"] = len(_watchers())
     del refused
     gc.collect()
-    assert _wait_for(lambda: not _watchers()), _watchers()
-    again = loadstone.load(str(sharded), placement="cpu", progress=False)
+    steps["ended again"] = _wait_for(lambda: not _watchers())
+    again = loadstone.load(folder, placement="cpu", progress=False)
     seen = len(leases.breaks_seen())
-    other = tmp_path / "other.bin"
-    other.write_bytes(os.urandom(os.path.getsize(_shards(sharded)[0])))
+    other = Path(scratch) / "other.bin"
+    other.write_bytes(os.urandom(os.path.getsize(shards[0])))
     before = logits(again.model)
-    for shard in _shards(sharded):
+    for shard in shards:
         shutil.copyfile(other, shard)
-    assert len(leases.breaks_seen()) == seen + len(_shards(sharded))
-    import torch
-
-    assert torch.equal(logits(again.model), before)
+    steps["breaks answered"] = len(leases.breaks_seen()) - seen
+    steps["same logits"] = bool(torch.equal(logits(again.model), before))
     del again
     gc.collect()
-    assert _wait_for(lambda: not _watchers()), _watchers()
+    steps["ended at last"] = _wait_for(lambda: not _watchers())
+    return steps
+
+
+def test_the_watcher_thread_lives_only_while_a_lease_does(sharded, tmp_path):
+    child = fork(_watcher_lifecycle, str(sharded), str(tmp_path), report=tmp_path / "child.json")
+    status = child.wait()
+    assert status == 0, child.result()
+    assert child.result()["returned"] == {
+        "while loaded": 1, "ended once freed": True, "with a refused lease": 1, "ended again": True,
+        "breaks answered": len(_shards(sharded)), "same logits": True, "ended at last": True}, child.result()

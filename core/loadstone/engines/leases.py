@@ -156,7 +156,10 @@ class _Watcher:
         with self.lock:
             idle = not self.leased
         if idle and self.thread.is_alive() and self.thread.ident is not None:
-            signal.pthread_kill(self.thread.ident, LEASE_SIGNAL)
+            try:
+                signal.pthread_kill(self.thread.ident, LEASE_SIGNAL)
+            except OSError:
+                pass  # it ended in between
 
 
 _watcher: _Watcher | None = None
