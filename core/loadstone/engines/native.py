@@ -40,8 +40,7 @@ from .instant import (
     refuse_overflow,
     start_read_ahead,
 )
-from .leases import leases_supported
-from .native_options import OPTION_HELP, normalize_native_options
+from .native_options import OPTION_HELP, auto_cpu_reader, normalize_native_options
 from .page_cache import is_cold
 from .reader import SafetensorsReader
 from .streaming import DEFAULT_CHUNK_BYTES, StreamItem, TensorStream, in_flight_allowance
@@ -102,7 +101,7 @@ class NativeEngine(Engine):
             ahead.close()
         ring = instant_ring(plan.inventory)
         if wanted == "auto" and "cpu" in devices:
-            wanted = self._auto_cpu_reader(plan)
+            wanted = auto_cpu_reader(plan)
         if wanted == "auto":
             wanted = "instanttensor" if usable and (room is None or room >= ring) else "pread"
         options["reader"] = wanted
@@ -131,22 +130,6 @@ class NativeEngine(Engine):
         allowance = in_flight_allowance(room, options.get("in_flight", "auto"))
         options["in_flight"] = min(allowance.values())
         return {device: n for device, n in allowance.items() if n}
-
-    def _auto_cpu_reader(self, plan: Plan) -> str:
-        """``reader=auto`` for a placement that keeps tensors on the CPU: ``mmap`` (leased views, no
-        copy) where the page cache holds the checkpoint, else ``pread``; the plan's notes say why."""
-        files = checkpoint_files(plan.inventory)
-        if not leases_supported():
-            why, chosen = "this platform has no file leases to keep a mapped model intact (Linux has)", "pread"
-        elif is_cold(files):
-            why, chosen = ("less than half of the checkpoint is in the page cache: reader threads read a disk "
-                           "faster than a mapping's page faults do"), "pread"
-        else:
-            why, chosen = ("the page cache holds the checkpoint: tensors kept on the CPU as stored are views of "
-                           "its pages, no copy, each file under a read lease (a file that cannot be leased is "
-                           "read)"), "mmap"
-        plan.report.notes.append(f"engine loadstone: reader=auto chose {chosen} for the CPU: {why}")
-        return chosen
 
     def _held_by_instanttensor(self, plan: Plan, device: str) -> int:
         """instanttensor's iterator keeps the tensor it handed out last while it clones the next:

@@ -1,6 +1,7 @@
 """The native engine's options: what each means (``loadstone plugins`` prints it) and their
 validation. Defaults that depend on the plan (the reader, ``in_flight``, ``io``) are settled later,
-in :meth:`NativeEngine.extra_bytes <loadstone.engines.native.NativeEngine.extra_bytes>`."""
+in :meth:`NativeEngine.extra_bytes <loadstone.engines.native.NativeEngine.extra_bytes>`, the CPU's
+reader by :func:`auto_cpu_reader`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 
 from ..contract.errors import OptionError
 from ..contract.units import parse_size
-from .instant import INSTANT_BUFFER
+from .instant import INSTANT_BUFFER, checkpoint_files
+from .leases import leases_supported
+from .page_cache import is_cold
 
 READERS = ("auto", "pread", "instanttensor", "mmap")
 UNLEASED = ("map", "read")
@@ -80,6 +83,22 @@ def normalize_native_options(out: dict[str, Any]) -> dict[str, Any]:
                           field="engine option io", found="direct", expected="io=auto or io=buffered with this reader",
                           fix="drop io=direct, or pass reader=instanttensor")
     return out
+
+
+def auto_cpu_reader(plan: Any) -> str:
+    """``reader=auto`` for a placement that keeps tensors on the CPU: ``mmap`` (leased views, no
+    copy) where the page cache holds the checkpoint, else ``pread``; the plan's notes say why."""
+    if not leases_supported():
+        why, chosen = "this platform has no file leases to keep a mapped model intact (Linux has)", "pread"
+    elif is_cold(checkpoint_files(plan.inventory)):
+        why, chosen = ("less than half of the checkpoint is in the page cache: reader threads read a disk "
+                       "faster than a mapping's page faults do"), "pread"
+    else:
+        why, chosen = ("the page cache holds the checkpoint: tensors kept on the CPU as stored are views of "
+                       "its pages, no copy, each file under a read lease (a file that cannot be leased is "
+                       "read)"), "mmap"
+    plan.report.notes.append(f"engine loadstone: reader=auto chose {chosen} for the CPU: {why}")
+    return chosen
 
 
 def read_ahead_option(value: Any) -> str | int:
