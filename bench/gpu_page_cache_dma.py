@@ -122,10 +122,11 @@ def registered(size: int, threads: int, populate: bool, whole_map: bool) -> dict
             "errors": errors[:3], "wall": wall}
 
 
-def preadv_pinned(size: int, threads: int) -> dict:
+def preadv_pinned(size: int, threads: int, read: bool = True) -> dict:
     """The copy the native engine's pread reader makes: preadv into one of two pinned buffers per
-    thread, then an async copy from it to the GPU."""
-    fds = [os.open(f, os.O_RDONLY) for f in files]
+    thread, then an async copy from it to the GPU. ``read=False`` is the link's own ceiling: the
+    same copies with no read (the buffers hold whatever they held)."""
+    fds = [os.open(f, os.O_RDONLY) for f in files] if read else []
     local = threading.local()
 
     def job(stream, item) -> None:
@@ -139,7 +140,8 @@ def preadv_pinned(size: int, threads: int) -> dict:
         turn = local.turn
         if local.events[turn] is not None:
             local.events[turn].synchronize()
-        os.preadv(fds[index], [memoryview(local.buffers[turn].numpy())[:length]], offset)
+        if read:
+            os.preadv(fds[index], [memoryview(local.buffers[turn].numpy())[:length]], offset)
         target[at:at + length].copy_(local.buffers[turn][:length], non_blocking=True)
         local.events[turn] = torch.cuda.Event()
         local.events[turn].record(stream)
@@ -148,31 +150,7 @@ def preadv_pinned(size: int, threads: int) -> dict:
     wall = in_threads(threads, chunks(size), job)
     for fd in fds:
         os.close(fd)
-    return {"kind": "pread", "wall": wall}
-
-
-def link_only(size: int, threads: int) -> dict:
-    """The link's own ceiling: the same chunks copied to the GPU from pinned buffers, with no read
-    (the buffers hold whatever they held)."""
-    local = threading.local()
-
-    def job(stream, item) -> None:
-        if not hasattr(local, "buffers"):
-            local.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            local.events, local.turn = [None, None], 0
-        if item is None:
-            stream.synchronize()
-            return
-        _, _, length, at = item
-        turn = local.turn
-        if local.events[turn] is not None:
-            local.events[turn].synchronize()
-        target[at:at + length].copy_(local.buffers[turn][:length], non_blocking=True)
-        local.events[turn] = torch.cuda.Event()
-        local.events[turn].record(stream)
-        local.turn ^= 1
-
-    return {"kind": "link only", "wall": in_threads(threads, chunks(size), job)}
+    return {"kind": "pread" if read else "link only", "wall": wall}
 
 
 def read_only(size: int, threads: int) -> dict:
@@ -214,8 +192,8 @@ def main() -> None:
     print("checkpoint GB", total / 1e9, "kernel", os.uname().release, flush=True)
     configurations = [(preadv_pinned, dict(threads=16, size=8 << 20)), (preadv_pinned, dict(threads=16, size=4 << 20))]
     if sys.argv[2:] == ["ceiling"]:  # what bounds the page cache -> GPU stream: the link, or the reads
-        configurations = [(link_only, dict(threads=t, size=c)) for t, c in [(1, 64 << 20), (2, 64 << 20),
-                                                                            (4, 8 << 20), (8, 8 << 20)]]
+        configurations = [(preadv_pinned, dict(threads=t, size=c, read=False))
+                          for t, c in [(1, 64 << 20), (2, 64 << 20), (4, 8 << 20), (8, 8 << 20)]]
         configurations += [(read_only, dict(threads=t, size=8 << 20)) for t in (4, 8, 12, 16)]
         configurations += [(preadv_pinned, dict(threads=t, size=8 << 20)) for t in (12, 16)]
     for whole_map in (False, True) if len(configurations) == 2 else ():
@@ -228,7 +206,8 @@ def main() -> None:
         target.zero_()
         record = {**run(**config), "threads": config["threads"], "chunk": config["size"]}
         record.update(gbs=total / record["wall"] / 1e9,
-                      ok=None if run in (link_only, read_only) else not record.get("errors") and matches_files())
+                      ok=None if not config.get("read", True) or run is read_only
+                      else not record.get("errors") and matches_files())
         print(record, flush=True)
         results.append(record)
     name = "link_ceiling.json" if sys.argv[2:] == ["ceiling"] else "page_cache_dma.json"
