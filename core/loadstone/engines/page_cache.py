@@ -1,17 +1,35 @@
 """Whether a checkpoint's files are in the page cache, asked of the kernel (``mincore``) without
 reading them. A cold checkpoint is not read ahead (the import of the model's code, which reads its
 own files from the same disk, would wait behind gigabytes of weights) and is read past the page
-cache (engine option ``io=auto``)."""
+cache (engine option ``io=auto``). Also the typed C memory calls the engines make
+(:func:`memory_calls`)."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import mmap
 import os
 import sys
 from typing import Iterable
 
+MAP_FAILED = ctypes.c_void_p(-1).value
 PROBES_PER_FILE = 16
 COLD_FRACTION = 0.5  # below this share of a checkpoint in the page cache, it is cold
+
+
+@functools.lru_cache(maxsize=None)
+def memory_calls() -> ctypes.CDLL:
+    """The C library with the memory calls the engines make typed (``mmap``, ``munmap``,
+    ``mremap``, ``mincore``: addresses as pointers, not ints). Linux."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    return libc
 
 
 def cached_fraction(paths: Iterable[str], probes: int = PROBES_PER_FILE) -> float | None:
@@ -20,13 +38,7 @@ def cached_fraction(paths: Iterable[str], probes: int = PROBES_PER_FILE) -> floa
     nothing to ask about. Maps each file without touching it: nothing is read."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc = memory_calls()
     page = mmap.PAGESIZE
     resident = asked = 0
     vector = ctypes.create_string_buffer(1)
@@ -40,7 +52,7 @@ def cached_fraction(paths: Iterable[str], probes: int = PROBES_PER_FILE) -> floa
             if size == 0:
                 continue
             address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if address in (None, ctypes.c_void_p(-1).value):
+            if address in (None, MAP_FAILED):
                 return None
             try:
                 pages = -(-size // page)
