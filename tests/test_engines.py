@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -191,8 +193,10 @@ def test_native_reads_refuse_a_file_truncated_mid_load(tiny_checkpoint, tmp_path
 
 def test_engine_options_are_checked_and_the_reader_settled_at_plan_time(tiny_checkpoint):
     folder = str(tiny_checkpoint("llama"))
+    for weights in Path(folder).glob("*.safetensors"):
+        weights.read_bytes()  # in the page cache, whatever the kernel dropped since the session wrote it
     plan = loadstone.plan(folder, placement="cpu", engine_options={"readers": 3, "chunk_bytes": "2MiB"})
-    # auto, CPU, the checkpoint just written (in the page cache): leased maps, files without a lease
+    # auto, CPU, the checkpoint in the page cache: leased maps, files without a lease
     # read; pread where the platform has no leases
     from loadstone.engines.leases import leases_supported
 
