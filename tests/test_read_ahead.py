@@ -6,6 +6,7 @@ in tests/test_gpu.py; here its choices that need no GPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -147,6 +148,23 @@ def test_a_plan_that_fails_closes_the_read_ahead(llama):
     engine = Recording("recording", preference=50)
     with pytest.raises(PlacementError, match="does not fit"):
         loadstone.load(llama, placement="cpu", max_memory={"cpu": "1KiB"}, plugins=manager(engine), progress=False)
+    assert [a.closed for a in engine.started] == [1]
+
+
+def test_the_read_ahead_starts_before_the_configuration_and_a_bad_one_closes_it(llama, tmp_path):
+    """The engine may start reading as soon as the weight headers are checked: a configuration
+    refused after that (here one whose model is code the checkpoint ships, remote code not allowed) still
+    fails as a config error, and the read-ahead is closed once."""
+    import shutil
+
+    copy = tmp_path / "remote-code"
+    shutil.copytree(llama, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(model_type="custom-llama", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (copy / "config.json").write_text(json.dumps(config))
+    engine = Recording("recording", preference=50)
+    with pytest.raises(loadstone.ConfigError, match="trust_remote_code"):
+        loadstone.load(str(copy), placement="cpu", plugins=manager(engine), progress=False)
     assert [a.closed for a in engine.started] == [1]
 
 

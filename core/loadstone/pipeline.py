@@ -16,7 +16,7 @@ from .faults import offload_workspace, release_failed_load
 from .plugins import PluginManager
 from .process_group import unpin_default_group
 from .stages.adapters import attach_adapters
-from .stages.inspect import inspect
+from .stages.inspect import inspect, inspect_weights
 from .stages.load_weights import load_weights
 from .stages.plan import plan_load
 from .stages.plan.engine import budget_with, close_read_ahead, start_read_ahead
@@ -45,19 +45,25 @@ def run_plan(request: LoadRequest, plugins: PluginManager, clock: StageClock, ki
         for d in sources.decisions:
             report.decide(d)
     with clock.stage("inspect"):
-        found = inspect(request, sources, report)
-    with clock.stage("plan"):
-        # A load whose request names the model's device lets the engine start reading now, while
-        # the model's code is imported and the plan made (Engine.read_ahead).
-        started = start_read_ahead(request, plugins, found.inventory) if kind == "load" and engine is None else None
-        try:
+        inventory = inspect_weights(request, sources)
+    started = None
+    if kind == "load" and engine is None:
+        # A load whose request names the model's device lets the engine start reading as soon as
+        # the weight headers are checked, while the configuration is read, the model's code
+        # imported and the plan made (Engine.read_ahead): deciding that is the plan's work.
+        with clock.stage("plan"):
+            started = start_read_ahead(request, plugins, inventory)
+    try:
+        with clock.stage("inspect"):
+            found = inspect(request, sources, report, inventory)
+        with clock.stage("plan"):
             with budget_with(started[1] if started else None):
                 plan = plan_load(request, plugins, sources, found, report, loading=kind == "load", engine=engine,
                                  read_ahead=started)
-        except BaseException:
-            if started:
-                started[1].close()
-            raise
+    except BaseException:
+        if started:
+            started[1].close()
+        raise
     report.stages = dict(clock.timings)
     try:
         plugins.call("loadstone_after_plan", "plan", plan=plan, request=request)

@@ -18,7 +18,7 @@ from ...safetensors_header import read_safetensors_header
 from .checkpoint import inspect_checkpoint, read_index
 from .config import CONFIG, import_transformers, load_config, read_raw_config
 
-__all__ = ["Inspection", "inspect", "inspect_checkpoint", "read_index", "load_config", "read_raw_config",
+__all__ = ["Inspection", "inspect", "inspect_weights", "inspect_checkpoint", "read_index", "load_config", "read_raw_config",
            "import_transformers", "CONFIG"]
 
 
@@ -30,10 +30,19 @@ class Inspection:
     config: Any
 
 
-def inspect(request: LoadRequest, sources: Sources, report: LoadReport) -> Inspection:
-    # Weight headers first: the cheapest check, and it needs neither torch nor transformers.
-    inventory = inspect_checkpoint(sources.base.path, allow_pickle=request.allow_pickle,
-                                   remote_headers=sources.base.remote_headers)
+def inspect_weights(request: LoadRequest, sources: Sources) -> CheckpointInventory:
+    """The base checkpoint's weight headers, read and validated: the cheapest check, needing
+    neither torch nor transformers, and all an engine needs to start reading ahead."""
+    return inspect_checkpoint(sources.base.path, allow_pickle=request.allow_pickle,
+                              remote_headers=sources.base.remote_headers)
+
+
+def inspect(request: LoadRequest, sources: Sources, report: LoadReport,
+            inventory: CheckpointInventory | None = None) -> Inspection:
+    """The whole stage: weight headers (``inventory`` where :func:`inspect_weights` read them
+    already), configuration, adapter weight headers."""
+    if inventory is None:
+        inventory = inspect_weights(request, sources)
     config = load_config(sources.base.path, request, inventory)
     for adapter in sources.adapters:
         if adapter.weights.suffix == ".safetensors":

@@ -79,7 +79,8 @@ def read_index(folder: Path, index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index.name} has no usable weight_map.", file=index, field="weight_map",
                               expected="an object mapping tensor names to shard file names",
                               found=repr(weight_map)[:120], fix="regenerate the index with save_pretrained")
-    return {name: _normal_shard_name(shard) for name, shard in weight_map.items()}
+    normal = {shard: _normal_shard_name(shard) for shard in set(weight_map.values())}  # a few shards, many tensors
+    return {name: normal[shard] for name, shard in weight_map.items()}
 
 
 def _normal_shard_name(name: str) -> str:
@@ -193,9 +194,10 @@ def _inspect_sharded(folder: Path, index: Path, source: _HeaderSource) -> Checkp
                     found=f"{tensors[tname].file.name} and {path.name}",
                     fix="re-save the checkpoint; one copy may be stale")
             tensors[tname] = info
+    shard_names = {shard: Path(shard).name for shard in shards}
     for tname, shard in weight_map.items():
         info = tensors.get(tname)
-        if info is None or info.file.name != Path(shard).name:
+        if info is None or info.file.name != shard_names[shard]:
             where = f"it is in {info.file.name}" if info else "no shard holds it"
             raise CheckpointError(
                 f"{index.name} says tensor {tname!r} is in {shard}, but {where}.", file=index,
