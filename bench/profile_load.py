@@ -7,9 +7,15 @@ HTML into OUTDIR. A second, unprofiled load in the same process shows what the f
 (imports of modelling code, CUDA initialisation of libraries).
 
     python3 bench/profile_load.py OUTDIR [--method bf16|nf4|int8] [--device cuda:0|cpu] [--small]
-        [--engine loadstone|transformers] [--engine-option key=value ...]
+        [--engine loadstone|transformers] [--engine-option key=value ...] [--timeline]
 
 Needs ``pyinstrument`` (``pip install pyinstrument``); falls back to cProfile's cumulative listing.
+
+``--timeline`` profiles nothing: it records when each step of the kernel's load (plugin discovery,
+headers, the engine's read-ahead, configuration, plan, stream, transformers' finishing, checks)
+starts and ends, in milliseconds from the call, for the first load of the process, unprofiled,
+and writes ``timeline_*.json``. A sampling profiler cannot show what overlaps what: the engine's
+readers run beside the plan, and the load takes as long as the later of the two.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bnb import make_checkpoint  # noqa: E402  (the benchmarks' checkpoint)
@@ -34,6 +41,80 @@ def load_once(ckpt: str, method: str, device: str, options: dict, engine: str = 
                           engine=engine, engine_options=options)
 
 
+# The kernel's steps a timeline records: (module, attribute), as the pipeline calls them.
+TIMELINE_STEPS = [
+    ("loadstone.plugins", "PluginManager.discover"), ("loadstone.pipeline", "resolve_sources"),
+    ("loadstone.pipeline", "inspect_weights"), ("loadstone.pipeline", "start_read_ahead"),
+    ("loadstone.pipeline", "inspect"), ("loadstone.pipeline", "plan_load"), ("loadstone.pipeline", "load_weights"),
+    ("loadstone.engines.native", "NativeEngine.load"), ("loadstone.engines.native", "finish_loading"),
+    ("loadstone.stages.load_weights", "check_loaded_model"), ("loadstone.pipeline", "prepare"),
+    ("loadstone.pipeline", "count_parameters"),
+]
+
+
+DISCOVERY = "plugins.PluginManager.discover"
+
+
+class Timeline:
+    """Records each call of the wrapped steps as milliseconds since :meth:`start`."""
+
+    def __init__(self, steps: list[tuple[str, str]]):
+        import functools
+        import importlib
+
+        self.records: list[dict] = []
+        self.zero = time.perf_counter()
+        for module_name, attr in steps:
+            owner_path, _, name = attr.rpartition(".")
+            owner = importlib.import_module(module_name)
+            for part in filter(None, owner_path.split(".")):
+                owner = getattr(owner, part)
+            original = getattr(owner, name)
+            label = f"{module_name.rsplit('.', 1)[-1]}.{attr}"
+            setattr(owner, name, functools.wraps(original)(self._timed(original, label)))
+
+    def _timed(self, original: Any, label: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.records.append({"step": label, "start_ms": self.ms(started), "end_ms": self.ms()})
+
+        return timed
+
+    def start(self) -> None:
+        self.records.clear()
+        self.zero = time.perf_counter()
+
+    def ms(self, at: float | None = None) -> float:
+        return round(((time.perf_counter() if at is None else at) - self.zero) * 1e3, 2)
+
+
+def timeline(ckpt: str, args: Any, options: dict, stem: str) -> None:
+    """The first load of this process, unprofiled, with its steps' start and end times."""
+    import torch
+
+    clock = Timeline(TIMELINE_STEPS)
+    clock.start()
+    result = load_once(ckpt, args.method, args.device, options, args.engine)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall_ms = clock.ms()
+    # discovery runs once; the manager's later calls only find it done
+    first = [r for r in clock.records if r["step"] == DISCOVERY][:1]
+    steps = sorted(first + [r for r in clock.records if r["step"] != DISCOVERY], key=lambda r: r["start_ms"])
+    summary = {"wall_ms": wall_ms, "steps": steps, "stages": {k: round(v, 4) for k, v in result.report.stages.items()},
+               "engine": result.report.engine.get("timings"),
+               "notes": [n for n in result.report.notes if n.startswith("engine")]}
+    with open(stem.replace("profile_", "timeline_") + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"{'start ms':>9} {'end ms':>9} {'took ms':>8}  step")
+    for r in steps:
+        print(f"{r['start_ms']:9.1f} {r['end_ms']:9.1f} {r['end_ms'] - r['start_ms']:8.1f}  {r['step']}")
+    print(f"{0:9.1f} {wall_ms:9.1f} {wall_ms:8.1f}  the whole load (loadstone.load, then the device synchronised)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir")
@@ -42,6 +123,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a tiny checkpoint (checks the script on a CPU)")
     parser.add_argument("--engine", default="auto", help="loadstone's engine (default: auto)")
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--timeline", action="store_true", help="when each step starts and ends, no profiler")
     args = parser.parse_args()
     options = {k: int(v) if v.isdigit() else v for k, _, v in (o.partition("=") for o in args.engine_option)}
     ckpt = make_checkpoint(args.small)
@@ -62,6 +144,8 @@ def main() -> None:
     os.makedirs(args.outdir, exist_ok=True)
     engine = "" if args.engine == "auto" else f"_{args.engine}"
     stem = os.path.join(args.outdir, f"profile_{args.method}_{args.device.replace(':', '')}{engine}")
+    if args.timeline:
+        return timeline(ckpt, args, options, stem)
     try:
         from pyinstrument import Profiler
     except ImportError:

@@ -46,3 +46,21 @@ def test_the_profiling_script_profiles_a_load_and_times_a_second_one(tmp_path):
     assert summary["first_stages"]["load_weights"] > 0 and summary["second_stages"]["load_weights"] > 0
     assert summary["second_engine"]["stream"] > 0
     assert "load_once" in text  # the call tree (pyinstrument's, or cProfile's listing without it)
+
+
+@pytest.mark.slow
+def test_the_timeline_records_each_step_of_one_load_in_order(tmp_path):
+    script = BENCH.with_name("profile_load.py")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "--small", "--device", "cpu", "--timeline"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "timeline_bf16_cpu.json").read_text())
+    steps = {r["step"]: r for r in summary["steps"]}
+    order = ["plugins.PluginManager.discover", "pipeline.inspect_weights", "pipeline.start_read_ahead",
+             "pipeline.inspect", "pipeline.plan_load", "pipeline.load_weights", "pipeline.prepare"]
+    assert [steps[s]["start_ms"] for s in order] == sorted(steps[s]["start_ms"] for s in order)
+    assert sum(r["step"] == "plugins.PluginManager.discover" for r in summary["steps"]) == 1
+    engine = steps["native.NativeEngine.load"]  # inside load_weights, finishing inside the engine
+    assert steps["pipeline.load_weights"]["start_ms"] <= engine["start_ms"] <= steps["native.finish_loading"]["start_ms"]
+    assert steps["native.finish_loading"]["end_ms"] <= engine["end_ms"] <= summary["wall_ms"]
+    assert summary["stages"]["load_weights"] > 0 and "the whole load" in done.stdout
