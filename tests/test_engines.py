@@ -119,6 +119,21 @@ def test_the_kernel_checks_what_any_engine_returns(damage, words, tiny_checkpoin
     assert words in str(info.value) and "engine 'damaging'" in str(info.value)
 
 
+def test_the_check_skips_tensors_accelerate_offloads_by_their_nearest_hook():
+    """A module's own hook decides for its tensors, else its closest ancestor's (accelerate keeps
+    offloaded parameters on meta, in the hook's weights map)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from loadstone.stages.load_weights import _offloaded_modules
+
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2))
+    assert _offloaded_modules(model) == set()
+    weights = dict(model[0].state_dict())
+    add_hook_to_module(model[0], AlignDevicesHook(execution_device="cpu", offload=True, weights_map=weights))
+    add_hook_to_module(model[0][1], AlignDevicesHook(execution_device="cpu", offload=False))
+    assert _offloaded_modules(model) == {"0", "0.0"}  # 0.1 has a hook of its own that does not offload
+
+
 def test_an_engine_that_crashes_is_named(tiny_checkpoint):
     class Broken(loadstone.Engine):
         name = "broken"
