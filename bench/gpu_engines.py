@@ -60,7 +60,8 @@ ROWS = {
     # fewer pinned host bytes for instanttensor to allocate before its first read (48 MiB by default)
     "loadstone_native_bf16_c2": ("loadstone", "bf16", "loadstone:reader=instanttensor,chunk_bytes=2MiB"),
     "loadstone_native_bf16_it8": ("loadstone", "bf16", "loadstone:reader=instanttensor,readers=8"),
-    "loadstone_native_bf16_c2_it16": ("loadstone", "bf16", "loadstone:reader=instanttensor,chunk_bytes=2MiB,readers=16"),
+    "loadstone_native_bf16_c2_it16": ("loadstone", "bf16",
+                                      "loadstone:reader=instanttensor,chunk_bytes=2MiB,readers=16"),
     "loadstone_native_nf4_c4": ("loadstone", "nf4", "loadstone:reader=instanttensor,chunk_bytes=4MiB"),
     "loadstone_native_nf4_d8": ("loadstone", "nf4", "loadstone:reader=instanttensor,readers=8"),
     "loadstone_native_bf16_noahead": ("loadstone", "bf16", "loadstone:read_ahead=off"),

@@ -126,7 +126,8 @@ def test_the_check_skips_tensors_accelerate_offloads_by_their_nearest_hook():
 
     from loadstone.stages.load_weights import _offloaded_modules
 
-    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2))
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model = torch.nn.Sequential(inner, torch.nn.Linear(2, 2))
     assert _offloaded_modules(model) == set()
     weights = dict(model[0].state_dict())
     add_hook_to_module(model[0], AlignDevicesHook(execution_device="cpu", offload=True, weights_map=weights))

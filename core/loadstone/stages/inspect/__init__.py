@@ -18,8 +18,8 @@ from ...safetensors_header import read_safetensors_header
 from .checkpoint import inspect_checkpoint, read_index
 from .config import CONFIG, import_transformers, load_config, read_raw_config
 
-__all__ = ["Inspection", "inspect", "inspect_weights", "inspect_checkpoint", "read_index", "load_config", "read_raw_config",
-           "import_transformers", "CONFIG"]
+__all__ = ["Inspection", "inspect", "inspect_weights", "inspect_checkpoint", "read_index", "load_config",
+           "read_raw_config", "import_transformers", "CONFIG"]
 
 
 @dataclass
