@@ -276,6 +276,33 @@ def noted_all(mapping: mmap.mmap) -> None:
         entry.complete = True
 
 
+def release_pages(mapping: mmap.mmap, start: int, end: int) -> bool:
+    """Give back the pages wholly inside bytes ``[start, end)`` of a leased mapping that still maps
+    its file (no break has copied it out): touched again, they are read from the file again. A
+    tensor that only passes through (a weight packed as soon as it is read) no longer counts in the
+    process's memory once it is done. Returns ``False``, and gives back nothing, where the mapping
+    was copied out or is not leased here: its pages may then be the only copy of those bytes.
+    Under the watcher's lock, so that no break copies the mapping meanwhile."""
+    watcher = _watcher
+    if watcher is None or watcher.pid != os.getpid():
+        return False
+    with watcher.lock:
+        entry = watcher.by_mapping.get(id(mapping))
+        if entry is None or entry.mapping() is not mapping:
+            return False
+        drop_pages(mapping, start, end)
+        return True
+
+
+def drop_pages(mapping: mmap.mmap, start: int, end: int) -> None:
+    """``MADV_DONTNEED`` the pages wholly inside ``[start, end)`` of a file-backed private mapping
+    (pages shared with a neighbouring tensor stay)."""
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def _entry_of(mapping: mmap.mmap) -> _Leased | None:
     watcher = _watcher
     if watcher is None or watcher.pid != os.getpid():  # a child made by fork() maps under no lease of its own

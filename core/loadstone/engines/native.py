@@ -40,6 +40,7 @@ from .instant import (
     refuse_overflow,
     start_read_ahead,
 )
+from .mapped import hand_over_mapped
 from .native_options import OPTION_HELP, auto_cpu_reader, normalize_native_options
 from .page_cache import is_cold
 from .reader import SafetensorsReader
@@ -189,7 +190,9 @@ class NativeEngine(Engine):
         with torch.no_grad(), SafetensorsReader(plan.inventory) as reader, \
                 _progress(total, ctx.progress) as progress:
             if options.get("reader") == "mmap":
-                items = self._map(plan, ctx, reader, items, owners, modules, model, progress)
+                items = hand_over_mapped(plan, ctx, reader, items, owners, model,
+                                         lambda owner, tensors: self._group(plan, ctx, modules, model, owner, tensors),
+                                         progress)
             ahead = plan.read_ahead if isinstance(plan.read_ahead, InstantReadAhead) else None
             if options.get("reader") == "instanttensor":
                 stream = InstantTensorStream(reader, items, buffer_bytes=instant_ring(plan.inventory),
@@ -245,41 +248,6 @@ class NativeEngine(Engine):
         ctx.timings.update(skeleton=round(skeleton_s, 4), stream=round(streamed_s, 4), finish=round(finish_s, 4),
                            stream_gb_per_s=round(total / max(streamed_s, 1e-9) / 1e9, 2))
         return model
-
-    def _map(self, plan: Plan, ctx: EngineContext, reader: SafetensorsReader, items: list[StreamItem],
-             owners: dict[int, Any], modules: dict[str, Any], model: Any, progress: Any) -> list[StreamItem]:
-        """``reader=mmap``: hands every tensor kept on the CPU as stored (a group of one tensor, no
-        cast, no conversion) over as a view of its file; returns the items left to stream."""
-        left, mapped = [], 0
-        unleased = plan.engine_options.get("unleased", "map")
-        for item in items:
-            owner = owners[id(item)]
-            tensor = (reader.map(item.info, unleased=unleased) if item.device == "cpu" and not item.transient
-                      and item.cast_to is None and isinstance(owner, TensorGroup) and len(owner.sources) == 1
-                      else None)
-            if tensor is None:
-                left.append(item)
-                continue
-            self._group(plan, ctx, modules, model, owner, [tensor])
-            mapped += item.info.nbytes
-            progress(item.info.nbytes)
-        files = reader.mapped_files
-        leased = sorted(p.name for p, (how, _) in files.items() if how == "leased")
-        if mapped:
-            ctx.note(f"engine loadstone: {len(items) - len(left)} tensors ({format_size(mapped)}) are copy-on-write "
-                     f"views of the checkpoint files (reader=mmap)"
-                     + (f"; {len(leased)} of {len(files)} files under a read lease: a process that rewrites or "
-                        "truncates one waits while the model's bytes are copied out of it" if leased else ""))
-        else:
-            ctx.note("engine loadstone: reader=mmap mapped no tensor: each is cast, converted, placed off the CPU, "
-                     "unaligned in its file or in a file that was read, and was read")
-        for path, (how, why) in sorted(files.items()):
-            if how == "unprotected":
-                ctx.note(f"engine loadstone: {path.name} is mapped with no lease ({why}): rewriting it in place "
-                         "changes or kills the model (unleased=read copies such a file instead)")
-            elif how == "read":
-                ctx.note(f"engine loadstone: {path.name} was read, not mapped: no lease ({why})")
-        return left
 
     def _items(self, plan: Plan) -> tuple[list[StreamItem], dict[int, Any], dict[str, int]]:
         """What to stream, in file order (each file read once, forwards); which group (or extra) each

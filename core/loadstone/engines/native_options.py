@@ -95,8 +95,8 @@ def auto_cpu_reader(plan: Any) -> str:
                        "faster than a mapping's page faults do"), "pread"
     else:
         why, chosen = ("the page cache holds the checkpoint: tensors kept on the CPU as stored are views of "
-                       "its pages, no copy, each file under a read lease (a file that cannot be leased is "
-                       "read)"), "mmap"
+                       "its pages, and weights packed on the CPU are packed straight from them, no copy, each "
+                       "file under a read lease (a file that cannot be leased is read)"), "mmap"
     plan.report.notes.append(f"engine loadstone: reader=auto chose {chosen} for the CPU: {why}")
     return chosen
 

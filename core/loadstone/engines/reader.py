@@ -86,7 +86,7 @@ class SafetensorsReader:
             self._files[path] = opened
             return opened
 
-    def map(self, info: TensorInfo, *, unleased: str = "map") -> Any | None:
+    def map(self, info: TensorInfo, *, unleased: str = "map", passing: bool = False) -> Any | None:
         """The tensor as stored, a copy-on-write view of its file's pages (``MAP_PRIVATE``): nothing
         is read until it is touched, and writes to it stay in this process. The file is mapped under
         a read lease where one can be had (:mod:`~loadstone.engines.leases`: a process that rewrites
@@ -95,6 +95,9 @@ class SafetensorsReader:
 
         :param unleased: for a file no lease can be had on, ``"map"`` it unprotected or ``"read"``
             it (this returns ``None``).
+        :param passing: the tensor only passes through (a weight the backend packs at once): a lease
+            break after the load does not copy its bytes, and :meth:`give_back` returns its pages
+            once it is packed (unless :meth:`keep` says the model holds it after all).
         :returns: ``None`` where the tensor is to be read instead: its bytes are not aligned for its
             dtype in the file, or its file is not mapped.
         """
@@ -110,9 +113,30 @@ class SafetensorsReader:
                                   f"byte {data_start + info.end}.", file=info.file, field="file size",
                                   expected=f"at least {data_start + info.end} bytes", found=f"{len(mapped)} bytes",
                                   fix="re-download or re-save the checkpoint")
-        leases.note_use(mapped, offset, offset + info.nbytes)
+        if not passing:
+            leases.note_use(mapped, offset, offset + info.nbytes)
         flat = torch.frombuffer(mapped, dtype=torch_dtype, count=info.nbytes // torch_dtype.itemsize, offset=offset)
         return flat.reshape(info.shape)
+
+    def give_back(self, info: TensorInfo) -> bool:
+        """The pages of a tensor mapped with ``passing=True`` that no other tensor shares, given
+        back to the system now that it is packed (read from the file again if touched). Not where a
+        lease break has copied the file out (its pages are then the only copy): ``False``."""
+        mapped, data_start = self._maps.get(info.file), self.open(info.file)[1]
+        if mapped is None:
+            return False
+        start, end = data_start + info.start, data_start + info.end
+        if self.mapped_files[info.file][0] == "leased":
+            return leases.release_pages(mapped, start, end)
+        leases.drop_pages(mapped, start, end)  # an unprotected map still maps the file
+        return True
+
+    def keep(self, info: TensorInfo) -> None:
+        """A tensor mapped with ``passing=True`` is held by the model after all: a lease break
+        copies its bytes out like any other tensor's."""
+        mapped, data_start = self._maps.get(info.file), self.open(info.file)[1]
+        if mapped is not None:
+            leases.note_use(mapped, data_start + info.start, data_start + info.end)
 
     def _mapping(self, path: Path, unleased: str) -> tuple[mmap.mmap | None, int]:
         """The file's mapping (``None``: read it) and where its data section starts, made once."""
