@@ -60,6 +60,11 @@ def big_tensor_file(tmp_path) -> Path:
     return folder
 
 
+def _read(inventory, info):
+    with SafetensorsReader(inventory) as reader:
+        return reader.read(info)
+
+
 def test_a_passing_weights_pages_are_given_back_and_read_again_if_touched(big_tensor_file):
     inventory = inspect_checkpoint(big_tensor_file)
     info = inventory.tensors["w"]  # 8 MiB
@@ -73,11 +78,6 @@ def test_a_passing_weights_pages_are_given_back_and_read_again_if_touched(big_te
         assert reader.give_back(info)
         assert _resident_kib(address) < 64  # the pages it shares with its neighbours, at most
         assert float(view.float().sum()) == total and torch.equal(view, expected)  # read from the file again
-
-
-def _read(inventory, info):
-    with SafetensorsReader(inventory) as reader:
-        return reader.read(info)
 
 
 def test_a_passing_weight_is_not_copied_by_a_lease_break_unless_the_model_keeps_it(big_tensor_file):

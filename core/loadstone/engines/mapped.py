@@ -30,7 +30,8 @@ def hand_over_mapped(plan: Plan, ctx: EngineContext, reader: SafetensorsReader, 
                      owners: dict[int, Any], model: Any, hand_over: HandOver, progress: Any) -> list[StreamItem]:
     """Hands every CPU tensor that can be a view of its file over as one (a group of one tensor, no
     cast on the host); returns the items left to stream."""
-    left, kept, passing = [], 0, []
+    left, passing = [], []
+    views = kept = 0  # tensors kept on the CPU as views, and their bytes
     unleased = plan.engine_options.get("unleased", "map")
     # packed checkpoints' tensors are the backend's to keep as they are: never given back
     packs = not plan.quantization.pre_quantized
@@ -49,12 +50,12 @@ def hand_over_mapped(plan: Plan, ctx: EngineContext, reader: SafetensorsReader, 
             passing.append((where, item.info))
             reader.give_back(item.info)
         else:
-            kept += item.info.nbytes
+            views, kept = views + 1, kept + item.info.nbytes
         progress(item.info.nbytes)
     held = _held_by_model(model, passing)
     for info in held:
         reader.keep(info)
-    _note(ctx, reader, len(items) - len(left) - len(passing) + len(held), kept, len(passing) - len(held))
+    _note(ctx, reader, views + len(held), kept, len(passing) - len(held))
     return left
 
 

@@ -122,10 +122,9 @@ class SafetensorsReader:
         """The pages of a tensor mapped with ``passing=True`` that no other tensor shares, given
         back to the system now that it is packed (read from the file again if touched). Not where a
         lease break has copied the file out (its pages are then the only copy): ``False``."""
-        mapped, data_start = self._maps.get(info.file), self.open(info.file)[1]
+        mapped, start, end = self._mapped_bytes(info)
         if mapped is None:
             return False
-        start, end = data_start + info.start, data_start + info.end
         if self.mapped_files[info.file][0] == "leased":
             return leases.release_pages(mapped, start, end)
         leases.drop_pages(mapped, start, end)  # an unprotected map still maps the file
@@ -134,9 +133,17 @@ class SafetensorsReader:
     def keep(self, info: TensorInfo) -> None:
         """A tensor mapped with ``passing=True`` is held by the model after all: a lease break
         copies its bytes out like any other tensor's."""
-        mapped, data_start = self._maps.get(info.file), self.open(info.file)[1]
+        mapped, start, end = self._mapped_bytes(info)
         if mapped is not None:
-            leases.note_use(mapped, data_start + info.start, data_start + info.end)
+            leases.note_use(mapped, start, end)
+
+    def _mapped_bytes(self, info: TensorInfo) -> tuple[mmap.mmap | None, int, int]:
+        """The mapping :meth:`map` made of the tensor's file (``None``: none) and the tensor's byte
+        range in it."""
+        data_start = self.open(info.file)[1]
+        with self._lock:
+            mapped = self._maps.get(info.file)
+        return mapped, data_start + info.start, data_start + info.end
 
     def _mapping(self, path: Path, unleased: str) -> tuple[mmap.mmap | None, int]:
         """The file's mapping (``None``: read it) and where its data section starts, made once."""

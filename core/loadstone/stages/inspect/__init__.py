@@ -37,12 +37,9 @@ def inspect_weights(request: LoadRequest, sources: Sources) -> CheckpointInvento
                               remote_headers=sources.base.remote_headers)
 
 
-def inspect(request: LoadRequest, sources: Sources, report: LoadReport,
-            inventory: CheckpointInventory | None = None) -> Inspection:
-    """The whole stage: weight headers (``inventory`` where :func:`inspect_weights` read them
-    already), configuration, adapter weight headers."""
-    if inventory is None:
-        inventory = inspect_weights(request, sources)
+def inspect(request: LoadRequest, sources: Sources, report: LoadReport, inventory: CheckpointInventory) -> Inspection:
+    """The rest of the stage once :func:`inspect_weights` has read the weight headers
+    (``inventory``): the configuration, and the adapters' weight headers."""
     config = load_config(sources.base.path, request, inventory)
     for adapter in sources.adapters:
         if adapter.weights.suffix == ".safetensors":
