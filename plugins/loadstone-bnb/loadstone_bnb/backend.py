@@ -16,6 +16,11 @@ from . import cpu_kernel, memory, native, options
 from .options import BnbSettings
 
 PIP_FIX = "pip install -U 'bitsandbytes>=0.46'"
+CPU_QUANTIZER_POLICY = {
+    "chunked": "chunked: loadstone's kernel quantizes 4-bit weights placed on the CPU, where a probe shows it equal to "
+               "bitsandbytes' quantize_4bit (bitsandbytes' own op elsewhere)",
+    "bitsandbytes": "bitsandbytes: its own quantize_4bit op (option cpu_quantizer)",
+}
 
 
 def import_bitsandbytes() -> Any:
@@ -256,7 +261,9 @@ class BitsAndBytesBackend(QuantizationBackend):
         settings = self.settings(ctx)
         if not settings.four_bit:
             return []
-        return cpu_kernel.configure(model, packed=settings.cpu_kernel == "packed")
+        chunked = ctx.state.get("cpu_quantizer")
+        quantized_here = [line for line in [chunked.note() if chunked is not None else None] if line]
+        return quantized_here + cpu_kernel.configure(model, packed=settings.cpu_kernel == "packed")
 
     def prepare_for_training(self, model: Any, ctx: QuantizationContext) -> list[str]:
         import torch
@@ -285,6 +292,8 @@ class BitsAndBytesBackend(QuantizationBackend):
         if settings.four_bit and any(device_type(d) == "cpu" for d in (ctx.device_map or {}).values()):
             details["cpu_kernel"] = cpu_kernel.policy(settings.cpu_kernel == "packed",
                                                       cpu_kernel.packed_kernel_available())
+            if not ctx.pre_quantized:
+                details["cpu_quantizer"] = CPU_QUANTIZER_POLICY[settings.cpu_quantizer]
         details["bits_per_quantized_parameter"] = round(
             memory.bits_per_parameter(settings.method, double_quant=settings.double_quant), 3)
         try:

@@ -75,8 +75,9 @@ def measured_bytes(model: Any) -> int:
     int8 scales, each storage counted once (tied weights and aliases share storage).
 
     A 4-bit layer that bitsandbytes repacked for its CPU inference kernel after a forward (see
-    :mod:`loadstone_bnb.cpu_kernel`) is counted in the layout it was loaded in, so the figure does
-    not depend on whether a forward ran."""
+    :mod:`loadstone_bnb.cpu_kernel`) is counted in the layout it was loaded in, and an int8
+    layer's scales wherever its forward moved them, so the figure does not depend on whether a
+    forward ran."""
     import torch
 
     from .cpu_kernel import canonical_state_bytes
@@ -106,4 +107,10 @@ def measured_bytes(model: Any) -> int:
         add(tensor)
         add_quant_state(getattr(tensor, "quant_state", None))
         add(getattr(tensor, "SCB", None))
+    for module in model.modules():
+        # An int8 layer's first forward moves the weight's int8 values and scales onto the layer's
+        # matmul state (weight.SCB becomes None): counted there, the figure stays the same.
+        state = getattr(module, "state", None)
+        for name in ("CB", "SCB"):
+            add(getattr(state, name, None))
     return sum(seen.values()) + repacked

@@ -12,6 +12,7 @@ Pre-quantized checkpoints arrive as their packed weight plus its state tensors; 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from loadstone import QuantizationContext, set_module_tensor
@@ -54,7 +55,7 @@ def load_tensor(module_name: str, module: Any, name: str, tensor: Any, ctx: Quan
         set_module_tensor(module, name, tensor)
         return
     if not ctx.pre_quantized:
-        _quantize(module, tensor, four_bit)
+        _quantize(module, tensor, four_bit, cpu_quantizer(ctx, settings) if four_bit else None)
         return
     if name == "weight_format":  # LLM.int8's saved layout marker; only the row-major layout exists now
         return
@@ -75,8 +76,21 @@ def load_tensor(module_name: str, module: Any, name: str, tensor: Any, ctx: Quan
     module._is_hf_initialized = True
 
 
-def _quantize(module: Any, value: Any, four_bit: bool) -> None:
-    """The conversion transformers' Bnb4bitQuantize / Bnb8bitQuantize ops apply, on ``value``'s device."""
+def cpu_quantizer(ctx: QuantizationContext, settings: BnbSettings) -> Any:
+    """This load's :class:`~loadstone_bnb.cpu_quantize.ChunkedOnCpu` (it counts what it quantized,
+    for the report), or ``None`` where the option ``cpu_quantizer`` asks for bitsandbytes' own op."""
+    from .cpu_quantize import CHUNKED, ChunkedOnCpu
+
+    if settings.cpu_quantizer != CHUNKED:
+        return None
+    if "cpu_quantizer" not in ctx.state:
+        ctx.state["cpu_quantizer"] = ChunkedOnCpu()
+    return ctx.state["cpu_quantizer"]
+
+
+def _quantize(module: Any, value: Any, four_bit: bool, chunked: Any = None) -> None:
+    """The conversion transformers' Bnb4bitQuantize / Bnb8bitQuantize ops apply, on ``value``'s
+    device; a 4-bit weight on the CPU through ``chunked`` (a ``ChunkedOnCpu``) where given."""
     import bitsandbytes as bnb
     from transformers.pytorch_utils import Conv1D
 
@@ -84,7 +98,8 @@ def _quantize(module: Any, value: Any, four_bit: bool) -> None:
         value = value.T  # GPT-2 stores (in, out)
     old = module.weight
     if four_bit:
-        new = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(value.device)
+        with chunked if chunked is not None and value.device.type == "cpu" else contextlib.nullcontext():
+            new = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(value.device)
     else:
         kwargs = dict(old.__dict__)
         kwargs.pop("SCB", None)

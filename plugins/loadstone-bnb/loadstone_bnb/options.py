@@ -34,12 +34,16 @@ OPTION_HELP = {
                    "unquantized in the load dtype (transformers' llm_int8_enable_fp32_cpu_offload; default: false)",
     "cpu_kernel": "4-bit on the CPU: generic (default) or packed, bitsandbytes' AVX512-BF16 inference kernel for "
                   "trainable=False loads (faster; its repack is permanent and rounds the scales to bf16)",
+    "cpu_quantizer": "4-bit on the CPU: chunked (default: loadstone's chunked kernel, 2.5-4x faster, equal bit for "
+                     "bit to bitsandbytes' quantize_4bit and checked against it once per process) or bitsandbytes "
+                     "(its own op)",
     "upcast": "training preparation: cast non-quantized fp16/bf16 parameters to float32 as "
               "peft.prepare_model_for_kbit_training does (default: true)",
 }
 ONLY_FOR = {"compute_dtype": FOUR_BIT, "double_quant": FOUR_BIT, "quant_storage": FOUR_BIT, "threshold": ("int8",),
-            "cpu_kernel": FOUR_BIT}
+            "cpu_kernel": FOUR_BIT, "cpu_quantizer": FOUR_BIT}
 CPU_KERNELS = ("generic", "packed")
+CPU_QUANTIZERS = ("chunked", "bitsandbytes")  # loadstone_bnb.cpu_quantize.QUANTIZERS (which imports torch)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class BnbSettings:
     cpu_offload: bool = False
     upcast: bool = True
     cpu_kernel: str = "generic"
+    cpu_quantizer: str = "chunked"
 
     @property
     def four_bit(self) -> bool:
@@ -65,7 +70,8 @@ class BnbSettings:
                                "cpu_offload": self.cpu_offload, "upcast": self.upcast}
         if self.four_bit:
             out.update(compute_dtype=self.compute_dtype, double_quant=self.double_quant,
-                       quant_storage=self.quant_storage, cpu_kernel=self.cpu_kernel)
+                       quant_storage=self.quant_storage, cpu_kernel=self.cpu_kernel,
+                       cpu_quantizer=self.cpu_quantizer)
         else:
             out["threshold"] = self.threshold
         return out
@@ -113,18 +119,21 @@ def _threshold(name: str, value: Any) -> float:
     return number
 
 
-def _cpu_kernel(name: str, value: Any) -> str:
-    text = str(value).strip().lower()
-    if text not in CPU_KERNELS:
-        raise _bad(name, value, ", ".join(CPU_KERNELS))
-    return text
+def _choice(choices: tuple[str, ...]) -> Any:
+    def parse(name: str, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise _bad(name, value, ", ".join(choices))
+        return text
+    return parse
 
 
 PARSERS = {
     "compute_dtype": lambda n, v: _dtype(n, v, FLOAT_DTYPES),
     "quant_storage": lambda n, v: _dtype(n, v, STORAGE_DTYPES),
     "double_quant": _flag, "cpu_offload": _flag, "upcast": _flag,
-    "keep_modules": _names, "threshold": _threshold, "cpu_kernel": _cpu_kernel,
+    "keep_modules": _names, "threshold": _threshold, "cpu_kernel": _choice(CPU_KERNELS),
+    "cpu_quantizer": _choice(CPU_QUANTIZERS),
 }
 
 
@@ -191,6 +200,7 @@ def resolve(ctx: QuantizationContext) -> BnbSettings:
     saved = from_checkpoint(ctx.checkpoint_config or {})
     upcast = options.pop("upcast", True)  # a training choice, not a property of the weights
     cpu_kernel = options.pop("cpu_kernel", "generic")  # a runtime choice, likewise
+    options.pop("cpu_quantizer", None)  # nothing is quantized: the packed weights are loaded as they are
     for name, value in options.items():
         have = getattr(saved, name)
         if name == "keep_modules":

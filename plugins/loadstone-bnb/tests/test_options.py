@@ -25,6 +25,8 @@ backend = BitsAndBytesBackend()
     ("int8", {"cpu_offload": 2}, "quantization option cpu_offload"),
     ("nf4", {"keep_modules": [1, 2]}, "quantization option keep_modules"),
     ("nf4", {"upcast": None}, "quantization option upcast"),
+    ("nf4", {"cpu_quantizer": "fast"}, "quantization option cpu_quantizer"),
+    ("int8", {"cpu_quantizer": "chunked"}, "quantization option cpu_quantizer"),  # 4-bit only
 ])
 def test_bad_options_are_option_errors(tiny_checkpoint, method, options, field):
     with pytest.raises(loadstone.OptionError) as info:
