@@ -122,9 +122,11 @@ class BitsAndBytesBackend(QuantizationBackend):
         if in_flight and self.quantizes_on_cpu(f"{module_name}.{param_name}", ctx):
             import torch
 
-            in_flight += memory.cpu_quantize_workspace(tensor.numel(), self.settings(ctx).method,
+            settings = self.settings(ctx)
+            in_flight += memory.cpu_quantize_workspace(tensor.numel(), settings.method,
                                                        element_size=tensor.element_size(),
-                                                       transposed=not isinstance(module, torch.nn.Linear))
+                                                       transposed=not isinstance(module, torch.nn.Linear),
+                                                       chunked=settings.cpu_quantizer == "chunked")
         return in_flight
 
     @staticmethod

@@ -3,20 +3,22 @@
 bitsandbytes (0.46-0.50) has no CPU kernel for ``quantize_4bit``: its default op scales the whole
 weight in float32 and finds each value's code with ``torch.bucketize``, several full-size passes
 over memory plus a binary search per value (about 20 ns per value on the project's 2-core machine;
-most of a CPU NF4 load). The code book has 16 entries, so a value's code is the number of the 15
-midpoints between codes that lie below it, which 15 element-wise comparisons count; done 256 Ki
-values at a time, everything stays in the CPU's cache. That is 2.5-4x faster and needs a few
-megabytes of work memory instead of about ten bytes per value.
+most of a CPU NF4 load), with about ten bytes of work memory per value. The code book has 16
+entries, so a value's code is the number of the 15 midpoints between codes that lie below it,
+which 15 element-wise comparisons count; done 256 Ki values at a time, everything stays in the
+CPU's cache. That is 2.5-4x faster, with a few megabytes of work memory whatever the weight.
 
 Equality is not assumed, it is checked: before its first use in a process (per quant type, block
 size, storage and input dtype) the chunked kernel quantizes a probe of awkward values (zero,
-negative zero, subnormal, infinite and NaN blocks, values exactly on the midpoints, chunk edges)
-and is compared with bitsandbytes' op; where any byte differs (a later bitsandbytes that changes
-its rounding), bitsandbytes' op runs instead and the load's report says so.
+negative zero, subnormal, infinite and NaN blocks, values exactly on the midpoints, chunk edges,
+a trailing partial block) and is compared with bitsandbytes' op on the whole probe. Where any
+byte differs (a later bitsandbytes that changes its rounding), bitsandbytes' op runs instead,
+still a chunk at a time (blocks are independent), so the work memory stays as small as the plan
+counts it (:func:`loadstone_bnb.memory.cpu_quantize_workspace`); the load's report says which.
 
-Only the integer codes and block scales come from here: :func:`chunked_quantize_4bit` stands in
-for the one op call ``bitsandbytes.functional.quantize_4bit`` makes (:class:`ChunkedOnCpu`), which
-then builds the quantization state (double quantization included) itself, as always.
+Only the integer codes and block scales come from here: :class:`ChunkedOnCpu` stands in for the
+one op call ``bitsandbytes.functional.quantize_4bit`` makes, which then builds the quantization
+state (double quantization included) itself, as always.
 """
 
 from __future__ import annotations
@@ -45,54 +47,74 @@ def code_midpoints(quant_type: str) -> tuple[tuple[float, ...], Any]:
     return tuple(((ordered[:-1] + ordered[1:]) / 2).tolist()), order.to(torch.uint8)
 
 
-def eligible(tensor: Any, blocksize: int) -> bool:
-    """Whether the chunked kernel takes ``tensor``: a contiguous float16/bfloat16/float32 CPU
-    tensor of whole blocks (bitsandbytes treats a trailing partial block differently)."""
+def quantize_in_pieces(tensor: Any, blocksize: int, quant_type: str, quant_storage: Any, op: Any, *,
+                       ours: bool = True, chunk: int = CHUNK) -> tuple[Any, Any]:
+    """What ``torch.ops.bitsandbytes.quantize_4bit`` (``op``) returns for a float CPU ``tensor``,
+    computed :data:`CHUNK` values at a time: the codes packed two per byte (first value in the
+    high nibble), shaped ``(ceil(n / 2), 1)`` and viewed as ``quant_storage``, and the float32
+    absolute maximum of each block of ``blocksize`` values.
+
+    Blocks are quantized independently, so pieces of whole blocks give the whole tensor's result.
+    Each piece is quantized by :func:`quantize_chunk` (``ours``) or by ``op`` itself, whose work
+    memory then grows with the piece instead of the weight; a trailing partial block (which
+    bitsandbytes scales by division, not by the reciprocal) always goes to ``op``."""
     import torch
 
-    return (tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and tensor.is_contiguous() and tensor.numel() > 0 and tensor.numel() % blocksize == 0)
-
-
-def chunked_quantize_4bit(tensor: Any, blocksize: int, quant_type: str, quant_storage: Any,
-                          chunk: int = CHUNK) -> tuple[Any, Any]:
-    """What ``torch.ops.bitsandbytes.quantize_4bit`` returns for an :func:`eligible` tensor: the
-    codes packed two per byte (first value in the high nibble), shaped ``(n / 2, 1)`` and viewed as
-    ``quant_storage``, and the float32 absolute maximum of each block of ``blocksize`` values."""
-    import torch
-
-    midpoints, order = code_midpoints(quant_type)
     flat = tensor.reshape(-1)
     n = flat.numel()
     step = max(blocksize, chunk // blocksize * blocksize)
-    absmax = torch.empty(n // blocksize, dtype=torch.float32)
-    packed = torch.empty(n // 2, dtype=torch.uint8)
-    work = torch.empty(min(step, n), dtype=torch.float32)
-    at_most = torch.empty(min(step, n), dtype=torch.uint8)
-    below = torch.empty(min(step, n), dtype=torch.bool)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        values, count, hit = work[:stop - start], at_most[:stop - start], below[:stop - start]
-        values.copy_(flat[start:stop])
-        blocks = values.view(-1, blocksize)
-        scales = absmax[start // blocksize:stop // blocksize]
-        scales.copy_(blocks.abs().max(dim=-1)[0])
-        blocks.mul_((1.0 / scales.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
-        # Count the midpoints a value does not exceed: NaN exceeds none of them and gets the top
-        # code, as bucketize gives it.
-        torch.le(values, midpoints[0], out=hit)
-        count.copy_(hit.view(torch.uint8))
-        for midpoint in midpoints[1:]:
-            torch.le(values, midpoint, out=hit)
-            count.add_(hit.view(torch.uint8))
-        codes = torch.sub(len(midpoints), count)
-        if quant_type != "nf4":
-            codes = order[codes.long()]
-        torch.bitwise_or(codes[::2] << 4, codes[1::2], out=packed[start // 2:stop // 2])
+    whole = n - n % blocksize
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    packed = torch.empty(-(-n // 2), dtype=torch.uint8)
+    work = Workspace(min(step, whole)) if ours and whole else None
+    for start in [*range(0, whole, step), *([whole] if whole < n else [])]:
+        stop = min(whole, start + step) if start < whole else n
+        piece = flat[start:stop]
+        if work is not None and stop <= whole:
+            codes, scales = quantize_chunk(piece, blocksize, quant_type, work)
+        else:
+            codes, scales = op(piece, blocksize, quant_type, torch.uint8)
+        packed[start // 2:start // 2 + codes.numel()] = codes.reshape(-1)
+        absmax[start // blocksize:start // blocksize + scales.numel()] = scales
     result = packed.unsqueeze(1)
     if quant_storage != torch.uint8:
         result = packed.view(quant_storage).unsqueeze(1)
     return result, absmax
+
+
+class Workspace:
+    """The chunk-sized buffers :func:`quantize_chunk` reuses from piece to piece."""
+
+    def __init__(self, size: int) -> None:
+        import torch
+
+        self.values = torch.empty(size, dtype=torch.float32)
+        self.count = torch.empty(size, dtype=torch.uint8)
+        self.hit = torch.empty(size, dtype=torch.bool)
+
+
+def quantize_chunk(piece: Any, blocksize: int, quant_type: str, work: Workspace) -> tuple[Any, Any]:
+    """Packed codes and block scales of ``piece`` (whole blocks), by counting code midpoints."""
+    import torch
+
+    midpoints, order = code_midpoints(quant_type)
+    size = piece.numel()
+    values, count, hit = work.values[:size], work.count[:size], work.hit[:size]
+    values.copy_(piece)
+    blocks = values.view(-1, blocksize)
+    scales = blocks.abs().max(dim=-1)[0]
+    blocks.mul_((1.0 / scales.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
+    # Count the midpoints a value does not exceed: NaN exceeds none of them and gets the top
+    # code, as bucketize gives it.
+    torch.le(values, midpoints[0], out=hit)
+    count.copy_(hit.view(torch.uint8))
+    for midpoint in midpoints[1:]:
+        torch.le(values, midpoint, out=hit)
+        count.add_(hit.view(torch.uint8))
+    codes = torch.sub(len(midpoints), count)
+    if quant_type != "nf4":
+        codes = order[codes.long()]
+    return (codes[::2] << 4) | codes[1::2], scales
 
 
 def probe(dtype: Any, blocksize: int, quant_type: str) -> Any:
@@ -118,14 +140,16 @@ def probe(dtype: Any, blocksize: int, quant_type: str) -> Any:
     return torch.cat(blocks).to(dtype).reshape(37, blocksize)
 
 
-_checked: dict[tuple[str, int, str, str], str | None] = {}
+WAYS = ("chunked", "pieces", "whole")  # loadstone's kernel; bitsandbytes' op in pieces; its op on the whole weight
+_checked: dict[tuple[str, int, str, str], tuple[str, str | None]] = {}
 _checked_lock = threading.Lock()
 
 
-def disagreement(dtype: Any, blocksize: int, quant_type: str, quant_storage: Any) -> str | None:
-    """Why the chunked kernel may not stand in for bitsandbytes' op for these arguments (its
-    result on the :func:`probe` differs, or it fails), or ``None`` where they agree. Asked once
-    per process and argument set."""
+def settle(dtype: Any, blocksize: int, quant_type: str, quant_storage: Any) -> tuple[str, str | None]:
+    """How weights of this dtype are quantized with these arguments, one of :data:`WAYS`, and why
+    not the way before it (``None`` for ``"chunked"``): the first way whose result on the
+    :func:`probe` (with and without a trailing partial block) equals bitsandbytes' op on the whole
+    probe. Asked once per process and argument set."""
     key = (str(dtype), blocksize, quant_type, str(quant_storage))
     with _checked_lock:
         if key not in _checked:
@@ -133,31 +157,40 @@ def disagreement(dtype: Any, blocksize: int, quant_type: str, quant_storage: Any
         return _checked[key]
 
 
-def _compare(dtype: Any, blocksize: int, quant_type: str, quant_storage: Any) -> str | None:
+def _compare(dtype: Any, blocksize: int, quant_type: str, quant_storage: Any) -> tuple[str, str | None]:
     import torch
 
-    values = probe(dtype, blocksize, quant_type)
-    try:
-        theirs = torch.ops.bitsandbytes.quantize_4bit.default(values, blocksize, quant_type, quant_storage)
-        for chunk in (CHUNK, 4 * blocksize):
-            ours = chunked_quantize_4bit(values, blocksize, quant_type, quant_storage, chunk=chunk)
-            for name, a, b in (("packed codes", ours[0], theirs[0]), ("block scales", ours[1], theirs[1])):
-                if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
-                    return f"its {name} differ from bitsandbytes' quantize_4bit on a probe ({dtype}, {quant_type})"
-    except Exception as exc:  # noqa: BLE001 (any failure means: use bitsandbytes' own op)
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    op = torch.ops.bitsandbytes.quantize_4bit.default
+    values = probe(dtype, blocksize, quant_type).reshape(-1)
+    why = None
+    for way in WAYS[:2]:
+        try:
+            for tensor in (values, values[:-27]):
+                theirs = op(tensor, blocksize, quant_type, quant_storage)
+                for chunk in (CHUNK, 4 * blocksize):
+                    ours = quantize_in_pieces(tensor, blocksize, quant_type, quant_storage, op, ours=way == "chunked",
+                                              chunk=chunk)
+                    for name, a, b in (("packed codes", ours[0], theirs[0]), ("block scales", ours[1], theirs[1])):
+                        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(torch.uint8),
+                                                                                        b.view(torch.uint8)):
+                            raise ValueError(f"its {name} differ from bitsandbytes' quantize_4bit on a probe "
+                                             f"({dtype}, {quant_type})")
+        except Exception as exc:  # noqa: BLE001 (any failure means: the next way)
+            why = why or (str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+            continue
+        return way, why
+    return "whole", why
 
 
 class ChunkedOnCpu(TorchFunctionMode):
     """While active (``with ChunkedOnCpu():``, this thread only), bitsandbytes' ``quantize_4bit``
-    op on an :func:`eligible` CPU tensor runs :func:`chunked_quantize_4bit` where :func:`disagreement`
-    finds none; any other call runs unchanged. :attr:`chunked` and :attr:`fallbacks` count the
-    weights each way went, with the reason for the first fallback in :attr:`why`."""
+    op on a float CPU tensor runs :func:`quantize_in_pieces` the way :func:`settle` found equal to
+    the op; any other call runs unchanged. :attr:`counts` says how many weights went each way,
+    :attr:`why` why the first one did not go the chunked way."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.chunked = self.fallbacks = 0
+        self.counts = dict.fromkeys(WAYS, 0)
         self.why: str | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -169,23 +202,23 @@ class ChunkedOnCpu(TorchFunctionMode):
         named = dict(zip(("A", "blocksize", "quant_type", "quant_storage"), args), **kwargs)
         tensor, blocksize, quant_type, quant_storage = (named["A"], named["blocksize"], named["quant_type"],
                                                         named["quant_storage"])
-        if not eligible(tensor, blocksize):
-            why = f"a {tuple(tensor.shape)} {tensor.dtype} weight is not whole blocks of {blocksize}"
-        else:
-            why = disagreement(tensor.dtype, blocksize, quant_type, quant_storage)
-            if why is None:
-                self.chunked += 1
-                return chunked_quantize_4bit(tensor, blocksize, quant_type, quant_storage)
-        self.fallbacks += 1
+        if tensor.device.type != "cpu" or tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return func(*args, **kwargs)  # bitsandbytes' own refusal or device kernel
+        way, why = settle(tensor.dtype, blocksize, quant_type, quant_storage)
+        self.counts[way] += 1
         self.why = self.why or why
-        return func(*args, **kwargs)
+        if way == "whole":
+            return func(*args, **kwargs)
+        return quantize_in_pieces(tensor, blocksize, quant_type, quant_storage, func, ours=way == "chunked")
 
     def note(self) -> str | None:
         """One line for the load's report, or ``None`` where no 4-bit weight was quantized here."""
-        if not self.chunked and not self.fallbacks:
+        if not any(self.counts.values()):
             return None
-        line = (f"4-bit CPU quantization: {self.chunked} weight(s) by loadstone's chunked kernel (equal to "
-                f"bitsandbytes' quantize_4bit, checked on a probe in this process)")
-        if self.fallbacks:
-            line += f", {self.fallbacks} by bitsandbytes' own op ({self.why})"
-        return line
+        line = (f"4-bit CPU quantization: {self.counts['chunked']} weight(s) by loadstone's chunked kernel (equal "
+                f"to bitsandbytes' quantize_4bit, checked on a probe in this process)")
+        if self.counts["pieces"]:
+            line += f", {self.counts['pieces']} by bitsandbytes' op in chunks"
+        if self.counts["whole"]:
+            line += f", {self.counts['whole']} by bitsandbytes' op on the whole weight"
+        return line + (f" ({self.why})" if self.why else "")

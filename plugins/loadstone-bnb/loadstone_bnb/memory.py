@@ -50,16 +50,31 @@ def int8_bytes(numel: int, out_features: int) -> int:
 # agree within 0.07 B per element; the kit's peak check fails when a release needs more. On CUDA
 # bitsandbytes quantizes in its kernels, without work tensors of this size.
 CPU_WORKSPACE_PER_ELEMENT = {"nf4": 9.57, "fp4": 24.07, "int8": 10.07}
+# The chunked 4-bit quantizer (cpu_quantizer="chunked", loadstone_bnb.cpu_quantize) works on at
+# most CHUNKED_PIECE values at once, with this many bytes per value of the piece (measured as
+# above: 10.3 nf4, 15.2 fp4, on weights from 64x64 to 4096x4096) or, where its probe sends a
+# piece to bitsandbytes' op, that op's CPU_WORKSPACE_PER_ELEMENT; besides, per value of the whole
+# weight, the block scales and double quantization's work on them (measured 0.08 B).
+CHUNKED_PIECE = 1 << 18  # loadstone_bnb.cpu_quantize.CHUNK (which imports torch)
+CHUNKED_PER_VALUE = {"nf4": 11.0, "fp4": 16.0}
+CHUNKED_PER_WEIGHT_VALUE = 8 / BLOCKSIZE_4BIT
 
 
-def cpu_quantize_workspace(numel: int, method: str, *, element_size: int, transposed: bool = False) -> int:
-    """Work bytes bitsandbytes allocates on the CPU to quantize one weight of ``numel`` values
+def cpu_quantize_workspace(numel: int, method: str, *, element_size: int, transposed: bool = False,
+                           chunked: bool = False) -> int:
+    """Work bytes quantizing one weight of ``numel`` values on the CPU allocates, the values
     arriving with ``element_size`` bytes each; ``transposed``: GPT-2's ``Conv1D`` weight, which
-    4-bit quantization first copies into a contiguous layout."""
+    4-bit quantization first copies into a contiguous layout; ``chunked``: 4-bit through
+    loadstone's chunked quantizer (its work is bounded by the piece, whichever way a piece goes)."""
+    copy = element_size * numel if transposed and method != "int8" else 0
+    if chunked and method != "int8":
+        piece = min(numel, CHUNKED_PIECE)
+        per_value = max(CHUNKED_PER_VALUE[method], CPU_WORKSPACE_PER_ELEMENT[method] + 4)
+        return math.ceil(piece * per_value + numel * CHUNKED_PER_WEIGHT_VALUE) + copy
     per_element = CPU_WORKSPACE_PER_ELEMENT[method]
     if method != "int8":
-        per_element += (4 if element_size != 4 else 0) + (element_size if transposed else 0)
-    return math.ceil(numel * per_element)
+        per_element += 4 if element_size != 4 else 0
+    return math.ceil(numel * per_element) + copy
 
 
 def bits_per_parameter(method: str, *, double_quant: bool = True) -> float:

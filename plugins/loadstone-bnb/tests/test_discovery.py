@@ -54,7 +54,7 @@ def test_listed_through_the_entry_point_with_methods_and_options(listing):
     assert component["name"] == "bitsandbytes" and component["methods"] == ["nf4", "fp4", "int8"]
     assert component["checkpoint_formats"] == ["bitsandbytes"] and component["available"] is True
     assert set(component["options"]) == {"compute_dtype", "double_quant", "quant_storage", "keep_modules",
-                                         "threshold", "cpu_offload", "upcast", "cpu_kernel"}
+                                         "threshold", "cpu_offload", "upcast", "cpu_kernel", "cpu_quantizer"}
 
 
 def test_methods_resolve_to_this_distribution():

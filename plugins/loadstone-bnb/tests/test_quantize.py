@@ -129,8 +129,14 @@ def test_plan_peak_counts_one_full_precision_tensor_in_flight(tiny_checkpoint):
     largest = max(p.numel() for n, p in skeleton.named_parameters() if n in plan.tensor_map.converted)
     # On the CPU bitsandbytes quantizes with float32 work tensors besides the weight (measured by
     # the conformance kit's peak check, test_conformance.py); on CUDA its kernels need none of that size.
-    work = cpu_quantize_workspace(largest, "nf4", element_size=4)
+    # the chunked quantizer's work memory is bounded by its piece; bitsandbytes' own op's grows with the weight
+    work = cpu_quantize_workspace(largest, "nf4", element_size=4, chunked=True)
     assert plan.peak_bytes_per_device["cpu"] == plan.bytes_per_device["cpu"] + largest * 4 + work
+    theirs = loadstone.plan(folder, quantization="nf4", placement="cpu",
+                            quantization_options={"cpu_quantizer": "bitsandbytes"})
+    work = cpu_quantize_workspace(largest, "nf4", element_size=4)
+    assert theirs.peak_bytes_per_device["cpu"] == theirs.bytes_per_device["cpu"] + largest * 4 + work
+    assert cpu_quantize_workspace(4096 * 4096, "nf4", element_size=2, chunked=True) < 4096 * 4096 / 2
     gpu = loadstone.plan(folder, quantization="nf4", placement="auto", max_memory={"cuda:0": "80GiB"})
     assert gpu.device_map == {"": 0}
     # plus what the native engine lets the GPU hold besides while readers run ahead (in_flight),
