@@ -49,6 +49,10 @@ TIMELINE_STEPS = [
     ("loadstone.engines.native", "NativeEngine.load"), ("loadstone.engines.native", "finish_loading"),
     ("loadstone.stages.load_weights", "check_loaded_model"), ("loadstone.pipeline", "prepare"),
     ("loadstone.pipeline", "count_parameters"),
+    # inside the read-ahead's start: the page-cache probe, and instanttensor's own open (its import,
+    # ring and pinned buffers, readers started)
+    ("loadstone.engines.native", "is_cold"), ("loadstone.engines.native", "start_read_ahead"),
+    ("loadstone.engines.instant", "InstantReadAhead.__init__"), ("loadstone.engines.instant", "_safe_open"),
 ]
 
 
