@@ -7,7 +7,7 @@ HTML into OUTDIR. A second, unprofiled load in the same process shows what the f
 (imports of modelling code, CUDA initialisation of libraries).
 
     python3 bench/profile_load.py OUTDIR [--method bf16|nf4|int8] [--device cuda:0|cpu] [--small]
-        [--engine loadstone|transformers] [--engine-option key=value ...] [--timeline]
+        [--engine loadstone|transformers] [--engine-option key=value ...] [--timeline [--raw]]
 
 Needs ``pyinstrument`` (``pip install pyinstrument``); falls back to cProfile's cumulative listing.
 
@@ -15,7 +15,9 @@ Needs ``pyinstrument`` (``pip install pyinstrument``); falls back to cProfile's 
 headers, the engine's read-ahead, configuration, plan, stream, transformers' finishing, checks)
 starts and ends, in milliseconds from the call, for the first load of the process, unprofiled,
 and writes ``timeline_*.json``. A sampling profiler cannot show what overlaps what: the engine's
-readers run beside the plan, and the load takes as long as the later of the two.
+readers run beside the plan, and the load takes as long as the later of the two. With ``--raw``
+it times instanttensor's raw-tensor load instead (the ``instanttensor_buffered`` row of
+``gpu_engines.py``: its import, ``safe_open``, first and last tensor, close), for comparison.
 """
 
 from __future__ import annotations
@@ -119,6 +121,36 @@ def timeline(ckpt: str, args: Any, options: dict, stem: str) -> None:
     print(f"{0:9.1f} {wall_ms:9.1f} {wall_ms:8.1f}  the whole load (loadstone.load, then the device synchronised)")
 
 
+def raw_timeline(ckpt: str, device: str, stem: str) -> None:
+    """instanttensor's raw-tensor load as the benchmark row runs it, its steps in ms from the call."""
+    import torch
+
+    files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+    zero = time.perf_counter()
+
+    def ms() -> float:
+        return round((time.perf_counter() - zero) * 1e3, 2)
+
+    from instanttensor import safe_open
+    from instanttensor._impl import BackendPolicy
+
+    marks = {"imported": ms()}
+    tensors = {}
+    with safe_open(files, framework="pt", device=torch.device(device).index or 0,
+                   backend=BackendPolicy.BUFFERED) as handle:
+        marks["opened"] = ms()
+        for name, tensor in handle.tensors():
+            marks.setdefault("first_tensor", ms())
+            tensors[name] = tensor
+        marks["last_tensor"] = ms()
+    marks["closed"] = ms()
+    torch.cuda.synchronize()
+    marks["synchronised"] = ms()
+    with open(stem.replace("profile_", "timeline_raw_") + ".json", "w") as f:
+        json.dump(marks, f, indent=1)
+    print(json.dumps(marks))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir")
@@ -128,6 +160,7 @@ def main() -> None:
     parser.add_argument("--engine", default="auto", help="loadstone's engine (default: auto)")
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--timeline", action="store_true", help="when each step starts and ends, no profiler")
+    parser.add_argument("--raw", action="store_true", help="with --timeline: instanttensor's raw-tensor load instead")
     args = parser.parse_args()
     options = {k: int(v) if v.isdigit() else v for k, _, v in (o.partition("=") for o in args.engine_option)}
     ckpt = make_checkpoint(args.small)
@@ -148,6 +181,8 @@ def main() -> None:
     os.makedirs(args.outdir, exist_ok=True)
     engine = "" if args.engine == "auto" else f"_{args.engine}"
     stem = os.path.join(args.outdir, f"profile_{args.method}_{args.device.replace(':', '')}{engine}")
+    if args.timeline and args.raw:
+        return raw_timeline(ckpt, args.device, stem)
     if args.timeline:
         return timeline(ckpt, args, options, stem)
     try:
