@@ -64,8 +64,9 @@ def quantize_in_pieces(tensor: Any, blocksize: int, quant_type: str, quant_stora
     n = flat.numel()
     step = max(blocksize, chunk // blocksize * blocksize)
     whole = n - n % blocksize
-    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
-    packed = torch.empty(-(-n // 2), dtype=torch.uint8)
+    # devices named: a `with torch.device(...)` around the load must not move the work elsewhere
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    packed = torch.empty(-(-n // 2), dtype=torch.uint8, device=flat.device)
     work = Workspace(min(step, whole)) if ours and whole else None
     for start in [*range(0, whole, step), *([whole] if whole < n else [])]:
         stop = min(whole, start + step) if start < whole else n
@@ -88,9 +89,9 @@ class Workspace:
     def __init__(self, size: int) -> None:
         import torch
 
-        self.values = torch.empty(size, dtype=torch.float32)
-        self.count = torch.empty(size, dtype=torch.uint8)
-        self.hit = torch.empty(size, dtype=torch.bool)
+        self.values = torch.empty(size, dtype=torch.float32, device="cpu")
+        self.count = torch.empty(size, dtype=torch.uint8, device="cpu")
+        self.hit = torch.empty(size, dtype=torch.bool, device="cpu")
 
 
 def quantize_chunk(piece: Any, blocksize: int, quant_type: str, work: Workspace) -> tuple[Any, Any]:
@@ -161,7 +162,8 @@ def _compare(dtype: Any, blocksize: int, quant_type: str, quant_storage: Any) ->
     import torch
 
     op = torch.ops.bitsandbytes.quantize_4bit.default
-    values = probe(dtype, blocksize, quant_type).reshape(-1)
+    with torch.device("cpu"):  # the probe is a CPU tensor whatever default device the caller set
+        values = probe(dtype, blocksize, quant_type).reshape(-1)
     why = None
     for way in WAYS[:2]:
         try:
