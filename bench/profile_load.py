@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bnb import make_checkpoint  # noqa: E402  (the benchmarks' checkpoint)
+from gpu_engines import compile_sources  # noqa: E402
 
 
 def load_once(ckpt: str, method: str, device: str, options: dict, engine: str = "auto"):
@@ -163,6 +164,9 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true", help="with --timeline: instanttensor's raw-tensor load instead")
     args = parser.parse_args()
     options = {k: int(v) if v.isdigit() else v for k, _, v in (o.partition("=") for o in args.engine_option)}
+    # as gpu_engines.py does before its rows: where no bytecode was written (PYTHONDONTWRITEBYTECODE),
+    # each import compiles, which an installed package does not pay
+    compile_sources()
     ckpt = make_checkpoint(args.small)
 
     import torch
