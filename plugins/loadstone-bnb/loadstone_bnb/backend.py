@@ -126,7 +126,7 @@ class BitsAndBytesBackend(QuantizationBackend):
             in_flight += memory.cpu_quantize_workspace(tensor.numel(), settings.method,
                                                        element_size=tensor.element_size(),
                                                        transposed=not isinstance(module, torch.nn.Linear),
-                                                       chunked=settings.cpu_quantizer == "chunked")
+                                                       chunked=settings.cpu_quantizer == options.CHUNKED)
         return in_flight
 
     @staticmethod

@@ -30,8 +30,6 @@ from typing import Any
 from torch.overrides import TorchFunctionMode
 
 CHUNK = 1 << 18  # values per step: 1 MiB of float32 work, within a core's L2 cache
-CHUNKED, BITSANDBYTES = "chunked", "bitsandbytes"
-QUANTIZERS = (CHUNKED, BITSANDBYTES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,7 +139,8 @@ def probe(dtype: Any, blocksize: int, quant_type: str) -> Any:
     return torch.cat(blocks).to(dtype).reshape(37, blocksize)
 
 
-WAYS = ("chunked", "pieces", "whole")  # loadstone's kernel; bitsandbytes' op in pieces; its op on the whole weight
+# loadstone's kernel; bitsandbytes' op a chunk at a time; its op on the whole weight
+WAYS = ("chunked", "pieces", "whole")
 _checked: dict[tuple[str, int, str, str], tuple[str, str | None]] = {}
 _checked_lock = threading.Lock()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from loadstone import QuantizationContext, set_module_tensor
 
-from .options import BnbSettings
+from .options import CHUNKED, BnbSettings
 
 # Checkpoint tensor names of a pre-quantized int8 layer besides its "weight" (transformers'
 # serialized_names for the 8-bit quantizer).
@@ -79,7 +79,7 @@ def load_tensor(module_name: str, module: Any, name: str, tensor: Any, ctx: Quan
 def cpu_quantizer(ctx: QuantizationContext, settings: BnbSettings) -> Any:
     """This load's :class:`~loadstone_bnb.cpu_quantize.ChunkedOnCpu` (it counts what it quantized,
     for the report), or ``None`` where the option ``cpu_quantizer`` asks for bitsandbytes' own op."""
-    from .cpu_quantize import CHUNKED, ChunkedOnCpu
+    from .cpu_quantize import ChunkedOnCpu
 
     if settings.cpu_quantizer != CHUNKED:
         return None

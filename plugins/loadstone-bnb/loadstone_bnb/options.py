@@ -43,7 +43,8 @@ OPTION_HELP = {
 ONLY_FOR = {"compute_dtype": FOUR_BIT, "double_quant": FOUR_BIT, "quant_storage": FOUR_BIT, "threshold": ("int8",),
             "cpu_kernel": FOUR_BIT, "cpu_quantizer": FOUR_BIT}
 CPU_KERNELS = ("generic", "packed")
-CPU_QUANTIZERS = ("chunked", "bitsandbytes")  # loadstone_bnb.cpu_quantize.QUANTIZERS (which imports torch)
+CHUNKED = "chunked"  # cpu_quantizer: loadstone_bnb.cpu_quantize (which imports torch when imported)
+CPU_QUANTIZERS = (CHUNKED, "bitsandbytes")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class BnbSettings:
     cpu_offload: bool = False
     upcast: bool = True
     cpu_kernel: str = "generic"
-    cpu_quantizer: str = "chunked"
+    cpu_quantizer: str = CHUNKED
 
     @property
     def four_bit(self) -> bool:

@@ -41,6 +41,12 @@ def test_equal_to_bitsandbytes_bit_for_bit(quant_type, dtype, blocksize, chunk, 
         assert same_bytes(result, bitsandbytes_op(tensor, blocksize, quant_type, torch.uint8))
 
 
+def test_the_plan_counts_the_kernel_s_own_piece():
+    from loadstone_bnb import memory
+
+    assert memory.CHUNKED_PIECE == cpu_quantize.CHUNK
+
+
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
 def test_packed_storage_dtypes(storage):
     weight = probe(torch.bfloat16, 64, "nf4")
