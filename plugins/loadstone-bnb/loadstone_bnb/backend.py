@@ -264,8 +264,8 @@ class BitsAndBytesBackend(QuantizationBackend):
         if not settings.four_bit:
             return []
         chunked = ctx.state.get("cpu_quantizer")
-        quantized_here = [line for line in [chunked.note() if chunked is not None else None] if line]
-        return quantized_here + cpu_kernel.configure(model, packed=settings.cpu_kernel == "packed")
+        note = chunked.note() if chunked is not None else None
+        return ([note] if note else []) + cpu_kernel.configure(model, packed=settings.cpu_kernel == "packed")
 
     def prepare_for_training(self, model: Any, ctx: QuantizationContext) -> list[str]:
         import torch
