@@ -12,8 +12,8 @@ HTML into OUTDIR. A second, unprofiled load in the same process shows what the f
 Needs ``pyinstrument`` (``pip install pyinstrument``); falls back to cProfile's cumulative listing.
 
 ``--timeline`` profiles nothing: it records when each step of the kernel's load (plugin discovery,
-headers, the engine's read-ahead, configuration, plan, stream, transformers' finishing, checks)
-starts and ends, in milliseconds from the call, for the first load of the process, unprofiled,
+headers, the engine's read-ahead, configuration, plan, stream, transformers' finishing, checks,
+and the garbage collector's pauses of 0.5 ms or more) starts and ends, in milliseconds from the call, for the first load of the process, unprofiled,
 and writes ``timeline_*.json``. A sampling profiler cannot show what overlaps what: the engine's
 readers run beside the plan, and the load takes as long as the later of the two. With ``--raw``
 it times instanttensor's raw-tensor load instead (the ``instanttensor_buffered`` row of
@@ -23,6 +23,7 @@ it times instanttensor's raw-tensor load instead (the ``instanttensor_buffered``
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -60,6 +61,7 @@ TIMELINE_STEPS = [
 
 
 DISCOVERY = "plugins.PluginManager.discover"
+GC_SHOWN_S = 0.0005  # collections that took at least this long are steps of the timeline
 
 
 class Timeline:
@@ -79,6 +81,17 @@ class Timeline:
             original = getattr(owner, name)
             label = f"{module_name.rsplit('.', 1)[-1]}.{attr}"
             setattr(owner, name, functools.wraps(original)(self._timed(original, label)))
+        # The garbage collector's pauses hold the interpreter too: a full collection walks every
+        # object of torch and transformers (tens of ms), wherever in the load it falls.
+        self._gc_started = 0.0
+        gc.callbacks.append(self._collected)
+
+    def _collected(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif time.perf_counter() - self._gc_started >= GC_SHOWN_S:
+            self.records.append({"step": f"gc.generation_{info['generation']}", "start_ms": self.ms(self._gc_started),
+                                 "end_ms": self.ms()})
 
     def _timed(self, original: Any, label: str) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -135,6 +148,16 @@ def raw_timeline(ckpt: str, device: str, stem: str) -> None:
     from instanttensor import safe_open
     from instanttensor._impl import BackendPolicy
 
+    pauses: list[float] = []
+    started = [0.0]
+
+    def collected(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append((time.perf_counter() - started[0]) * 1e3)
+
+    gc.callbacks.append(collected)
     marks = {"imported": ms()}
     tensors = {}
     with safe_open(files, framework="pt", device=torch.device(device).index or 0,
@@ -147,6 +170,8 @@ def raw_timeline(ckpt: str, device: str, stem: str) -> None:
     marks["closed"] = ms()
     torch.cuda.synchronize()
     marks["synchronised"] = ms()
+    gc.callbacks.remove(collected)
+    marks["gc_pauses_ms"] = round(sum(pauses), 2)
     with open(stem.replace("profile_", "timeline_raw_") + ".json", "w") as f:
         json.dump(marks, f, indent=1)
     print(json.dumps(marks))

@@ -329,3 +329,40 @@ def test_casts_on_the_cpu_happen_chunk_by_chunk_as_read(stored, wanted, tiny_che
     assert {str(p.dtype) for p in native.model.parameters()} == {f"torch.{wanted}"}
     same_weights(native.model, loadstone.load(folder, placement="cpu", dtype=wanted, engine="transformers",
                                               progress=False).model)
+
+
+def test_finishing_initialises_only_what_was_not_loaded(tiny_checkpoint, monkeypatch):
+    """The native engine marks every fully loaded module, so transformers' initialiser calls
+    ``_init_weights`` only where something is left to fill: rotary frequencies (a non-persistent
+    buffer), a new task head, and the modules above them. The head is still initialised."""
+    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+    from loadstone.engines.finish import mark_loaded
+
+    folder = str(tiny_checkpoint("llama"))  # written (and initialised) before the count starts
+    called: list[str] = []
+    original = LlamaPreTrainedModel._init_weights
+
+    def counted(self, module):
+        called.append(type(module).__name__)
+        return original(self, module)
+
+    monkeypatch.setattr(LlamaPreTrainedModel, "_init_weights", counted)
+    result = loadstone.load(folder, task="sequence-classification", placement="cpu",
+                            engine="loadstone", progress=False)
+    model = result.model
+    assert sorted(called) == sorted(["LlamaRotaryEmbedding", "Linear", "LlamaModel", "LlamaForSequenceClassification"])
+    head = model.score.weight
+    assert head.isfinite().all() and 0 < head.std() < 3 * model.config.initializer_range
+    assert all(getattr(m, "_is_hf_initialized", False) for m in model.modules())
+
+    # the marking itself: a module counts as loaded only when its whole subtree is
+    root = torch.nn.Module()
+    root.loaded = torch.nn.Linear(2, 2)
+    root.pending = torch.nn.Module()
+    root.pending.register_buffer("frequencies", torch.empty(2, device="meta"), persistent=False)
+    root.parent = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    mark_loaded(root, {"parent.1.weight"})
+    marked = {name for name, m in root.named_modules() if getattr(m, "_is_hf_initialized", False)}
+    assert marked == {"loaded", "parent.0"}
+    assert root.parent[1].bias._is_hf_initialized and not hasattr(root.parent[1].weight, "_is_hf_initialized")

@@ -181,9 +181,9 @@ def test_auto_reads_a_checkpoint_out_of_the_page_cache(tiny_checkpoint, disk_fol
 
 
 def test_auto_reads_where_the_platform_has_no_leases(sharded, monkeypatch):
-    from loadstone.engines import native_options
+    from loadstone.engines import leases
 
-    monkeypatch.setattr(native_options, "leases_supported", lambda: False)
+    monkeypatch.setattr(leases, "leases_supported", lambda: False)
     result = loadstone.load(str(sharded), placement="cpu", progress=False)
     assert result.report.engine["options"]["reader"] == "pread"
     assert any("reader=auto chose pread for the CPU: this platform has no file leases" in n

@@ -225,3 +225,40 @@ def test_distribution_names_are_normalised_as_pep_503_says(name):
     from loadstone.plugin_policy import canonical_distribution_name
 
     assert canonical_distribution_name(name) == canonicalize_name(name)
+
+
+def _dist_info(folder: Path, name: str, version: str, entry_points: str | None) -> None:
+    info = folder / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if entry_points is not None:
+        (info / "entry_points.txt").write_text(entry_points)
+
+
+def test_the_entry_point_scan_finds_what_importlib_finds(tmp_path, monkeypatch):
+    """installed_entry_points parses only distributions that mention the group; what it returns
+    must still be importlib's answer: the same entry points, in the same order, a distribution on
+    sys.path twice counted where it is found first (even where that copy has no such entry point)."""
+    import importlib.metadata as md
+
+    from loadstone.plugin_policy import installed_entry_points
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    _dist_info(first, "demo_scan", "2.0", "[loadstone]\nnew = demo_scan.new\n")
+    _dist_info(second, "Demo.Scan", "1.0", "[loadstone]\nold = demo_scan.old\n")  # shadowed: the same name
+    _dist_info(first, "quiet_scan", "1.0", "[console_scripts]\nquiet = quiet_scan:main\n")  # shadows the next
+    _dist_info(second, "quiet_scan", "0.9", "[loadstone]\nstale = quiet_scan.old\n")
+    _dist_info(second, "mentions_scan", "1.0", "[console_scripts]\nloadstone-tool = mentions:main\n")
+    _dist_info(second, "plain_scan", "1.0", None)
+    _dist_info(second, "more_scan", "3.0", "[loadstone]\nb = more_scan.b\na = more_scan.a\n[other]\nx = y\n")
+    monkeypatch.syspath_prepend(str(second))
+    monkeypatch.syspath_prepend(str(first))
+
+    def listed(eps) -> list[tuple[str, str, str, str]]:
+        return [(ep.name, ep.value, ep.dist.name, ep.dist.version) for ep in eps if ep.dist.name.endswith(("scan", "Scan"))]
+
+    for group in ("loadstone", "console_scripts", "other"):
+        assert listed(installed_entry_points(group)) == listed(md.entry_points(group=group)), group
+    assert listed(installed_entry_points("loadstone")) == [
+        ("new", "demo_scan.new", "demo_scan", "2.0"), ("b", "more_scan.b", "more_scan", "3.0"),
+        ("a", "more_scan.a", "more_scan", "3.0")]

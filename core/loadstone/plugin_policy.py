@@ -90,3 +90,24 @@ def in_process_value(obj: Any) -> str:
         return f"module {obj.__name__}"
     cls = obj if isinstance(obj, type) else type(obj)
     return f"{'class' if obj is cls else 'object of'} {cls.__module__}.{cls.__qualname__}"
+
+
+def installed_entry_points(group: str = ENTRY_POINT_GROUP) -> list[md.EntryPoint]:
+    """What ``importlib.metadata.entry_points(group=group)`` returns, in its order, parsing only
+    the distributions whose ``entry_points.txt`` mentions ``group``: parsing every distribution's
+    took 10 ms of each load on the H200 machine (200 distributions), before the load's first read.
+
+    A distribution installed twice on ``sys.path`` counts once, where it is found first, with
+    importlib's own key for that (the normalised name, read from the folder's name where it can).
+    """
+    found: list[md.EntryPoint] = []
+    seen: set[str] = set()
+    for dist in md.distributions():
+        key = getattr(dist, "_normalized_name", None) or canonical_distribution_name(dist.name or "")
+        if key in seen:
+            continue
+        seen.add(key)
+        text = dist.read_text("entry_points.txt")
+        if text and group in text:
+            found.extend(dist.entry_points.select(group=group))
+    return found

@@ -48,6 +48,7 @@ from .plugin_policy import (  # noqa: F401  (re-exported: loadstone.plugins is w
     _env_list,
     _kernel_version,
     in_process_value,
+    installed_entry_points,
 )
 from .plugin_listing import describe_record
 from .plugin_messages import conflict_error, hook_error, missing_component_error
@@ -100,7 +101,7 @@ class PluginManager:
             for name, value in BUILTIN_ENTRY_POINTS
         ]
         seen = set()
-        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        for ep in installed_entry_points(ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist is not None else "<unknown>"
             version = ep.dist.version if ep.dist is not None else "?"
             key = (ep.name, ep.value)

@@ -22,20 +22,41 @@ def finish_loading(model: Any, plan: Plan) -> None:
     # What the map does not fill: tied copies (tied again) and a new task head (initialised).
     fresh = set(plan.tensor_map.fresh)
     missing = set(plan.tensor_map.tied) | fresh
-    # transformers' marker on every loaded tensor (its own loader sets it as it assigns each one):
-    # the model's initialiser then leaves them alone, quantized ones included.
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.device.type != "meta" and name not in fresh:
-            tensor._is_hf_initialized = True
+    mark_loaded(model, fresh)
     info = LoadStateDictInfo(missing_keys=missing, unexpected_keys=set(), mismatched_keys=set(), error_msgs=[],
                              conversion_errors={}, skipped_pp_keys=set())
     config = LoadStateDictConfig(pretrained_model_name_or_path=str(plan.sources.base.path),
                                  device_map=dict(plan.device_map), dtype=plan.torch_dtype)
     with TRANSFORMERS_GLOBAL_STATE:
         PreTrainedModel._finalize_model_loading(model, config, info)
-    model.eval()
+    if any(module.training for module in model.modules()):  # an engine may have switched it early
+        model.eval()
     devices = {str(d) for d in plan.device_map.values()}
     if len(devices) > 1:
         from transformers.integrations.accelerate import accelerate_dispatch
 
         accelerate_dispatch(model, getattr(model, "hf_quantizer", None), dict(plan.device_map), None, None, False)
+
+
+def mark_loaded(model: Any, fresh: set[str]) -> None:
+    """transformers' marker, ``_is_hf_initialized``, on every loaded tensor (its own loader sets it
+    as it assigns each one), so that the model's initialiser leaves them alone, quantized ones
+    included; and on every module whose whole subtree is loaded, so that the initialiser does not
+    call ``_init_weights`` on it at all (a third of the finishing time of a 32-layer Llama). A
+    module keeps its call where anything below it is still on the meta device (a non-persistent
+    buffer such as rotary frequencies, computed there) or is in ``fresh`` (a new task head)."""
+    loaded: dict[int, bool] = {}
+    # named_modules lists each parent before its children: reversed, every subtree comes first
+    for prefix, module in reversed(list(model.named_modules())):
+        whole = all(loaded.get(id(child), False) for child in module._modules.values() if child is not None)
+        for group in (module._parameters, module._buffers):
+            for leaf, tensor in group.items():
+                if tensor is None:
+                    continue
+                if tensor.is_meta or (fresh and (f"{prefix}.{leaf}" if prefix else leaf) in fresh):
+                    whole = False
+                else:
+                    tensor._is_hf_initialized = True
+        loaded[id(module)] = whole
+        if whole:
+            module._is_hf_initialized = True

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..contract.engines import Engine, EngineContext
 from ..contract.errors import OptionError
@@ -40,11 +40,11 @@ from .instant import (
     refuse_overflow,
     start_read_ahead,
 )
-from .mapped import hand_over_mapped
 from .native_options import OPTION_HELP, auto_cpu_reader, normalize_native_options
 from .page_cache import is_cold
-from .reader import SafetensorsReader
-from .streaming import DEFAULT_CHUNK_BYTES, StreamItem, TensorStream, in_flight_allowance
+
+if TYPE_CHECKING:
+    from .streaming import StreamItem
 
 
 class NativeEngine(Engine):
@@ -128,6 +128,8 @@ class NativeEngine(Engine):
                 for device, largest in self._items(plan)[2].items() if largest and device.startswith("cuda")}
         if not room:
             return {}
+        from .streaming import in_flight_allowance
+
         allowance = in_flight_allowance(room, options.get("in_flight", "auto"))
         options["in_flight"] = min(allowance.values())
         return {device: n for device, n in allowance.items() if n}
@@ -172,12 +174,19 @@ class NativeEngine(Engine):
                                 budget=budget)
 
     def load(self, plan: Plan, ctx: EngineContext) -> Any:
+        # Imported here, not with the engine: plugin discovery comes before a read-ahead starts,
+        # and these are needed only once the plan is made (the readers are busy by then).
         import torch
+
+        from .mapped import hand_over_mapped
+        from .reader import SafetensorsReader
+        from .streaming import DEFAULT_CHUNK_BYTES, TensorStream
 
         qctx = plan.quantization
         started = time.perf_counter()
         model = plan.build_skeleton()
         ctx.backend.convert_skeleton(model, qctx)
+        model.eval()  # here, while a read-ahead still reads, rather than after the last tensor
         skeleton_s = time.perf_counter() - started
         modules = dict(model.named_modules())
         tensor_map = plan.tensor_map
@@ -252,6 +261,8 @@ class NativeEngine(Engine):
     def _items(self, plan: Plan) -> tuple[list[StreamItem], dict[int, Any], dict[str, int]]:
         """What to stream, in file order (each file read once, forwards); which group (or extra) each
         item belongs to; and per device the transient bytes one group needs at once (its sources)."""
+        from .streaming import StreamItem
+
         infos, tensor_map = plan.inventory.tensors, plan.tensor_map
         units: list[Any] = [*tensor_map.groups, *tensor_map.extras.items()]
 

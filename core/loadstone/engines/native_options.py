@@ -10,7 +10,6 @@ from typing import Any
 from ..contract.errors import OptionError
 from ..contract.units import parse_size
 from .instant import INSTANT_BUFFER, checkpoint_files
-from .leases import leases_supported
 from .page_cache import is_cold
 
 READERS = ("auto", "pread", "instanttensor", "mmap")
@@ -88,6 +87,8 @@ def normalize_native_options(out: dict[str, Any]) -> dict[str, Any]:
 def auto_cpu_reader(plan: Any) -> str:
     """``reader=auto`` for a placement that keeps tensors on the CPU: ``mmap`` (leased views, no
     copy) where the page cache holds the checkpoint, else ``pread``; the plan's notes say why."""
+    from .leases import leases_supported  # the mapping machinery, imported only by a plan that may map
+
     if not leases_supported():
         why, chosen = "this platform has no file leases to keep a mapped model intact (Linux has)", "pread"
     elif is_cold(checkpoint_files(plan.inventory)):

@@ -14,7 +14,8 @@ def prepare(model: Any, plan: Plan, plugins: PluginManager) -> list[str]:
         param.requires_grad = False
     notes = ["base model frozen"]
     if not plan.request.trainable:
-        model.eval()
+        if any(module.training for module in model.modules()):  # engines leave it in eval mode
+            model.eval()
         return notes + ["trainable=False: inference only"]
     reg = plan.quantization_backend
     with plugins.guard(reg, "prepare", "prepare_for_training"):
