@@ -50,13 +50,22 @@ TIMELINE_STEPS = [
     ("loadstone.plugins", "PluginManager.discover"), ("loadstone.pipeline", "resolve_sources"),
     ("loadstone.pipeline", "inspect_weights"), ("loadstone.pipeline", "start_read_ahead"),
     ("loadstone.pipeline", "inspect"), ("loadstone.pipeline", "plan_load"), ("loadstone.pipeline", "load_weights"),
-    ("loadstone.engines.native", "NativeEngine.load"), ("loadstone.engines.native", "finish_loading"),
+    ("loadstone.engines.native", "NativeEngine.load"), ("loadstone.engines.native", "start_finishing"),
+    ("loadstone.engines.native", "finish_loading"),
     ("loadstone.stages.load_weights", "check_loaded_model"), ("loadstone.pipeline", "prepare"),
     ("loadstone.pipeline", "count_parameters"),
     # inside the read-ahead's start: the page-cache probe, and instanttensor's own open (its import,
     # ring and pinned buffers, readers started)
     ("loadstone.engines.native", "is_cold"), ("loadstone.engines.native", "start_read_ahead"),
     ("loadstone.engines.instant", "InstantReadAhead.__init__"), ("loadstone.engines.instant", "_safe_open"),
+    # inside discovery: the entry-point scan, and each plugin's import and registration
+    ("loadstone.plugins", "installed_entry_points"), ("loadstone.plugins", "PluginManager._load"),
+    # inside the finishing: loadstone's marking, then transformers' own steps
+    ("loadstone.engines.finish", "mark_loaded"),
+    ("transformers.modeling_utils", "PreTrainedModel._move_missing_keys_from_meta_to_device"),
+    ("transformers.modeling_utils", "PreTrainedModel._initialize_missing_keys"),
+    ("transformers.modeling_utils", "PreTrainedModel.tie_weights"),
+    ("transformers.modeling_utils", "PreTrainedModel._adjust_missing_and_unexpected_keys"),
 ]
 
 

@@ -44,6 +44,7 @@ _LAZY = {
     "count_parameters": "loadstone.api",
     "SafetensorsReader": "loadstone.engines.reader",
     "finish_loading": "loadstone.engines.finish",
+    "start_finishing": "loadstone.engines.finish",
 }
 # Contract 1 names, kept for one minor release (see loadstone.legacy).
 _DEPRECATED = {"WeightLoader": "loadstone.legacy", "TransformersWeightLoader": "loadstone.legacy"}
@@ -54,7 +55,7 @@ __all__ = [
     "ResolveContext", "ResolvedSource", "RemoteHeader", "Engine", "EngineContext", "ReadAhead", "TensorMap", "TensorGroup",
     "TensorInfo", "CheckpointInventory", "PluginManager", "get_plugin_manager", "reset_plugin_manager", "hookimpl",
     "requirement_problems", "set_module_tensor", "map_entry", "placed_device", "count_parameters", "SafetensorsReader",
-    "finish_loading",
+    "finish_loading", "start_finishing",
     *_error_names,
 ]
 

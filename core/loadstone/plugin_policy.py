@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import pathlib
 import re
 import types
 from typing import Any
@@ -93,9 +94,10 @@ def in_process_value(obj: Any) -> str:
 
 
 def installed_entry_points(group: str = ENTRY_POINT_GROUP) -> list[md.EntryPoint]:
-    """What ``importlib.metadata.entry_points(group=group)`` returns, in its order, parsing only
-    the distributions whose ``entry_points.txt`` mentions ``group``: parsing every distribution's
-    took 10 ms of each load on the H200 machine (200 distributions), before the load's first read.
+    """What ``importlib.metadata.entry_points(group=group)`` returns, in its order, sooner: only
+    distributions whose ``entry_points.txt`` mentions ``group`` are parsed, and a distribution in a
+    folder has that file read with a plain ``open``. importlib's scan took 18 ms of every fresh
+    process on the H200 machine (200 distributions), before a load's first read.
 
     A distribution installed twice on ``sys.path`` counts once, where it is found first, with
     importlib's own key for that (the normalised name, read from the folder's name where it can).
@@ -107,7 +109,18 @@ def installed_entry_points(group: str = ENTRY_POINT_GROUP) -> list[md.EntryPoint
         if key in seen:
             continue
         seen.add(key)
-        text = dist.read_text("entry_points.txt")
+        text = _entry_points_text(dist)
         if text and group in text:
             found.extend(dist.entry_points.select(group=group))
     return found
+
+
+def _entry_points_text(dist: md.Distribution) -> str | None:
+    folder = getattr(dist, "_path", None)
+    if not isinstance(folder, pathlib.Path):  # a zip archive, or another finder's distribution
+        return dist.read_text("entry_points.txt")
+    try:
+        with open(os.path.join(folder, "entry_points.txt"), encoding="utf-8") as file:
+            return file.read()
+    except OSError:  # most distributions have none; importlib ignores an unreadable one as well
+        return None

@@ -29,7 +29,7 @@ from ..contract.placement import placed_device
 from ..contract.plan import Plan
 from ..contract.tensors import TensorGroup
 from ..contract.units import device_label, format_size, normalize_device
-from .finish import finish_loading
+from .finish import finish_loading, start_finishing
 from .instant import (
     InstantReadAhead,
     InstantTensorStream,
@@ -186,7 +186,7 @@ class NativeEngine(Engine):
         started = time.perf_counter()
         model = plan.build_skeleton()
         ctx.backend.convert_skeleton(model, qctx)
-        model.eval()  # here, while a read-ahead still reads, rather than after the last tensor
+        start_finishing(model, plan)  # here, while a read-ahead still reads, not after the last tensor
         skeleton_s = time.perf_counter() - started
         modules = dict(model.named_modules())
         tensor_map = plan.tensor_map

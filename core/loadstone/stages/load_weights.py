@@ -89,7 +89,7 @@ def _offloaded_modules(model: Any) -> set[str]:
     them. A module's nearest hook (its own, else its closest ancestor's) decides."""
     offloaded, decided = set(), {}
     for name, module in model.named_modules(remove_duplicate=False):
-        hook = getattr(module, "_hf_hook", None)
+        hook = vars(module).get("_hf_hook")  # accelerate sets it as a plain attribute (no Module lookup)
         if hook is not None:
             decided[name] = bool(getattr(hook, "offload", False)) and getattr(hook, "weights_map", None) is not None
         else:  # named_modules lists every parent before its children
