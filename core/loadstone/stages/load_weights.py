@@ -119,7 +119,7 @@ def check_loaded_model(model: Any, plan: Plan) -> None:
         if device.type == "meta":
             on_meta.append(name)
             continue
-        key = "" if len(planned_labels) == 1 and "" in planned_labels else map_entry(name, plan.device_map)
+        key = map_entry(name, plan.device_map)
         planned = planned_labels.get(key) if key is not None else None
         if planned is not None:
             found = labels.get(device) or labels.setdefault(device, _device_of(tensor))
