@@ -33,7 +33,6 @@ from loadstone import (
     PlacementError,
     PlacementStrategy,
     Plan,
-    SafetensorsReader,
     finish_loading,
 )
 
@@ -142,6 +141,8 @@ class FsdpEngine(Engine):
         import torch
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
+
+        from loadstone import SafetensorsReader  # here: plugin discovery imports this module on every load
 
         device = torch.device(device_label(plan.device_map[""]))
         if device.type == "cuda":
