@@ -86,8 +86,10 @@ class Timeline:
             owner_path, _, name = attr.rpartition(".")
             owner = importlib.import_module(module_name)
             for part in filter(None, owner_path.split(".")):
-                owner = getattr(owner, part)
-            original = getattr(owner, name)
+                owner = getattr(owner, part, None)
+            original = getattr(owner, name, None)
+            if original is None:  # a step this version of transformers does not have
+                continue
             label = f"{module_name.rsplit('.', 1)[-1]}.{attr}"
             setattr(owner, name, functools.wraps(original)(self._timed(original, label)))
         # The garbage collector's pauses hold the interpreter too: a full collection walks every

@@ -64,4 +64,6 @@ def test_the_timeline_records_each_step_of_one_load_in_order(tmp_path):
     finishing = steps["native.finish_loading"]
     assert steps["pipeline.load_weights"]["start_ms"] <= engine["start_ms"] <= finishing["start_ms"]
     assert finishing["end_ms"] <= engine["end_ms"] <= summary["wall_ms"]
+    started = steps["native.start_finishing"]  # on the skeleton, before the stream
+    assert engine["start_ms"] <= started["start_ms"] <= started["end_ms"] <= finishing["start_ms"]
     assert summary["stages"]["load_weights"] > 0 and "the whole load" in done.stdout
