@@ -76,7 +76,7 @@ GC_SHOWN_S = 0.0005  # collections that took at least this long are steps of the
 class Timeline:
     """Records each call of the wrapped steps as milliseconds since :meth:`start`."""
 
-    def __init__(self, steps: list[tuple[str, str]]):
+    def __init__(self, steps: list[tuple[str, str]], gc_shown_s: float = GC_SHOWN_S):
         import functools
         import importlib
 
@@ -94,13 +94,13 @@ class Timeline:
             setattr(owner, name, functools.wraps(original)(self._timed(original, label)))
         # The garbage collector's pauses hold the interpreter too: a full collection walks every
         # object of torch and transformers (tens of ms), wherever in the load it falls.
-        self._gc_started = 0.0
+        self._gc_started, self._gc_shown_s = 0.0, gc_shown_s
         gc.callbacks.append(self._collected)
 
     def _collected(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
-        elif time.perf_counter() - self._gc_started >= GC_SHOWN_S:
+        elif time.perf_counter() - self._gc_started >= self._gc_shown_s:
             self.records.append({"step": f"gc.generation_{info['generation']}", "start_ms": self.ms(self._gc_started),
                                  "end_ms": self.ms()})
 
@@ -151,24 +151,13 @@ def raw_timeline(ckpt: str, device: str, stem: str) -> None:
     import torch
 
     files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
-    zero = time.perf_counter()
-
-    def ms() -> float:
-        return round((time.perf_counter() - zero) * 1e3, 2)
+    clock = Timeline([], gc_shown_s=0.0)  # no steps: its clock, and every collection's pause
+    clock.start()
+    ms = clock.ms
 
     from instanttensor import safe_open
     from instanttensor._impl import BackendPolicy
 
-    pauses: list[float] = []
-    started = [0.0]
-
-    def collected(phase: str, info: dict) -> None:
-        if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            pauses.append((time.perf_counter() - started[0]) * 1e3)
-
-    gc.callbacks.append(collected)
     marks = {"imported": ms()}
     tensors = {}
     with safe_open(files, framework="pt", device=torch.device(device).index or 0,
@@ -181,8 +170,7 @@ def raw_timeline(ckpt: str, device: str, stem: str) -> None:
     marks["closed"] = ms()
     torch.cuda.synchronize()
     marks["synchronised"] = ms()
-    gc.callbacks.remove(collected)
-    marks["gc_pauses_ms"] = round(sum(pauses), 2)
+    marks["gc_pauses_ms"] = round(sum(r["end_ms"] - r["start_ms"] for r in clock.records), 2)
     with open(stem.replace("profile_", "timeline_raw_") + ".json", "w") as f:
         json.dump(marks, f, indent=1)
     print(json.dumps(marks))

@@ -23,8 +23,7 @@ def start_finishing(model: Any, plan: Plan) -> None:
     tied weights (and dispatches a map over several devices). Optional: an engine whose readers
     read while it builds the model (the native engine's read-ahead) takes these steps off the end
     of its load. Call it after ``backend.convert_skeleton``, with the plan's tensor map."""
-    fresh = set(plan.tensor_map.fresh)
-    mark_loaded(model, fresh, filled=plan.tensor_map.targets())
+    mark_loaded(model, set(), filled=plan.tensor_map.targets())  # a fresh tensor is never one of them
     _finalize(model, plan)
     model.eval()
     with _STARTED_LOCK:
@@ -96,11 +95,8 @@ def mark_loaded(model: Any, fresh: set[str], filled: set[str] | None = None) -> 
             for leaf, tensor in group.items():
                 if tensor is None:
                     continue
-                if filled is not None:
-                    is_loaded = (f"{prefix}.{leaf}" if prefix else leaf) in filled
-                else:
-                    is_loaded = not tensor.is_meta and (
-                        not fresh or (f"{prefix}.{leaf}" if prefix else leaf) not in fresh)
+                name = f"{prefix}.{leaf}" if prefix else leaf
+                is_loaded = (name in filled) if filled is not None else (not tensor.is_meta and name not in fresh)
                 if is_loaded:
                     tensor._is_hf_initialized = True
                 else:
