@@ -366,3 +366,15 @@ def test_finishing_initialises_only_what_was_not_loaded(tiny_checkpoint, monkeyp
     marked = {name for name, m in root.named_modules() if getattr(m, "_is_hf_initialized", False)}
     assert marked == {"loaded", "parent.0"}
     assert root.parent[1].bias._is_hf_initialized and not hasattr(root.parent[1].weight, "_is_hf_initialized")
+
+
+def test_the_block_reserved_for_kept_tensors_is_what_torchs_large_pool_hands_out():
+    """torch's large pool takes tensors above 1 MiB, each rounded up to 512 bytes; smaller ones come
+    from its small pool, which the block does not serve (tests/test_gpu_device_memory.py checks the
+    block against a real allocator: one segment for the whole load, almost nothing left unused)."""
+    from loadstone.engines.device_memory import kept_bytes
+
+    MiB = 1 << 20
+    assert kept_bytes([4096, MiB]) == 0
+    assert kept_bytes([MiB + 1]) == MiB + 512
+    assert kept_bytes([2 * MiB, 3 * MiB + 511, 4096]) == 2 * MiB + 3 * MiB + 512

@@ -124,3 +124,26 @@ def test_a_nearly_full_gpu_loads_a_plan_that_fits(float32_llama):
     reference = loadstone.load(float32_llama, placement="cpu", dtype="bfloat16", engine="transformers",
                                progress=False, trainable=False)
     assert_same_weights(model, reference.model)
+
+
+@pytest.mark.parametrize("read_ahead", ["off", "auto"])
+def test_a_ring_outside_torch_gets_the_memory_torch_holds_cached(float32_llama, read_ahead):
+    """A process that freed a model keeps its memory in torch's cache: the plan counts it as free
+    (as transformers does), and instanttensor, which allocates its ring with CUDA directly, gets
+    it back from torch before it opens. Only 512 MiB is free for CUDA here, less than the ring."""
+    options = {"reader": "instanttensor", "read_ahead": read_ahead}
+    hog = torch.empty(gpu_free_after_cleanup() - 512 * MiB, dtype=torch.uint8, device="cuda:0")
+    del hog  # cached by torch, not free for CUDA
+    try:
+        assert torch.cuda.mem_get_info(0)[0] < GiB
+        loaded = loadstone.load(float32_llama, placement="cuda:0", dtype="bfloat16", progress=False, trainable=False,
+                                engine="loadstone", engine_options=options)
+        assert loaded.plan.engine_options["reader"] == "instanttensor"
+        assert ("read_ahead" in loaded.report.engine) == (read_ahead == "auto")
+        model = loaded.model.cpu()
+        del loaded
+    finally:
+        torch.cuda.empty_cache()
+    reference = loadstone.load(float32_llama, placement="cpu", dtype="bfloat16", engine="transformers",
+                               progress=False, trainable=False)
+    assert_same_weights(model, reference.model)

@@ -202,10 +202,23 @@ def cuda_devices_of(devices: Iterable[Any]) -> list[int] | None:
 HELD_BY_READ_AHEAD: ContextVar[dict[str, int]] = ContextVar("loadstone_held_by_read_ahead", default={})
 
 
+def cuda_free_bytes(index: int | str) -> int:
+    """What a load can take on CUDA device ``index`` (``0`` or ``"cuda:0"``): the bytes CUDA has free, plus those torch's
+    caching allocator holds without using them. transformers' ``get_max_memory`` counts them too: a
+    process that deleted a model keeps its memory cached, and torch hands it out again. Memory
+    allocated outside torch (instanttensor's ring) needs the cache emptied first
+    (:func:`~loadstone.engines.instant.room_outside_torch`)."""
+    import torch
+
+    cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    return int(torch.cuda.mem_get_info(index)[0]) + max(0, int(cached))
+
+
 def free_memory(gpus: list[int]) -> dict[str | int, int]:
-    """Free bytes on each of ``gpus`` and available host memory, as accelerate counts them (an
-    integrated GPU shares the host's memory, so the CPU then gets no budget of its own), plus what
-    this load holds for reading ahead (:data:`HELD_BY_READ_AHEAD`)."""
+    """Free bytes on each of ``gpus`` (:func:`cuda_free_bytes`, torch's unused cache included) and
+    available host memory, as transformers counts them (an integrated GPU shares the host's memory,
+    so the CPU then gets no budget of its own), plus what this load holds for reading ahead
+    (:data:`HELD_BY_READ_AHEAD`)."""
     import psutil
 
     held = HELD_BY_READ_AHEAD.get()
@@ -219,7 +232,7 @@ def free_memory(gpus: list[int]) -> dict[str | int, int]:
         for index in gpus:
             if index >= present:
                 continue  # planning for a GPU this machine lacks: no budget to check against
-            budget[index] = int(torch.cuda.mem_get_info(index)[0]) + held.get(f"cuda:{index}", 0)
+            budget[index] = cuda_free_bytes(index) + held.get(f"cuda:{index}", 0)
             integrated = integrated or bool(getattr(torch.cuda.get_device_properties(index), "is_integrated", False))
     if not integrated:
         budget["cpu"] = int(psutil.virtual_memory().available) + held.get("cpu", 0)

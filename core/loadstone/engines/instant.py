@@ -41,6 +41,7 @@ READ_AHEAD_MARGIN = 1 << 30  # device memory left over beside the model and the 
 # (each holds a pinned host buffer of the chunk's size: 128 MiB in all).
 DIRECT_CHUNK = 8 << 20
 DIRECT_DEPTH = 16
+RING_GUARD = 64 << 20  # beyond the ring, for instanttensor's alignment guard and CUDA's own granularity
 
 
 def instant_ring(inventory: Any) -> int:
@@ -131,6 +132,7 @@ def _safe_open(files: list[str], device: str, ring: int, io_depth: int | None, c
     from instanttensor import safe_open as instanttensor_open
     from instanttensor._impl import Backend, BackendPolicy, required_buffer_size_for_io
 
+    room_outside_torch(device, ring)
     # The plan counted the ring beside the model within the device's budget: instanttensor's own
     # rule, a ring within half the free memory, would refuse a plan that fits (a small model on a
     # nearly full GPU) with an error from inside it.
@@ -144,6 +146,16 @@ def _safe_open(files: list[str], device: str, ring: int, io_depth: int | None, c
                          buffer_size=ring, io_depth=depth, chunk_size=chunk, **selection)
     return safe_open(files, framework="pt", device=device, backend=BackendPolicy.BUFFERED, buffer_size=ring,
                      io_depth=io_depth, chunk_size=chunk_bytes or INSTANT_CHUNK, **selection)
+
+
+def room_outside_torch(device: str, ring: int) -> None:
+    """Empties torch's cache of unused blocks where CUDA alone has less free than the ring needs:
+    the plan's budget counts that cache as free (:func:`~loadstone.contract.placement.cuda_free_bytes`),
+    and instanttensor allocates its ring with CUDA directly, outside torch."""
+    import torch
+
+    if int(torch.cuda.mem_get_info(device)[0]) < ring + RING_GUARD:
+        torch.cuda.empty_cache()
 
 
 class InstantReadAhead(ReadAhead):
@@ -262,9 +274,9 @@ def start_read_ahead(inventory: Any, device: str, options: dict[str, Any], *, wi
     asked = options.get("read_ahead", "auto")
     if asked == 0 or not instanttensor_installed():
         return None
-    import torch
+    from ..contract.placement import cuda_free_bytes
 
-    free = int(torch.cuda.mem_get_info(device)[0])
+    free = cuda_free_bytes(device)
     free = free if budget is None else min(free, budget)
     stored = sum(info.nbytes for info in inventory.tensors.values())
     largest = max((info.nbytes for info in inventory.tensors.values()), default=0)

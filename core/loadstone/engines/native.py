@@ -184,15 +184,18 @@ class NativeEngine(Engine):
 
         qctx = plan.quantization
         started = time.perf_counter()
+        assert plan.tensor_map is not None, "problems() refuses plans without a tensor map"
+        items, owners, limits = self._items(plan)
+        options = plan.engine_options
+        ahead = plan.read_ahead if isinstance(plan.read_ahead, InstantReadAhead) else None
+        if options.get("reader") != "instanttensor" or ahead is not None:
+            # not before instanttensor allocates a ring of its own, outside torch: it needs that memory free
+            _reserve_kept(items)
         model = plan.build_skeleton()
         ctx.backend.convert_skeleton(model, qctx)
         start_finishing(model, plan)  # here, while a read-ahead still reads, not after the last tensor
         skeleton_s = time.perf_counter() - started
         modules = dict(model.named_modules())
-        tensor_map = plan.tensor_map
-        assert tensor_map is not None, "problems() refuses plans without a tensor map"
-        items, owners, limits = self._items(plan)
-        options = plan.engine_options
         total = sum(item.info.nbytes for item in items)
         allowance = options.get("in_flight", 0)  # settled by extra_bytes
         allowance = allowance if isinstance(allowance, int) else 0
@@ -202,7 +205,6 @@ class NativeEngine(Engine):
                 items = hand_over_mapped(plan, ctx, reader, items, owners, model,
                                          lambda owner, tensors: self._group(plan, ctx, modules, model, owner, tensors),
                                          progress)
-            ahead = plan.read_ahead if isinstance(plan.read_ahead, InstantReadAhead) else None
             if options.get("reader") == "instanttensor":
                 stream = InstantTensorStream(reader, items, buffer_bytes=instant_ring(plan.inventory),
                                              io_depth=options.get("readers"),
@@ -332,6 +334,20 @@ class NativeEngine(Engine):
     def _hand_over(ctx: EngineContext, modules: dict[str, Any], name: str, tensor: Any, qctx: Any) -> None:
         module_name, _, leaf = name.rpartition(".")
         ctx.backend.load_tensor(module_name, modules[module_name], leaf, tensor, qctx)
+
+
+def _reserve_kept(items: list[StreamItem]) -> None:
+    """The tensors each GPU keeps as they arrive, reserved in torch's cache as one block there
+    (:mod:`~loadstone.engines.device_memory`)."""
+    kept: dict[str, list[int]] = {}
+    for item in items:
+        if not item.transient and item.device.startswith("cuda"):
+            kept.setdefault(item.device, []).append(item.info.nbytes)
+    if kept:
+        from .device_memory import kept_bytes, reserve_in_torch_cache
+
+        for device, sizes in kept.items():
+            reserve_in_torch_cache(device, kept_bytes(sizes))
 
 
 def _castable(info: Any, dtype: Any) -> bool:

@@ -35,10 +35,11 @@ def gpu_budget(ctx: PlacementContext, gpus: list[int]) -> list[Device]:
     for index in gpus:
         if index in budget:
             devices.append(Device(index, int(budget[index])))
-        else:  # visible, not budgeted: what is free on it now
+        else:  # visible, not budgeted: what is free on it now, torch's unused cache included (as the kernel counts it)
             import torch
 
-            devices.append(Device(index, int(torch.cuda.mem_get_info(index)[0])))
+            cached = max(0, torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index))
+            devices.append(Device(index, int(torch.cuda.mem_get_info(index)[0]) + cached))
     return devices
 
 
