@@ -79,6 +79,9 @@ ROWS = {
     "loadstone_transformers_nf4_mmap": ("loadstone", "nf4", "transformers:reader=mmap"),
     "instanttensor_buffered": ("raw", "instanttensor", None),
     "instanttensor_buffered_c4": ("raw", "instanttensor", 4 << 20),  # loadstone's 4 MiB reads
+    "loadstone_native_bf16_r8": ("loadstone", "bf16", "loadstone:readers=8"),  # fewer reads in flight beside the plan
+    # an ablation, not an option: the native engine without its one-block reservation in torch's cache
+    "loadstone_native_bf16_noreserve": ("loadstone", "bf16", "loadstone:ablate=reserve"),
     "safetensors_load_file": ("raw", "safetensors", None),
     "fastsafetensors": ("raw", "fastsafetensors", None),
     "transformers_fp32": ("transformers", "fp32", None),  # the bf16 checkpoint cast to float32 on load
@@ -194,6 +197,10 @@ def child(row: str, ckpt: str, device: str) -> dict:
             key, _, value = pair.partition("=")
             options[key] = int(value) if value.isdigit() else value
         budget = options.pop("max_memory", None)
+        if options.pop("ablate", None) == "reserve":
+            import loadstone.engines.native as native
+
+            native._reserve_kept = lambda items: None
         result = loadstone.load(ckpt, quantization=None if method in ("bf16", "fp32") else method, placement=device,
                                 dtype="float32" if method == "fp32" else "bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,
                                 engine_options=options, max_memory={device: budget} if budget else None)
