@@ -9,7 +9,6 @@ tensor: a rule placing one name of a tied group places the group.
 
 from __future__ import annotations
 
-import difflib
 from collections import defaultdict
 from typing import Any
 
@@ -62,6 +61,8 @@ def resolve(rules: list[Rule], ctx: PlacementContext, *, file: Any = None) -> di
 
 
 def _unknown_error(unknown: list[Rule], modules: list[str], tensors: list[str], file: Any) -> PlacementError:
+    import difflib  # only for this error's hints: 5 ms that plugin discovery would pay on every load
+
     hints = []
     for rule in unknown:
         close = difflib.get_close_matches(rule.key.removeprefix("re:"), modules + tensors, n=2, cutoff=0.6)
