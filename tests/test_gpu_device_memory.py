@@ -76,3 +76,22 @@ def test_the_plan_counts_torchs_unused_cache_as_free(bf16_llama):
     plan = loadstone.plan(bf16_llama, placement="cuda:0", engine="loadstone")
     assert plan.report.placement["budget"]["cuda:0"] >= free - 64 * MiB
     gpu_free_after_cleanup()
+
+
+def test_no_block_is_reserved_where_torch_would_not_split_it(bf16_llama):
+    """With ``max_split_size_mb`` torch keeps a block above that size whole: reserved, it would sit
+    cached beside the tensors. The setting is read when CUDA starts, hence a process of its own."""
+    import os
+    import subprocess
+
+    script = (
+        "import torch, loadstone\n"
+        f"loaded = loadstone.load({bf16_llama!r}, placement='cuda:0', progress=False, trainable=False,"
+        " engine='loadstone', engine_options={'reader': 'pread'})\n"
+        "print(torch.cuda.memory_reserved(0) - torch.cuda.memory_allocated(0))\n"
+    )
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="max_split_size_mb:64")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    unused = int(done.stdout.strip().splitlines()[-1])
+    assert unused < 64 * MiB, unused

@@ -203,8 +203,8 @@ HELD_BY_READ_AHEAD: ContextVar[dict[str, int]] = ContextVar("loadstone_held_by_r
 
 
 def cuda_free_bytes(index: int | str) -> int:
-    """What a load can take on CUDA device ``index`` (``0`` or ``"cuda:0"``): the bytes CUDA has free, plus those torch's
-    caching allocator holds without using them. transformers' ``get_max_memory`` counts them too: a
+    """What a load can take on CUDA device ``index`` (``0`` or ``"cuda:0"``): the bytes CUDA has
+    free, plus those torch's caching allocator holds without using them. transformers' ``get_max_memory`` counts them too: a
     process that deleted a model keeps its memory cached, and torch hands it out again. Memory
     allocated outside torch (instanttensor's ring) needs the cache emptied first
     (:func:`~loadstone.engines.instant.room_outside_torch`)."""

@@ -1,11 +1,12 @@
 """One cudaMalloc for the tensors a load keeps on a GPU, instead of one per tensor.
 
 torch's caching allocator takes each tensor bigger than 1 MiB from its large pool; in a process
-that has not used the device yet, each is a cudaMalloc of its own: an 8B Llama's 291 tensors
-took 12 ms on an H200, on the load's critical path when the readers are ahead of the engine.
-Allocated as one block and freed at once, the bytes stay in torch's cache, and each tensor's
-allocation splits that block instead: 1.3-2.1 ms, plus 0.7-1.0 ms for the one cudaMalloc
-(bench/results/h200_load_timeline_2026-12-03_start_finishing.json, "allocations").
+that has not used the device yet, each is a cudaMalloc of its own, on the load's critical path
+when the readers are ahead of the engine. Allocated as one block and freed at once, the bytes
+stay in torch's cache, and each tensor's allocation splits that block instead. An 8B bf16 load
+on an H200 took 0.384 s with it and 0.409 s without (medians of five interleaved rounds,
+bench/results/h200_gpu_engines_2026-12-04_reserve_ablation.json), and 0.12 GiB less device
+memory at its peak (no segment per tensor rounded up to 2 MiB).
 
 Nothing is held beyond what the plan counted: the block is the kept tensors' bytes, which the
 load allocates anyway, and it is torch's to hand out again (transformers' ``get_max_memory`` and
@@ -31,10 +32,15 @@ def reserve_in_torch_cache(device: str, nbytes: int) -> bool:
     """Allocates ``nbytes`` on the CUDA ``device`` as one block and frees it into torch's cache, on
     the current stream (which caches its own blocks: the load allocates on it too). ``False`` where
     nothing was reserved: too little to matter, an allocator that does not cache this way
-    (``cudaMallocAsync``), or no room for one block (the tensors then allocate one by one)."""
+    (``cudaMallocAsync``) or would not split a block this big (``max_split_size_mb`` in
+    ``PYTORCH_CUDA_ALLOC_CONF``: the block would sit in the cache beside the tensors), or no room
+    for one block (the tensors then allocate one by one)."""
     import torch
 
     if nbytes <= LARGE_POOL_ABOVE or torch.cuda.get_allocator_backend() != "native":
+        return False
+    unsplit = int(torch.cuda.memory_stats(device).get("max_split_size", -1))  # -1: every block splits
+    if 0 < unsplit <= nbytes:
         return False
     try:
         with torch.cuda.device(device):
