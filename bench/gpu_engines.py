@@ -200,7 +200,7 @@ def child(row: str, ckpt: str, device: str) -> dict:
         if options.pop("ablate", None) == "reserve":
             import loadstone.engines.native as native
 
-            native._reserve_kept = lambda items: None
+            native.reserve_kept = lambda items: None
         result = loadstone.load(ckpt, quantization=None if method in ("bf16", "fp32") else method, placement=device,
                                 dtype="float32" if method == "fp32" else "bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,
                                 engine_options=options, max_memory={device: budget} if budget else None)

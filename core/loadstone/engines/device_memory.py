@@ -15,7 +15,10 @@ loadstone's plan count cached memory as free).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from .streaming import StreamItem
 
 # torch's large pool: tensors above 1 MiB, rounded up to 512 bytes. Smaller ones come from 2 MiB
 # segments of the small pool, which a large block does not serve.
@@ -49,3 +52,14 @@ def reserve_in_torch_cache(device: str, nbytes: int) -> bool:
         return False
     del block
     return True
+
+
+def reserve_kept(items: list[StreamItem]) -> None:
+    """The tensors each GPU keeps as they arrive (``items`` not transient there), reserved in
+    torch's cache as one block per GPU."""
+    kept: dict[str, list[int]] = {}
+    for item in items:
+        if not item.transient and item.device.startswith("cuda"):
+            kept.setdefault(item.device, []).append(item.info.nbytes)
+    for device, sizes in kept.items():
+        reserve_in_torch_cache(device, kept_bytes(sizes))

@@ -29,6 +29,7 @@ from ..contract.placement import placed_device
 from ..contract.plan import Plan
 from ..contract.tensors import TensorGroup
 from ..contract.units import device_label, format_size, normalize_device
+from .device_memory import reserve_kept
 from .finish import finish_loading, start_finishing
 from .instant import (
     InstantReadAhead,
@@ -190,7 +191,7 @@ class NativeEngine(Engine):
         ahead = plan.read_ahead if isinstance(plan.read_ahead, InstantReadAhead) else None
         if options.get("reader") != "instanttensor" or ahead is not None:
             # not before instanttensor allocates a ring of its own, outside torch: it needs that memory free
-            _reserve_kept(items)
+            reserve_kept(items)
         model = plan.build_skeleton()
         ctx.backend.convert_skeleton(model, qctx)
         start_finishing(model, plan)  # here, while a read-ahead still reads, not after the last tensor
@@ -334,20 +335,6 @@ class NativeEngine(Engine):
     def _hand_over(ctx: EngineContext, modules: dict[str, Any], name: str, tensor: Any, qctx: Any) -> None:
         module_name, _, leaf = name.rpartition(".")
         ctx.backend.load_tensor(module_name, modules[module_name], leaf, tensor, qctx)
-
-
-def _reserve_kept(items: list[StreamItem]) -> None:
-    """The tensors each GPU keeps as they arrive, reserved in torch's cache as one block there
-    (:mod:`~loadstone.engines.device_memory`)."""
-    kept: dict[str, list[int]] = {}
-    for item in items:
-        if not item.transient and item.device.startswith("cuda"):
-            kept.setdefault(item.device, []).append(item.info.nbytes)
-    if kept:
-        from .device_memory import kept_bytes, reserve_in_torch_cache
-
-        for device, sizes in kept.items():
-            reserve_in_torch_cache(device, kept_bytes(sizes))
 
 
 def _castable(info: Any, dtype: Any) -> bool:
