@@ -25,7 +25,8 @@ forward. Writes OUTDIR/gpu_engines.json (``cpu_engines.json`` with ``--cpu``) an
 with ratios against ``transformers_bf16`` / ``transformers_nf4`` / ``transformers_int8``.
 ``--repeat N`` runs every row N times, in N interleaved rounds (so drift on a shared machine hits
 every row alike), and keeps the run with the median wall time, with every run's wall time in
-``wall_s_runs``.
+``wall_s_runs`` (and, for loadstone rows, every run's stages, engine timings and notes in
+``stages_runs``, ``engine_timings_runs``, ``notes_runs``).
 """
 
 from __future__ import annotations
@@ -320,6 +321,9 @@ def median_run(records: list[dict]) -> dict:
     chosen = dict(timed[len(timed) // 2])
     if len(records) > 1:
         chosen["wall_s_runs"] = [r.get("wall_s") for r in records]
+        for key in ("stages", "engine_timings", "notes"):  # what moved between rounds
+            if any(key in r for r in records):
+                chosen[f"{key}_runs"] = [r.get(key) for r in records]
     return chosen
 
 

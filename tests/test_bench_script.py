@@ -25,6 +25,12 @@ def test_engines_benchmark_runs_every_row_in_its_own_process(tmp_path):
     assert list(by_row) == rows.split(",")
     for record in by_row.values():
         assert record["wall_s"] > 0 and len(record["wall_s_runs"]) == 2 and record["wall_s"] in record["wall_s_runs"]
+    # every round's stages, kept for loadstone rows only: what moved between rounds
+    native = by_row["loadstone_native_bf16"]
+    assert len(native["stages_runs"]) == 2 and native["stages"] in native["stages_runs"]
+    assert all(run["load_weights"] > 0 for run in native["stages_runs"])
+    assert len(native["engine_timings_runs"]) == 2 and all("stream" in run for run in native["engine_timings_runs"])
+    assert "stages_runs" not in by_row["transformers_bf16"]
     # the same weights on every side (the checksum of every parameter)
     assert by_row["loadstone_native_bf16"]["checksum"] == by_row["transformers_bf16"]["checksum"]
     assert by_row["loadstone_native_bf16_mmap"]["checksum"] == by_row["transformers_bf16"]["checksum"]
