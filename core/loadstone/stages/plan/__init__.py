@@ -34,6 +34,7 @@ from .memory import (
     missing_devices,
     peak_by_device,
     present_devices,
+    skeleton_tensors,
     tensor_sizes,
     transient_sizes,
 )
@@ -71,10 +72,11 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     build = SkeletonFactory(auto_class, config, dtype, request, config_path=sources.base.path / CONFIG,
                             max_modules=module_budget(len(inventory.tensors)))
     skeleton = build.build()
-    sizes, converted = tensor_sizes(skeleton, qreg, qctx, plugins)
+    tensors = skeleton_tensors(skeleton)  # the skeleton is only read from here on
+    sizes, converted = tensor_sizes(tensors, qreg, qctx, plugins)
     tensor_map, notes = _map_tensors(skeleton, found, sources, qreg, qctx, plugins, converted)
     report.notes.extend(notes)
-    transient = _in_flight(skeleton, qreg, qctx, plugins, tensor_map, inventory)
+    transient = _in_flight(tensors, qreg, qctx, plugins, tensor_map, inventory)
 
     spec = request.placement
     preg = plugins.placement_strategy("explicit" if isinstance(spec, dict) else spec)
@@ -90,7 +92,7 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     per_device = bytes_by_device(sizes, device_map)
     # Asked again now that every tensor's device is known: work space can depend on it (bitsandbytes
     # quantizes with large temporaries on the CPU, in place on CUDA).
-    transient = _in_flight(skeleton, qreg, qctx, plugins, tensor_map, inventory)
+    transient = _in_flight(tensors, qreg, qctx, plugins, tensor_map, inventory)
     if pctx.sharded_over:  # each process holds 1/N of every tensor (FSDP); in flight, one whole tensor
         per_device = {dev: -(-n // pctx.sharded_over) for dev, n in per_device.items()}
     peaks = peak_by_device(per_device, transient, device_map)
@@ -142,11 +144,11 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     return plan
 
 
-def _in_flight(skeleton: Any, qreg: Any, qctx: Any, plugins: PluginManager, tensor_map: Any,
+def _in_flight(tensors: list[Any], qreg: Any, qctx: Any, plugins: PluginManager, tensor_map: Any,
                inventory: Any) -> dict[str, float]:
     """Bytes in flight per tensor while it loads: the backend's ``transient_bytes`` for ``qctx`` as
     it stands (before or after placement), plus what the engines read besides (add_read_transients)."""
-    transient = transient_sizes(skeleton, qreg, qctx, plugins)
+    transient = transient_sizes(tensors, qreg, qctx, plugins)
     if tensor_map is not None:
         add_read_transients(transient, tensor_map, inventory, qctx)
     return transient
