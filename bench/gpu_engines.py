@@ -83,6 +83,9 @@ ROWS = {
     "loadstone_native_bf16_r8": ("loadstone", "bf16", "loadstone:readers=8"),  # fewer reads in flight beside the plan
     # an ablation, not an option: the native engine without its one-block reservation in torch's cache
     "loadstone_native_bf16_noreserve": ("loadstone", "bf16", "loadstone:ablate=reserve"),
+    # not a load to compare: the engine starts 0.5 s late (inside the weights stage), after the
+    # read-ahead has read everything, so that engine_timings.stream is what emptying a full ring costs
+    "loadstone_native_bf16_lateplan": ("loadstone", "bf16", "loadstone:ablate=late_plan"),
     "safetensors_load_file": ("raw", "safetensors", None),
     "fastsafetensors": ("raw", "fastsafetensors", None),
     "transformers_fp32": ("transformers", "fp32", None),  # the bf16 checkpoint cast to float32 on load
@@ -198,10 +201,21 @@ def child(row: str, ckpt: str, device: str) -> dict:
             key, _, value = pair.partition("=")
             options[key] = int(value) if value.isdigit() else value
         budget = options.pop("max_memory", None)
-        if options.pop("ablate", None) == "reserve":
+        ablate = options.pop("ablate", None)
+        if ablate == "reserve":
             import loadstone.engines.native as native
 
             native.reserve_kept = lambda items: None
+        elif ablate == "late_plan":
+            import loadstone.pipeline as pipeline
+
+            load_weights = pipeline.load_weights
+
+            def late(*args, **kwargs):
+                time.sleep(0.5)
+                return load_weights(*args, **kwargs)
+
+            pipeline.load_weights = late
         result = loadstone.load(ckpt, quantization=None if method in ("bf16", "fp32") else method, placement=device,
                                 dtype="float32" if method == "fp32" else "bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,
                                 engine_options=options, max_memory={device: budget} if budget else None)

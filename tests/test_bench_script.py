@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_engines.py"
 @pytest.mark.slow
 def test_engines_benchmark_runs_every_row_in_its_own_process(tmp_path):
     rows = ("transformers_bf16,loadstone_native_bf16,loadstone_native_bf16_mmap,loadstone_transformers_bf16,"
-            "loadstone_transformers_bf16_mmap")
+            "loadstone_transformers_bf16_mmap,loadstone_native_bf16_lateplan")
     done = subprocess.run([sys.executable, str(BENCH), str(tmp_path), "--small", "--rows", rows, "--repeat", "2"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -31,6 +31,12 @@ def test_engines_benchmark_runs_every_row_in_its_own_process(tmp_path):
     assert all(run["load_weights"] > 0 for run in native["stages_runs"])
     assert len(native["engine_timings_runs"]) == 2 and all("stream" in run for run in native["engine_timings_runs"])
     assert "stages_runs" not in by_row["transformers_bf16"]
+    # the late-plan ablation: the weights stage starts 0.5 s late, and loads the same weights
+    late = by_row["loadstone_native_bf16_lateplan"]
+    assert min(late["wall_s_runs"]) >= 0.5 and late["checksum"] == by_row["transformers_bf16"]["checksum"]
+    # the wait is in the weights stage, before the engine starts: the engine's own timings exclude it
+    assert all(run["load_weights"] >= 0.5 for run in late["stages_runs"])
+    assert all(run["skeleton"] + run["stream"] < 0.5 for run in late["engine_timings_runs"])
     # the same weights on every side (the checksum of every parameter)
     assert by_row["loadstone_native_bf16"]["checksum"] == by_row["transformers_bf16"]["checksum"]
     assert by_row["loadstone_native_bf16_mmap"]["checksum"] == by_row["transformers_bf16"]["checksum"]
