@@ -59,6 +59,7 @@ def reader_process(files: list[str], depth: int) -> None:
     handle = open_reads(files, depth)
     print("reading", flush=True)
     drain(handle)
+    print("drained", flush=True)  # before the interpreter's exit, which the caller must not time
 
 
 def child(mode: str, ckpt: str) -> dict:
@@ -91,8 +92,10 @@ def child(mode: str, ckpt: str) -> dict:
     if handle is not None:
         drain(handle)
     if other is not None:
-        other.wait()
+        other.stdout.readline()  # "drained"
     done = time.perf_counter()
+    if other is not None:
+        other.wait()
     return {"mode": mode, "open_ms": round((opened - start) * 1e3, 1), "import_ms": round((imported - opened) * 1e3, 1),
             "plan_ms": round((planned - imported) * 1e3, 1),
             "reads_done_ms": round((done - start) * 1e3, 1) if depth else None}
