@@ -169,6 +169,7 @@ def test_memory_budget_of_the_devices_a_strategy_uses(sharded_llama):
         def place(self, ctx):
             seen.setdefault("named", []).append(ctx.memory_budget(["cpu", "disk"]))
             seen.setdefault("every", []).append(ctx.memory_budget())
+            seen.setdefault("free", []).append((ctx.free_bytes("cpu"), ctx.free_bytes(63), ctx.free_bytes("mps")))
             return {"": "cpu"}
 
     class ProbePlugin:
@@ -184,6 +185,9 @@ def test_memory_budget_of_the_devices_a_strategy_uses(sharded_llama):
 
     total = psutil.virtual_memory().total  # available memory moves between calls: bound it
     assert 0 < named["cpu"] <= total and 0 < every["cpu"] <= total
+    # one device at a time, as the budget counts it; none for a GPU this machine lacks or another accelerator
+    free_cpu, free_absent_gpu, free_mps = seen["free"][0]
+    assert 0 < free_cpu <= total and free_absent_gpu == 0 and free_mps == 0
     assert set(plan.report.placement["budget"]) == {"cpu"}  # the kernel's fit check asks the map's devices
 
     plan = loadstone.plan(sharded_llama, placement="probe", plugins=plugins, max_memory={"cpu": "3GiB", 0: "1GiB"})

@@ -148,6 +148,15 @@ class PlacementContext:
             return {k: int(v) for k, v in get_max_memory(None).items()}
         return free_memory(gpus)
 
+    def free_bytes(self, device: Any) -> int:
+        """What ``device`` (``"cpu"``, ``"cuda:0"`` or a CUDA index) has free now, as the kernel counts
+        a budget without ``max_memory`` (:func:`free_memory`); 0 for a device it has no count for
+        (a GPU this machine lacks, the CPU beside an integrated GPU, another accelerator)."""
+        gpus = cuda_devices_of([device])
+        if gpus is None:
+            return 0
+        return int(free_memory(gpus).get(gpus[0] if gpus else "cpu", 0))
+
     def infer_device_map(self, *, balanced: bool = True, max_memory: dict | None = None) -> dict[str, Any]:
         """accelerate's placement algorithm (as transformers runs it), fed with loadstone's sizes."""
         from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map

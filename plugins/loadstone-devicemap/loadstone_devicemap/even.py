@@ -35,11 +35,8 @@ def gpu_budget(ctx: PlacementContext, gpus: list[int]) -> list[Device]:
     for index in gpus:
         if index in budget:
             devices.append(Device(index, int(budget[index])))
-        else:  # visible, not budgeted: what is free on it now, torch's unused cache included (as the kernel counts it)
-            import torch
-
-            cached = max(0, torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index))
-            devices.append(Device(index, int(torch.cuda.mem_get_info(index)[0]) + cached))
+        else:  # visible, not budgeted: what is free on it now, as the kernel counts it
+            devices.append(Device(index, ctx.free_bytes(index)))
     return devices
 
 
