@@ -42,7 +42,14 @@ T_PROCESS = time.perf_counter()  # e2e rows: before any import of this process
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bnb import CKPT, make_checkpoint  # noqa: E402  (the same checkpoint as the other benchmarks)
-from measure import DevicePeak, drop_page_cache, peak_rss_bytes  # noqa: E402
+from measure import (  # noqa: E402
+    DevicePeak,
+    compile_sources,
+    drop_page_cache,
+    files_of,
+    peak_rss_bytes,
+    warm_page_cache,
+)
 
 ROWS = {
     # name: (kind, method, engine)
@@ -126,10 +133,6 @@ CPU_ROWS = ["transformers_bf16", "loadstone_transformers_bf16", "loadstone_nativ
             "transformers_nf4", "loadstone_native_nf4", "loadstone_transformers_nf4",
             "e2e_transformers_bf16", "e2e_loadstone_bf16", "e2e_loadstone_bf16_pread", "cold_disk_read",
             "cold_transformers_bf16", "cold_loadstone_native_bf16", "cold_loadstone_native_bf16_mmap"]
-
-
-def files_of(ckpt: str) -> list[str]:
-    return sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
 
 
 def small_checkpoint() -> str:
@@ -309,24 +312,6 @@ def run_row(row: str, ckpt: str, device: str, timeout: int) -> dict:
     return record
 
 
-def compile_sources() -> None:
-    """Byte-compile every library the rows import, once, before any row: a package without
-    bytecode is compiled at every import where PYTHONDONTWRITEBYTECODE is set (the GPU machine sets
-    it), which charged each row 0.25 s for transformers' Llama modules when the wheels were installed
-    with ``pip --no-compile``, and charges an editable install (loadstone) at every run. A user's
-    pip install compiles; the benchmark measures that. Folders it cannot write are left as they are."""
-    import compileall
-    import importlib.util
-
-    for name in ("loadstone", "loadstone_bnb", "loadstone_gptq", "loadstone_devicemap", "transformers",
-                 "bitsandbytes", "instanttensor", "fastsafetensors", "peft", "accelerate", "safetensors",
-                 "huggingface_hub", "tokenizers", "packaging"):
-        spec = importlib.util.find_spec(name)
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            if os.access(folder, os.W_OK):
-                compileall.compile_dir(folder, quiet=2, workers=os.cpu_count() or 1)
-
-
 def median_run(records: list[dict]) -> dict:
     """The run with the median wall time (the upper one of an even count), with every run's time."""
     timed = sorted((r for r in records if "wall_s" in r), key=lambda r: r["wall_s"])
@@ -360,10 +345,7 @@ def main() -> None:
     ckpt = small_checkpoint() if small else cpu_checkpoint() if cpu else make_checkpoint(False)
     device = "cpu" if small or cpu else "cuda:0"
     compile_sources()
-    for path in files_of(ckpt):  # warm the page cache once, for every warm row alike
-        with open(path, "rb", buffering=0) as fh:
-            while fh.read(64 << 20):
-                pass
+    warm_page_cache(files_of(ckpt))  # once, for every warm row alike
     repeat = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 1
     runs: dict[str, list[dict]] = {row: [] for row in rows}
     for _ in range(repeat):

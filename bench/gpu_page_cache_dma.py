@@ -24,6 +24,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import warm_page_cache  # noqa: E402
+
 PROT_READ, MAP_SHARED = 1, 1
 MADV_POPULATE_READ = 22  # Linux 5.14: fault the range in, in one call
 CUDA_HOST_REGISTER_READ_ONLY = 8  # the mapping is read-only: the driver must not ask for write access
@@ -185,10 +188,7 @@ def matches_files() -> bool:
 
 
 def main() -> None:
-    for path in files:  # into the page cache
-        with open(path, "rb") as fh:
-            while fh.read(1 << 26):
-                pass
+    warm_page_cache(files)
     print("checkpoint GB", total / 1e9, "kernel", os.uname().release, flush=True)
     configurations = [(preadv_pinned, dict(threads=16, size=8 << 20)), (preadv_pinned, dict(threads=16, size=4 << 20))]
     if sys.argv[2:] == ["ceiling"]:  # what bounds the page cache -> GPU stream: the link, or the reads

@@ -26,7 +26,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_bnb import CKPT  # noqa: E402  (the benchmark checkpoint)
-from gpu_engines import files_of  # noqa: E402
+from measure import files_of, warm_page_cache  # noqa: E402
 
 
 def one_load(files: list[str], depth: int, chunk: int, ring: int | None) -> dict[str, float]:
@@ -64,10 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     files = files_of(CKPT)
     total = sum(os.path.getsize(f) for f in files)
-    for path in files:  # warm the page cache
-        with open(path, "rb") as f:
-            while f.read(64 << 20):
-                pass
+    warm_page_cache(files)
     configs = list(itertools.product([int(d) for d in args.depths.split(",")],
                                      [int(c) << 20 for c in args.chunks.split(",")],
                                      [None if r == "default" else total for r in args.rings.split(",")]))

@@ -69,3 +69,34 @@ class DevicePeak:
         if used is not None and self.base is not None:
             self.peak = max(self.peak, used - self.base)
         return self.peak
+
+
+def files_of(ckpt: str) -> list[str]:
+    """The checkpoint's safetensors files, sorted."""
+    return sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+
+
+def warm_page_cache(files: list[str]) -> None:
+    """Reads every byte of ``files`` once, so that warm measurements start from the page cache."""
+    for path in files:
+        with open(path, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def compile_sources() -> None:
+    """Byte-compile every library the rows import, once, before any row: a package without
+    bytecode is compiled at every import where PYTHONDONTWRITEBYTECODE is set (the GPU machine sets
+    it), which charged each row 0.25 s for transformers' Llama modules when the wheels were installed
+    with ``pip --no-compile``, and charges an editable install (loadstone) at every run. A user's
+    pip install compiles; the benchmark measures that. Folders it cannot write are left as they are."""
+    import compileall
+    import importlib.util
+
+    for name in ("loadstone", "loadstone_bnb", "loadstone_gptq", "loadstone_devicemap", "transformers",
+                 "bitsandbytes", "instanttensor", "fastsafetensors", "peft", "accelerate", "safetensors",
+                 "huggingface_hub", "tokenizers", "packaging"):
+        spec = importlib.util.find_spec(name)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            if os.access(folder, os.W_OK):
+                compileall.compile_dir(folder, quiet=2, workers=os.cpu_count() or 1)

@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bnb import make_checkpoint  # noqa: E402
-from gpu_engines import compile_sources, files_of  # noqa: E402
+from measure import compile_sources, files_of, warm_page_cache  # noqa: E402
 
 CHUNK = 4 << 20
 
@@ -114,10 +114,7 @@ def main() -> None:
              else ["quiet", "same12", "same6", "same4", "other12"])
     ckpt = make_checkpoint(False)
     compile_sources()  # as gpu_engines.py does: a pip install leaves bytecode
-    for path in files_of(ckpt):
-        with open(path, "rb", buffering=0) as fh:
-            while fh.read(64 << 20):
-                pass
+    warm_page_cache(files_of(ckpt))
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(repeat):
         for mode in modes:

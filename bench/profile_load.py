@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bnb import make_checkpoint  # noqa: E402  (the benchmarks' checkpoint)
-from gpu_engines import compile_sources  # noqa: E402
+from measure import compile_sources  # noqa: E402
 
 
 def load_once(ckpt: str, method: str, device: str, options: dict, engine: str = "auto"):

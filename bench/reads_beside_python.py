@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bnb import make_checkpoint  # noqa: E402
-from gpu_engines import files_of  # noqa: E402
+from measure import files_of, warm_page_cache  # noqa: E402
 from plan_beside_reads import drain, open_reads  # noqa: E402
 
 MODES = ["sleep", "python", "python_fast", "other_process"]
@@ -80,10 +80,7 @@ def main() -> None:
 
     torch.empty(1, device="cuda:0")
     files = files_of(make_checkpoint(False))
-    for path in files:
-        with open(path, "rb", buffering=0) as fh:
-            while fh.read(64 << 20):
-                pass
+    warm_page_cache(files)
     one("sleep", files, seconds)  # first open pays for CUDA's and instanttensor's set-up
     runs: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(repeat):
