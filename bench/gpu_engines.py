@@ -45,6 +45,7 @@ from gpu_bnb import CKPT, make_checkpoint  # noqa: E402  (the same checkpoint as
 from measure import (  # noqa: E402
     DevicePeak,
     compile_sources,
+    delay_load_weights,
     drop_page_cache,
     files_of,
     peak_rss_bytes,
@@ -210,15 +211,7 @@ def child(row: str, ckpt: str, device: str) -> dict:
 
             native.reserve_kept = lambda items: None
         elif ablate == "late_plan":
-            import loadstone.pipeline as pipeline
-
-            load_weights = pipeline.load_weights
-
-            def late(*args, **kwargs):
-                time.sleep(0.5)
-                return load_weights(*args, **kwargs)
-
-            pipeline.load_weights = late
+            delay_load_weights(0.5)
         result = loadstone.load(ckpt, quantization=None if method in ("bf16", "fp32") else method, placement=device,
                                 dtype="float32" if method == "fp32" else "bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,
                                 engine_options=options, max_memory={device: budget} if budget else None)
@@ -344,7 +337,7 @@ def main() -> None:
             or print(f"{r}: skipped (fastsafetensors is not installed)", flush=True)]
     ckpt = small_checkpoint() if small else cpu_checkpoint() if cpu else make_checkpoint(False)
     device = "cpu" if small or cpu else "cuda:0"
-    compile_sources()
+    uncompiled = compile_sources()
     warm_page_cache(files_of(ckpt))  # once, for every warm row alike
     repeat = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 1
     runs: dict[str, list[dict]] = {row: [] for row in rows}
@@ -372,7 +365,8 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "checkpoint": ckpt, "checkpoint_bytes": sum(os.path.getsize(p) for p in files_of(ckpt)),
             "command": "python3 bench/gpu_engines.py OUTDIR" + (" --small" if small else " --cpu" if cpu else "")
-            + (f" --repeat {repeat}" if repeat > 1 else ""), "repeat": repeat}
+            + (f" --repeat {repeat}" if repeat > 1 else ""), "repeat": repeat,
+            "uncompiled_sources": uncompiled}  # compiled at each import, inside every row's clock
     for lib in ("transformers", "bitsandbytes", "peft", "accelerate", "safetensors", "instanttensor"):
         try:
             from importlib.metadata import version

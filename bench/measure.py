@@ -84,19 +84,74 @@ def warm_page_cache(files: list[str]) -> None:
                 pass
 
 
-def compile_sources() -> None:
-    """Byte-compile every library the rows import, once, before any row: a package without
-    bytecode is compiled at every import where PYTHONDONTWRITEBYTECODE is set (the GPU machine sets
-    it), which charged each row 0.25 s for transformers' Llama modules when the wheels were installed
-    with ``pip --no-compile``, and charges an editable install (loadstone) at every run. A user's
-    pip install compiles; the benchmark measures that. Folders it cannot write are left as they are."""
+# What a load imports, for compile_sources' probe: the rows' libraries, and the modules a load of
+# the benchmarks' Llama checkpoint imports on its way (transformers' modelling code imports psutil,
+# tokenizers and more through its generation utilities).
+LOAD_IMPORTS = ("torch", "transformers", "transformers.models.llama.modeling_llama", "bitsandbytes", "loadstone",
+                "loadstone.api", "loadstone.engines.native", "loadstone.engines.instant", "loadstone.engines.streaming",
+                "loadstone.stages.plan", "loadstone_bnb", "loadstone_bnb.plugin", "instanttensor", "fastsafetensors",
+                "safetensors.torch", "peft", "accelerate")
+_PROBE = """
+import importlib, json, sys
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values())
+                         if isinstance(getattr(m, "__file__", None), str) and m.__file__.endswith(".py")
+                         and m.__file__.startswith("/")})))
+"""
+
+
+def compile_sources(imports: tuple[str, ...] = LOAD_IMPORTS) -> list[str]:
+    """Byte-compile every library the rows import, once, before any row, and return the imported
+    sources still without bytecode (folders it cannot write). A module without bytecode is compiled
+    at every import where PYTHONDONTWRITEBYTECODE is set (the GPU machine sets it): that charged
+    each row 0.25 s for transformers' Llama modules when the wheels were installed with
+    ``pip --no-compile``, charges an editable install (loadstone) at every run, and charged each
+    load 55 ms for psutil, which transformers' modelling code imports. A user's pip install
+    compiles; the benchmark measures that. A fresh process imports ``imports`` and lists
+    every source file it loaded; those, and the named packages' whole folders (for what only some
+    rows import), are compiled."""
     import compileall
     import importlib.util
+    import json
+    import subprocess
 
     for name in ("loadstone", "loadstone_bnb", "loadstone_gptq", "loadstone_devicemap", "transformers",
                  "bitsandbytes", "instanttensor", "fastsafetensors", "peft", "accelerate", "safetensors",
-                 "huggingface_hub", "tokenizers", "packaging"):
+                 "huggingface_hub", "tokenizers", "packaging", "psutil"):
         spec = importlib.util.find_spec(name)
         for folder in (spec.submodule_search_locations or []) if spec else []:
             if os.access(folder, os.W_OK):
                 compileall.compile_dir(folder, quiet=2, workers=os.cpu_count() or 1)
+    probe = subprocess.run([sys.executable, "-c", _PROBE, *imports], capture_output=True, text=True)
+    sources = json.loads(probe.stdout.splitlines()[-1]) if probe.returncode == 0 and probe.stdout else []
+    missing = []
+    for path in sources:
+        if os.access(os.path.dirname(path), os.W_OK):
+            compileall.compile_file(path, quiet=2)
+        if not os.path.exists(importlib.util.cache_from_source(path)):
+            missing.append(path)
+    if missing:
+        print(f"{len(missing)} imported sources have no bytecode and are compiled at each import "
+              f"(e.g. {missing[0]})", file=sys.stderr)
+    return missing
+
+
+def delay_load_weights(seconds: float) -> None:
+    """An ablation, not an option: the kernel's weight-loading stage starts ``seconds`` late, so a
+    read-ahead has read all it can before the engine takes its first tensor, and the engine's
+    ``stream`` time is the cost of emptying a full ring (what a load pays where its plan ends late)."""
+    import time
+
+    import loadstone.pipeline as pipeline
+
+    load_weights = pipeline.load_weights
+
+    def late(*args, **kwargs):
+        time.sleep(seconds)
+        return load_weights(*args, **kwargs)
+
+    pipeline.load_weights = late

@@ -8,6 +8,7 @@ HTML into OUTDIR. A second, unprofiled load in the same process shows what the f
 
     python3 bench/profile_load.py OUTDIR [--method bf16|nf4|int8] [--device cuda:0|cpu] [--small]
         [--engine loadstone|transformers] [--engine-option key=value ...] [--timeline [--raw]]
+        [--late-plan SECONDS]
 
 Needs ``pyinstrument`` (``pip install pyinstrument``); falls back to cProfile's cumulative listing.
 
@@ -18,6 +19,10 @@ and writes ``timeline_*.json``. A sampling profiler cannot show what overlaps wh
 readers run beside the plan, and the load takes as long as the later of the two. With ``--raw``
 it times instanttensor's raw-tensor load instead (the ``instanttensor_buffered`` row of
 ``gpu_engines.py``: its import, ``safe_open``, first and last tensor, close), for comparison.
+
+``--late-plan S`` starts the weight-loading stage S seconds late (the ``loadstone_native_bf16_lateplan``
+ablation of ``gpu_engines.py``): the read-ahead has read everything by then, and the profile of
+the engine's stage is the cost of emptying a full ring, without the readers beside it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bnb import make_checkpoint  # noqa: E402  (the benchmarks' checkpoint)
-from measure import compile_sources  # noqa: E402
+from measure import compile_sources, delay_load_weights  # noqa: E402
 
 
 def load_once(ckpt: str, method: str, device: str, options: dict, engine: str = "auto"):
@@ -186,6 +191,8 @@ def main() -> None:
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--timeline", action="store_true", help="when each step starts and ends, no profiler")
     parser.add_argument("--raw", action="store_true", help="with --timeline: instanttensor's raw-tensor load instead")
+    parser.add_argument("--late-plan", type=float, default=0.0, metavar="SECONDS",
+                        help="start the weight-loading stage this late (an ablation: a full ring to empty)")
     args = parser.parse_args()
     options = {k: int(v) if v.isdigit() else v for k, _, v in (o.partition("=") for o in args.engine_option)}
     # as gpu_engines.py does before its rows: where no bytecode was written (PYTHONDONTWRITEBYTECODE),
@@ -211,6 +218,9 @@ def main() -> None:
     stem = os.path.join(args.outdir, f"profile_{args.method}_{args.device.replace(':', '')}{engine}")
     if args.timeline and args.raw:
         return raw_timeline(ckpt, args.device, stem)
+    if args.late_plan:
+        delay_load_weights(args.late_plan)
+        stem += "_lateplan"
     if args.timeline:
         return timeline(ckpt, args, options, stem)
     try:

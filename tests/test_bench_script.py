@@ -21,6 +21,8 @@ def test_engines_benchmark_runs_every_row_in_its_own_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_engines.json").read_text())
     assert data["meta"]["repeat"] == 2 and data["meta"]["command"].endswith("--small --repeat 2")
+    # every source a load imports has its bytecode written before the first row (the venv is writable)
+    assert not [path for path in data["meta"]["uncompiled_sources"] if "site-packages" in path or "/core/" in path]
     by_row = {r["row"]: r for r in data["rows"]}
     assert list(by_row) == rows.split(",")
     for record in by_row.values():
@@ -79,3 +81,25 @@ def test_the_timeline_records_each_step_of_one_load_in_order(tmp_path):
     started = steps["native.start_finishing"]  # on the skeleton, before the stream
     assert engine["start_ms"] <= started["start_ms"] <= started["end_ms"] <= finishing["start_ms"]
     assert summary["stages"]["load_weights"] > 0 and "the whole load" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_late_plan_starts_the_engine_that_much_later(tmp_path):
+    script = BENCH.with_name("profile_load.py")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "--small", "--device", "cpu", "--timeline",
+                           "--late-plan", "0.3"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = {r["step"]: r for r in json.loads((tmp_path / "timeline_bf16_cpu_lateplan.json").read_text())["steps"]}
+    assert steps["native.NativeEngine.load"]["start_ms"] - steps["pipeline.load_weights"]["start_ms"] >= 300
+
+
+def test_the_benchmarks_compile_every_source_a_load_imports(tmp_path, monkeypatch):
+    # a module outside the named packages, imported by another (as transformers imports psutil)
+    (tmp_path / "probe_outer.py").write_text("import probe_inner\n")
+    (tmp_path / "probe_inner.py").write_text("VALUE = 1\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    from measure import compile_sources
+
+    assert compile_sources(("probe_outer",)) == []
+    assert {p.name.split(".")[0] for p in (tmp_path / "__pycache__").iterdir()} == {"probe_outer", "probe_inner"}
