@@ -11,7 +11,9 @@ for its rows); nothing needs to be pip-installed.
 
 Every row imports the same libraries before its clock starts (torch, transformers, bitsandbytes,
 loadstone, loadstone_bnb; CUDA initialised), except the ``e2e_*`` rows, whose clock starts before
-the first import of a fresh process (imports included). Each row records wall time, GB/s (the
+the first import of a fresh process (imports included). The ``*_preimport`` rows also import the
+checkpoint's model classes (transformers' Llama modules) before the clock, which the other rows'
+loads import inside it; their ratio is against ``transformers_bf16_preimport``. Each row records wall time, GB/s (the
 checkpoint's bytes over wall time), peak host RSS of the process (``VmHWM``: ``ru_maxrss`` would
 carry the parent's peak over the exec), peak GPU memory twice: torch's allocator
 (``torch.cuda.max_memory_allocated``: ``peak_gpu_gib``) and the device's (``peak_gpu_device_gib``:
@@ -48,6 +50,7 @@ from measure import (  # noqa: E402
     delay_load_weights,
     drop_page_cache,
     files_of,
+    import_model_code,
     peak_rss_bytes,
     warm_page_cache,
 )
@@ -94,6 +97,11 @@ ROWS = {
     # not a load to compare: the engine starts 0.5 s late (inside the weights stage), after the
     # read-ahead has read everything, so that engine_timings.stream is what emptying a full ring costs
     "loadstone_native_bf16_lateplan": ("loadstone", "bf16", "loadstone:ablate=late_plan"),
+    # the model's own modules (transformers' Llama code) imported before the clock as well, as a
+    # program that imports its model class has them: the load without transformers' import time
+    "loadstone_native_bf16_preimport": ("loadstone", "bf16", "loadstone"),
+    "instanttensor_buffered_preimport": ("raw", "instanttensor", None),
+    "transformers_bf16_preimport": ("transformers", "bf16", None),
     "safetensors_load_file": ("raw", "safetensors", None),
     "fastsafetensors": ("raw", "fastsafetensors", None),
     "transformers_fp32": ("transformers", "fp32", None),  # the bf16 checkpoint cast to float32 on load
@@ -169,6 +177,8 @@ def child(row: str, ckpt: str, device: str) -> dict:
         from loadstone.stages.inspect import import_transformers
 
         import_transformers()
+        if row.endswith("_preimport"):
+            import_model_code(ckpt)
         if device.startswith("cuda"):
             torch.cuda.init()
             torch.empty(1, device=device)
@@ -349,7 +359,10 @@ def main() -> None:
     results = [median_run(runs[row]) for row in rows]
     by_row = {r["row"]: r for r in results}
     for record in results:
-        base = by_row.get(BASELINE.get(ROWS[record["row"]][1], ""), {})
+        baseline = BASELINE.get(ROWS[record["row"]][1], "")
+        if record["row"].endswith("_preimport") and baseline + "_preimport" in by_row:
+            baseline += "_preimport"  # against transformers with the same imports before its clock
+        base = by_row.get(baseline, {})
         if "wall_s" in record and "wall_s" in base and not record["row"].startswith(("e2e_", "cold_")):
             record["speedup_vs_transformers"] = round(base["wall_s"] / record["wall_s"], 2)
     for a, b in (("e2e_loadstone_bf16", "e2e_transformers_bf16"), ("e2e_loadstone_nf4", "e2e_transformers_nf4"),

@@ -4,6 +4,7 @@ rows. Used by gpu_engines.py; each row runs in a process of its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -84,6 +85,18 @@ def warm_page_cache(files: list[str]) -> None:
                 pass
 
 
+def import_model_code(ckpt: str) -> None:
+    """Imports the checkpoint's configuration and model classes (transformers' modelling modules
+    for its ``model_type``), as ``from transformers import LlamaForCausalLM`` does."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    with open(os.path.join(ckpt, "config.json")) as fh:
+        model_type = json.load(fh)["model_type"]
+    transformers.CONFIG_MAPPING[model_type]
+    getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+
+
 # What a load imports, for compile_sources' probe: the rows' libraries, and the modules a load of
 # the benchmarks' Llama checkpoint imports on its way (transformers' modelling code imports psutil,
 # tokenizers and more through its generation utilities).
@@ -116,7 +129,6 @@ def compile_sources(imports: tuple[str, ...] = LOAD_IMPORTS) -> list[str]:
     rows import), are compiled."""
     import compileall
     import importlib.util
-    import json
     import subprocess
 
     for name in ("loadstone", "loadstone_bnb", "loadstone_gptq", "loadstone_devicemap", "transformers",

@@ -16,7 +16,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_engines.py"
 @pytest.mark.slow
 def test_engines_benchmark_runs_every_row_in_its_own_process(tmp_path):
     rows = ("transformers_bf16,loadstone_native_bf16,loadstone_native_bf16_mmap,loadstone_transformers_bf16,"
-            "loadstone_transformers_bf16_mmap,loadstone_native_bf16_lateplan")
+            "loadstone_transformers_bf16_mmap,loadstone_native_bf16_lateplan,transformers_bf16_preimport,"
+            "loadstone_native_bf16_preimport")
     done = subprocess.run([sys.executable, str(BENCH), str(tmp_path), "--small", "--rows", rows, "--repeat", "2"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -48,6 +49,12 @@ def test_engines_benchmark_runs_every_row_in_its_own_process(tmp_path):
         assert by_row[row]["engine"] == "transformers" and by_row[row]["checksum"] == by_row["transformers_bf16"]["checksum"]
     assert by_row["loadstone_transformers_bf16_mmap"]["engine_options"] == {"reader": "mmap"}
     assert by_row["transformers_bf16"]["speedup_vs_transformers"] == 1.0
+    # the model's code imported before the clock: the load imports (almost) nothing inside it, and
+    # its ratio is against transformers with the same imports done first
+    pre = by_row["loadstone_native_bf16_preimport"]
+    assert max(run["imports"] for run in pre["stages_runs"]) < min(run["imports"] for run in native["stages_runs"])
+    assert pre["checksum"] == by_row["transformers_bf16"]["checksum"]
+    assert pre["speedup_vs_transformers"] == round(by_row["transformers_bf16_preimport"]["wall_s"] / pre["wall_s"], 2)
 
 
 @pytest.mark.slow
