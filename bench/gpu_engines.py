@@ -52,6 +52,7 @@ from measure import (  # noqa: E402
     files_of,
     import_model_code,
     peak_rss_bytes,
+    reserve_before_read_ahead,
     warm_page_cache,
 )
 
@@ -102,6 +103,9 @@ ROWS = {
     "loadstone_native_bf16_preimport": ("loadstone", "bf16", "loadstone"),
     "instanttensor_buffered_preimport": ("raw", "instanttensor", None),
     "transformers_bf16_preimport": ("transformers", "bf16", None),
+    # an ablation: the one-block reservation made before the read-ahead starts, not beside its reads
+    "loadstone_native_bf16_earlyreserve": ("loadstone", "bf16", "loadstone:ablate=early_reserve"),
+    "loadstone_native_bf16_earlyreserve_preimport": ("loadstone", "bf16", "loadstone:ablate=early_reserve"),
     "safetensors_load_file": ("raw", "safetensors", None),
     "fastsafetensors": ("raw", "fastsafetensors", None),
     "transformers_fp32": ("transformers", "fp32", None),  # the bf16 checkpoint cast to float32 on load
@@ -222,6 +226,8 @@ def child(row: str, ckpt: str, device: str) -> dict:
             native.reserve_kept = lambda items: None
         elif ablate == "late_plan":
             delay_load_weights(0.5)
+        elif ablate == "early_reserve":
+            reserve_before_read_ahead()
         result = loadstone.load(ckpt, quantization=None if method in ("bf16", "fp32") else method, placement=device,
                                 dtype="float32" if method == "fp32" else "bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,
                                 engine_options=options, max_memory={device: budget} if budget else None)

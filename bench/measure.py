@@ -167,3 +167,20 @@ def delay_load_weights(seconds: float) -> None:
         return load_weights(*args, **kwargs)
 
     pipeline.load_weights = late
+
+
+def reserve_before_read_ahead() -> None:
+    """An ablation, not an option: the native engine's one-block reservation in torch's cache
+    (``engines.device_memory``) made before its read-ahead opens instanttensor, for the whole
+    checkpoint as stored, instead of at the start of the engine's stage, while the readers run."""
+    import loadstone.engines.native as native
+    from loadstone.engines.device_memory import kept_bytes, reserve_in_torch_cache
+
+    read_ahead = native.NativeEngine.read_ahead
+
+    def reserving(self, request, inventory, device):
+        if device.startswith("cuda"):
+            reserve_in_torch_cache(device, kept_bytes(info.nbytes for info in inventory.tensors.values()))
+        return read_ahead(self, request, inventory, device)
+
+    native.NativeEngine.read_ahead = reserving
