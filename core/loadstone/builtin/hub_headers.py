@@ -16,7 +16,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from ..contract.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, RemoteHeader
+from ..contract.checkpoint import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, RemoteHeader
 from ..contract.sources import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..safetensors_header import MAX_HEADER_BYTES
 
@@ -25,6 +25,8 @@ def snapshot_has_weights(folder: Path) -> bool:
     """Whether a cached snapshot holds the weight files it needs (a plan may have left only configs)."""
     if (folder / ADAPTER_CONFIG).is_file():
         return any((folder / name).is_file() for name in ADAPTER_WEIGHTS)
+    if (folder / SAFE_SINGLE).is_file():  # read before an index, as the inspect stage does
+        return True
     if (folder / SAFE_INDEX).is_file():
         try:
             names = set(json.loads((folder / SAFE_INDEX).read_text(encoding="utf-8"))["weight_map"].values())
@@ -36,11 +38,15 @@ def snapshot_has_weights(folder: Path) -> bool:
 
 
 def weight_files(folder: Path, sizes: dict[str, int]) -> list[str]:
-    """The safetensors files whose headers a plan needs: the index's shards, else the root's files.
+    """The safetensors files whose headers a plan needs: ``model.safetensors`` where the repo has it
+    (the inspect stage, like ``from_pretrained``, reads it before an index), else the index's
+    shards, else the root's files.
 
     ``sizes`` is the repo's file listing. Shards the listing lacks, or whose names leave the folder,
     are not fetched: the inspect stage then reports them exactly as for a local folder.
     """
+    if SAFE_SINGLE in sizes:
+        return [SAFE_SINGLE]
     index = folder / SAFE_INDEX
     if index.is_file():
         try:

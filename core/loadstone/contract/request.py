@@ -99,6 +99,12 @@ class LoadRequest:
                 raise OptionError("a quantization dict needs a 'method' key.", field="quantization",
                                   found=self.quantization, fix='pass e.g. {"method": "nf4", "double_quant": True}')
             self.quantization, self.quantization_options = str(method), {**options, **self.quantization_options}
+        if self.quantization is not None and not isinstance(self.quantization, str):
+            # str(False) is "False": a method nobody provides, reported as a missing plugin
+            raise OptionError("quantization must be a method's name, a dict with a 'method' key, or None.",
+                              field="quantization", expected='e.g. "nf4", "int8", "none" (no quantization) or None',
+                              found=f"{self.quantization!r} ({type(self.quantization).__name__})"[:120],
+                              fix="pass quantization='none' for no quantization, or a method's name")
         if self.quantization is not None:
             method = str(self.quantization).strip().lower()
             # None means "whatever the checkpoint is"; "none" insists on no quantization.
@@ -142,7 +148,7 @@ class LoadRequest:
                                   found=f"{ref!r} ({type(ref).__name__})"[:120],
                                   fix="pass adapters={name: path}, or a list of paths")
         for name in self.adapters:
-            if not str(name).replace("_", "").replace("-", "").isalnum():
+            if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
                 raise OptionError(f"adapter name {name!r} is not a valid identifier.", field="adapters",
                                   expected="letters, digits, '-' and '_'", found=name,
                                   fix="rename it, e.g. name=path")
@@ -161,6 +167,14 @@ class LoadRequest:
         if not isinstance(self.quantization_options, dict):
             raise OptionError("quantization_options must be a dict.", field="quantization_options",
                               found=repr(self.quantization_options))
+        for field_name in ("engine_options", "quantization_options"):
+            for key in getattr(self, field_name):
+                if not isinstance(key, str):  # else a plugin's own code trips over it, and is blamed
+                    raise OptionError(f"{field_name} names its options by text.", field=field_name,
+                                      expected="option names as strings", found=f"{key!r} ({type(key).__name__})"[:120],
+                                      fix=f"write the name as text, e.g. {{\"readers\": 8}}"
+                                      if field_name == "engine_options" else "write the name as text, e.g. "
+                                      "{\"double_quant\": True}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

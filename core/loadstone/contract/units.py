@@ -51,7 +51,8 @@ def format_size(n: float | int | None) -> str:
 def normalize_device(device: Any) -> str | int:
     """Keys of ``max_memory`` / values of device maps as accelerate wants them.
 
-    ``"cuda:1"``/``"1"``/``1`` -> ``1``; ``"cpu"``, ``"disk"``, ``"mps"``, ``"xpu:0"`` stay strings.
+    ``"cuda:1"``/``"1"``/``1`` -> ``1``; ``"cpu:0"`` -> ``"cpu"``; ``"cpu"``, ``"disk"``, ``"mps"``,
+    ``"xpu:0"`` stay strings.
     """
     if isinstance(device, int):
         return device
@@ -62,6 +63,8 @@ def normalize_device(device: Any) -> str | int:
         return int(text[5:])
     if text == "cuda":
         return 0
+    if text.startswith("cpu:") and text[4:].isdigit():
+        return "cpu"  # torch's cpu:N is the one CPU, and tensors there report plain "cpu"
     return text
 
 
@@ -101,11 +104,15 @@ def parse_max_memory(value: Mapping[Any, Any] | None) -> dict[str | int, int] | 
 
 
 def _memory_device(key: Any) -> str | int:
-    """A ``max_memory`` key, refused here when it is no device name at all (``gpu7``), rather than
-    deep inside accelerate's placement code."""
-    device = normalize_device(key)
-    if isinstance(device, int) or device == "disk" or is_device_spec(device):
+    """A ``max_memory`` key, refused here when accelerate would not take it (``gpu7``, ``-1``,
+    ``True``, ``meta``, ``xpu:0``), rather than deep inside accelerate's placement code: it takes
+    a GPU's index, ``cpu``, ``mps`` and ``disk``."""
+    device = None if isinstance(key, bool) or (isinstance(key, int) and key < 0) else normalize_device(key)
+    if isinstance(device, int) or device in ("cpu", "mps", "disk"):
         return device
-    raise OptionError(f"max_memory names {key!r}, which is not a device.", field="max_memory", found=key,
-                      expected="cpu, disk, cuda:N (or just N), mps, xpu:N",
+    named = isinstance(device, str) and is_device_spec(device) and device != "meta"
+    raise OptionError(f"max_memory names {key!r}, which is not a device it can budget"
+                      + (" (accelerate reads an accelerator's budget by its index)." if named else "."),
+                      field="max_memory", found=f"{key!r} ({type(key).__name__})"[:120],
+                      expected="cpu, disk, mps, cuda:N or just N (a GPU's index, N >= 0)",
                       fix='write it like {"cuda:0": "20GiB", "cpu": "64GiB"} (CLI: --max-memory cuda:0=20GiB)')

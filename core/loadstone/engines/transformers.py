@@ -290,10 +290,15 @@ def check_loading_info(info: dict[str, Any], plan: Plan) -> None:
     # A new task head (score.weight for a causal-LM checkpoint loaded for classification) is expected;
     # the plan stage already reported it (see stages/plan/tensormap.head_keys).
     if missing or unexpected:
+        from ..stages.plan.choices import choose_task, task_asked
         from ..stages.plan.tensormap import head_keys
 
-        head = head_keys(plan.build_skeleton(), plan.config, missing + unexpected)
-        missing, unexpected = [k for k in missing if k not in head], [k for k in unexpected if k not in head]
+        skeleton = plan.build_skeleton()
+        # a head the checkpoint lacks is new only where the task was asked for (see build_tensor_map)
+        new = head_keys(skeleton, plan.config, missing) if task_asked(choose_task(plan.request, plan.sources)[1]) \
+            else set()
+        dropped = head_keys(skeleton, plan.config, unexpected)
+        missing, unexpected = [k for k in missing if k not in new], [k for k in unexpected if k not in dropped]
     if not (missing or unexpected or mismatched):
         return
     parts = []

@@ -75,7 +75,7 @@ def read_index(folder: Path, index: Path) -> dict[str, str]:
                      missing=f"{index.name} is missing.", missing_fix="finish the download (or re-save the checkpoint)",
                      repair_fix="regenerate the index with save_pretrained")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index.name} has no usable weight_map.", file=index, field="weight_map",
                               expected="an object mapping tensor names to shard file names",
                               found=repr(weight_map)[:120], fix="regenerate the index with save_pretrained")
@@ -130,11 +130,13 @@ def inspect_checkpoint(folder: Path, *, allow_pickle: bool = False,
     """
     folder = Path(folder)
     source = _HeaderSource(folder, remote_headers)
-    if _is_file(folder / SAFE_INDEX) or os.path.lexists(folder / SAFE_INDEX):  # not a file: read_index says why
-        return _inspect_sharded(folder, folder / SAFE_INDEX, source)
+    # model.safetensors first, as from_pretrained looks: beside an index (a sharded save left behind
+    # by a later single-file one), every engine must read the same files the plan checked.
     if source.present(folder / SAFE_SINGLE):
         tensors, metadata = source.read(folder / SAFE_SINGLE)
         return source.inventory(folder, [folder / SAFE_SINGLE], tensors, None, metadata)
+    if _is_file(folder / SAFE_INDEX) or os.path.lexists(folder / SAFE_INDEX):  # not a file: read_index says why
+        return _inspect_sharded(folder, folder / SAFE_INDEX, source)
     others = sorted({p for p in folder.glob("*.safetensors") if p.is_file()}
                     | {p for p in source.remote if p.parent == folder and p.suffix == ".safetensors"})
     if len(others) == 1:

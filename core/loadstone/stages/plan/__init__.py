@@ -25,7 +25,7 @@ from ...plugins import PluginManager
 from ..adapter_fit import check_adapters_fit
 from ..adapters import validate_adapter
 from ..inspect import CONFIG, Inspection
-from .choices import auto_class_for, choose_dtype, choose_quantization, choose_task
+from .choices import auto_class_for, choose_dtype, choose_quantization, choose_task, task_asked
 from .engine import adopt_read_ahead, choose_engine
 from .memory import (
     add_read_transients,
@@ -54,6 +54,7 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     check_offload_folder(request, sources, inventory)
     task, decision = choose_task(request, sources)
     report.decide(decision)
+    asked_task = task_asked(decision)
     auto_class = auto_class_for(task, config, sources.base.path)
     dtype, decision = choose_dtype(request, config, inventory)
     report.decide(decision)
@@ -74,7 +75,7 @@ def plan_load(request: LoadRequest, plugins: PluginManager, sources: Sources, fo
     skeleton = build.build()
     tensors = skeleton_tensors(skeleton)  # the skeleton is only read from here on
     sizes, converted = tensor_sizes(tensors, qreg, qctx, plugins)
-    tensor_map, notes = _map_tensors(skeleton, found, sources, qreg, qctx, plugins, converted)
+    tensor_map, notes = _map_tensors(skeleton, found, sources, qreg, qctx, plugins, converted, asked_task)
     report.notes.extend(notes)
     transient = _in_flight(tensors, qreg, qctx, plugins, tensor_map, inventory)
 
@@ -155,7 +156,7 @@ def _in_flight(tensors: list[Any], qreg: Any, qctx: Any, plugins: PluginManager,
 
 
 def _map_tensors(skeleton: Any, found: Inspection, sources: Sources, qreg: Any, qctx: Any, plugins: PluginManager,
-                 converted: frozenset[str]) -> tuple[Any, list[str]]:
+                 converted: frozenset[str], asked: bool) -> tuple[Any, list[str]]:
     """The tensor map and its notes; ``None`` (with a note saying why) where it cannot be made."""
     inventory, config = found.inventory, found.config
     backend = qreg.component
@@ -177,7 +178,7 @@ def _map_tensors(skeleton: Any, found: Inspection, sources: Sources, qreg: Any, 
         # The map only reads the skeleton.
         return build_tensor_map(skeleton, inventory, config, sources.base.path, dtype=qctx.dtype,
                                 converts=converted.__contains__, accepts=accepts,
-                                pre_quantized=qctx.pre_quantized)
+                                pre_quantized=qctx.pre_quantized, task_asked=asked)
     except LoadstoneError:
         raise
     except Exception as exc:  # a transformers internal changed: fall back to the post-load check, say so

@@ -32,6 +32,11 @@ def choose_task(request: LoadRequest, sources: Sources) -> tuple[str, Decision]:
     return "causal-lm", Decision("task", "causal-lm", "kernel", "default")
 
 
+def task_asked(decision: Decision) -> bool:
+    """Whether :func:`choose_task`'s task was asked for (by the user or an adapter), not defaulted."""
+    return not (decision.by == "kernel" and decision.reason == "default")
+
+
 def auto_class_for(task: str, config: Any, folder: Path) -> Any:
     import transformers
 

@@ -108,7 +108,7 @@ def _planned_dtypes(model: Any, state: dict[str, Any], dtype: Any) -> dict[str, 
 def build_tensor_map(model: Any, inventory: CheckpointInventory, config: Any, folder: Path, *, dtype: Any,
                      converts: Callable[[str], bool] = lambda name: False,
                      accepts: Callable[[str, str, Any], bool] | None = None,
-                     pre_quantized: bool = False) -> tuple[TensorMap, list[str]]:
+                     pre_quantized: bool = False, task_asked: bool = True) -> tuple[TensorMap, list[str]]:
     """Map every checkpoint tensor onto the skeleton ``model`` and refuse a checkpoint that does not fit.
 
     :param model: the skeleton on the meta device (not changed).
@@ -118,6 +118,9 @@ def build_tensor_map(model: Any, inventory: CheckpointInventory, config: Any, fo
         checkpoint tensor the skeleton has no parameter for; ``None``: nothing extra is taken.
     :param pre_quantized: the checkpoint is pre-quantized: the stored dtypes of the tensors the
         backend converts are its own to judge (packed integers, scales).
+    :param task_asked: the task was asked for (by the user, or an adapter's ``task_type``), so a head
+        the checkpoint lacks is new by intent; with the default task it is refused instead (a
+        headless save, or a misspelt ``architectures``, would otherwise get a random frozen head).
     :return: the tensor map and notes for the report (tied weights, new or dropped task heads).
     :raises WeightsMismatchError: tensors missing, unexpected, of the wrong shape or of a dtype that
         cannot fill their parameter (a BOOL or integer tensor for a floating weight would be cast
@@ -223,6 +226,8 @@ def build_tensor_map(model: Any, inventory: CheckpointInventory, config: Any, fo
             continue
         notes.append(f"tied weights: {target} shares {source} (stored once in the checkpoint)")
     new_head, dropped_head = head_keys(model, config, missing), head_keys(model, config, unexpected)
+    if new_head and not task_asked:
+        raise _unasked_head_error(model, config, inventory, folder, new_head)
     if new_head:
         notes.append(f"new task head for {type(model).__name__}, randomly initialised (train it, e.g. with peft "
                      f"modules_to_save): {_listing(new_head)}")
@@ -269,6 +274,19 @@ def _last_line(text: Any) -> str:
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip() and not ln.startswith((" ", "Traceback"))]
     errors = [ln for ln in lines if ln.startswith(("RuntimeError", "ValueError", "TypeError"))]
     return (errors or lines or ["conversion failed"])[-1][:200]
+
+
+def _unasked_head_error(model: Any, config: Any, inventory: CheckpointInventory, folder: Path,
+                        head: set[str]) -> WeightsMismatchError:
+    arch = type(model).__name__
+    saved_as = (getattr(config, "architectures", None) or [None])[0]
+    where = inventory.index_file or (inventory.files[0] if inventory.files else folder)
+    return WeightsMismatchError(
+        f"the checkpoint has no weights for {arch}'s head: config.json says it was saved as {saved_as}, and no "
+        f"task was asked for, so the head would be random.", file=where, field="tensor names",
+        expected=f"{arch}'s head in the checkpoint", found=f"missing: {_listing(head)}",
+        fix=f"check config.json's architectures ({saved_as!r}); to train a new head on purpose, pass the task "
+            f"(task='causal-lm', CLI --task; the adapter's task_type does the same)")
 
 
 def _mismatch_error(skeleton: Any, inventory: CheckpointInventory, folder: Path, missing: set[str],

@@ -1,0 +1,113 @@
+"""Input classes an audit found refused too late (inside a dependency, blamed on a plugin) or not
+at all (a random head, the files another engine would not read): each is now refused or read the
+same way at plan time as at load time, by every engine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import loadstone
+from loadstone import CheckpointError, OptionError, WeightsMismatchError
+from loadstone.contract.units import parse_max_memory
+
+
+@pytest.mark.parametrize("key", [-1, True, "meta", "xpu:0", "gpu7", 1.5])
+def test_max_memory_keys_accelerate_would_not_take_are_refused_by_name(key):
+    with pytest.raises(OptionError) as caught:
+        parse_max_memory({key: "1GiB"})
+    assert caught.value.field == "max_memory" and repr(key) in str(caught.value)
+
+
+def test_max_memory_and_placement_read_cpu_n_as_the_cpu(tiny_checkpoint):
+    assert parse_max_memory({"cpu:0": "1GiB", "cuda:1": "2GiB"}) == {"cpu": 1 << 30, 1: 2 << 30}
+    # planned and loaded alike: the load's check compares tensors (on "cpu") with the plan's device
+    result = loadstone.load(tiny_checkpoint(), placement="cpu:0", progress=False)
+    assert result.report.placement["device_map"] == {"": "cpu"}
+    assert {p.device.type for p in result.model.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"engine_options": {1: 2}}, "engine_options"),
+    ({"quantization": "int8", "quantization_options": {1: 2}}, "quantization_options"),
+    ({"quantization": False}, "quantization"),
+    ({"adapters": {5: "./adapter"}}, "adapters"),
+])
+def test_option_names_and_methods_that_are_not_text_are_refused_before_any_plugin_sees_them(kwargs, field,
+                                                                                            tiny_checkpoint):
+    with pytest.raises(OptionError) as caught:
+        loadstone.plan(tiny_checkpoint(), **kwargs)
+    assert caught.value.field == field
+
+
+def _both_layouts(tiny_checkpoint, tmp_path: Path) -> tuple[Path, Path]:
+    """A sharded checkpoint with another seed's model.safetensors beside its index."""
+    folder = tmp_path / "both"
+    shutil.copytree(tiny_checkpoint(max_shard_size="200KB"), folder)
+    single = tiny_checkpoint(seed=7)
+    shutil.copy(single / "model.safetensors", folder / "model.safetensors")
+    return folder, single
+
+
+@pytest.mark.parametrize("engine", ["loadstone", "transformers"])
+def test_beside_an_index_model_safetensors_is_what_every_engine_reads(engine, tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    folder, single = _both_layouts(tiny_checkpoint, tmp_path)
+    result = loadstone.load(str(folder), engine=engine, progress=False)
+    assert [Path(f).name for f in result.report.checkpoint["files"]] == ["model.safetensors"]
+    expected = load_file(single / "model.safetensors")
+    state = result.model.state_dict()
+    for name, tensor in expected.items():
+        assert state[name].equal(tensor), name
+
+
+def test_the_hub_plan_fetches_the_headers_of_the_file_the_load_will_read(tmp_path):
+    from loadstone.builtin.hub_headers import snapshot_has_weights, weight_files
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s-1.safetensors"}}))
+    listing = {"model.safetensors": 10, "s-1.safetensors": 5, "model.safetensors.index.json": 1}
+    assert weight_files(tmp_path, listing) == ["model.safetensors"]
+    assert weight_files(tmp_path, {"s-1.safetensors": 5}) == ["s-1.safetensors"]
+    assert not snapshot_has_weights(tmp_path)  # the shard is not there
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert snapshot_has_weights(tmp_path)
+
+
+def test_an_index_with_an_empty_weight_map_is_refused_naming_it(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "empty-map"
+    shutil.copytree(tiny_checkpoint(max_shard_size="200KB"), folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    with pytest.raises(CheckpointError) as caught:
+        loadstone.plan(str(folder), engine="transformers")
+    assert caught.value.field == "weight_map" and Path(caught.value.file).name == "model.safetensors.index.json"
+
+
+def _headless(tiny_checkpoint, tmp_path: Path, architectures: list[str]) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "headless"
+    shutil.copytree(tiny_checkpoint(), folder)
+    tensors = load_file(folder / "model.safetensors")
+    assert tensors.pop("lm_head.weight", None) is not None, "the tiny Llama stores its head (untied)"
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = architectures
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("architectures", [["LlamaModel"], ["LlamaForCausalLm"]])  # headless, or a typo
+@pytest.mark.parametrize("engine", ["loadstone", "transformers"])
+def test_a_missing_head_is_refused_unless_the_task_was_asked_for(architectures, engine, tiny_checkpoint, tmp_path):
+    folder = _headless(tiny_checkpoint, tmp_path, architectures)
+    with pytest.raises(WeightsMismatchError, match="no task was asked for") as caught:
+        loadstone.load(str(folder), engine=engine, progress=False)
+    assert "lm_head.weight" in str(caught.value) and architectures[0] in str(caught.value)
+    # asked for, the head is new by intent: initialised, and the report says so
+    result = loadstone.load(str(folder), engine=engine, task="causal-lm", progress=False)
+    assert any(note.startswith("new task head") for note in result.report.notes)
+    assert not result.model.lm_head.weight.is_meta
