@@ -111,3 +111,9 @@ def test_a_missing_head_is_refused_unless_the_task_was_asked_for(architectures, 
     result = loadstone.load(str(folder), engine=engine, task="causal-lm", progress=False)
     assert any(note.startswith("new task head") for note in result.report.notes)
     assert not result.model.lm_head.weight.is_meta
+
+
+def test_an_attention_implementation_transformers_refuses_is_the_argument_at_fault(tiny_checkpoint):
+    with pytest.raises(OptionError) as caught:
+        loadstone.plan(tiny_checkpoint(), attn_implementation="no-such-attention")
+    assert caught.value.field == "attn_implementation" and "no-such-attention" in str(caught.value)

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ...contract.errors import ConfigError, LoadstoneError
+from ...contract.errors import ConfigError, LoadstoneError, OptionError
 from ...contract.request import LoadRequest
 
 #: Modules a skeleton may have per checkpoint tensor, plus a fixed allowance. A transformers model
@@ -61,6 +61,15 @@ class SkeletonFactory:
                 raise
             except Exception as exc:  # noqa: BLE001 - transformers and torch raise plain errors for bad sizes
                 lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+                asked = self.kwargs.get("attn_implementation")
+                if asked and "attn_implementation" in str(exc):  # the argument, not config.json
+                    said = (lines[-1] if lines else type(exc).__name__)[:400]
+                    raise OptionError(
+                        f"transformers cannot build {self.auto_class.__name__} with attn_implementation={asked!r}: "
+                        f"{said}", field="attn_implementation", found=asked,
+                        expected="an attention implementation transformers supports for this model here",
+                        fix="pass one this model and machine support ('sdpa', 'eager' ...), or leave it out "
+                            "(CLI: --attn-implementation)") from exc
                 raise ConfigError(
                     f"transformers cannot build {self.auto_class.__name__} from config.json: {type(exc).__name__}.",
                     file=self.config_path, field="(config values)", expected="sizes a model can be built from",
