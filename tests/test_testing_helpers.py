@@ -29,3 +29,19 @@ def test_a_method_already_provided_keeps_the_environment_as_it_is():
 def test_a_missing_module_is_an_import_error():
     with pytest.raises(ImportError):
         plugins_with("no-such-method", "loadstone_no_such_module.plugin", "x")
+
+
+def test_the_shell_helpers_print_only_the_folder_on_stdout(tmp_path):
+    # `$(python -m loadstone.testing adapter ...)` in a shell: a library's banner (gptqmodel's,
+    # printed when peft imports it) must not land in what the shell captures
+    import subprocess
+    import sys
+
+    def run(*args: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-m", "loadstone.testing", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.splitlines()
+
+    assert run("checkpoint", "llama", "tiny-llama") == ["tiny-llama"]
+    assert run("adapter", "tiny-llama", "tiny-lora", "--base-reference", "../tiny-llama") == ["tiny-lora"]

@@ -151,10 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-reference", metavar="REF",
                    help="written as base_model_name_or_path (default: the base's absolute path)")
     args = parser.parse_args(argv)
-    if args.what == "checkpoint":
-        folder = make_checkpoint(args.arch, args.folder, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    else:
-        folder = make_lora_adapter(args.base, args.folder, arch=args.arch, r=args.r,
-                                   base_reference=args.base_reference)
+    import contextlib
+    import sys
+
+    from ..quiet import library_output
+
+    # stdout carries the folder alone (`$(python -m loadstone.testing ...)` in a shell): what the
+    # libraries print while building (gptqmodel's banner, when peft imports it) goes to stderr,
+    # and their warnings are silenced as the CLI silences them
+    with library_output(verbose=False), contextlib.redirect_stdout(sys.stderr):
+        if args.what == "checkpoint":
+            folder = make_checkpoint(args.arch, args.folder, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        else:
+            folder = make_lora_adapter(args.base, args.folder, arch=args.arch, r=args.r,
+                                       base_reference=args.base_reference)
     print(folder)
     return 0
