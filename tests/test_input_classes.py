@@ -117,3 +117,14 @@ def test_an_attention_implementation_transformers_refuses_is_the_argument_at_fau
     with pytest.raises(OptionError) as caught:
         loadstone.plan(tiny_checkpoint(), attn_implementation="no-such-attention")
     assert caught.value.field == "attn_implementation" and "no-such-attention" in str(caught.value)
+
+
+def test_a_load_that_does_not_fit_says_its_peaks_in_sizes_and_the_advice_once(tiny_checkpoint):
+    from loadstone import PlacementError
+
+    with pytest.raises(PlacementError) as caught:
+        loadstone.load(tiny_checkpoint(), max_memory={"cpu": "100KB"}, progress=False)
+    error = caught.value
+    assert str(error).startswith("the model does not fit the memory budget.")
+    assert "KiB" in str(error.found) and "offload" in error.fix
+    assert str(error).count("offload_folder=PATH") == 1

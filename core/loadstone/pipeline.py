@@ -11,6 +11,7 @@ from .contract.errors import PlacementError
 from .contract.plan import Plan
 from .contract.records import Registration, RequestChange
 from .contract.report import Decision, LoadReport
+from .contract.units import format_size
 from .contract.request import LoadRequest
 from .faults import offload_workspace, release_failed_load
 from .plugins import PluginManager
@@ -110,9 +111,10 @@ def _load(request: LoadRequest, plugins: PluginManager, engine: Registration | N
             request.validate()
             the_plan = run_plan(request, plugins, clock, "load", changes, engine)
             if not the_plan.fits:
-                raise PlacementError("the model does not fit the memory budget: " + "; ".join(the_plan.advice),
-                                     field="placement", found=the_plan.peak_bytes_per_device,
-                                     fix=the_plan.advice[0] if the_plan.advice else None)
+                peaks = the_plan.peak_bytes_per_device
+                raise PlacementError("the model does not fit the memory budget.", field="placement",
+                                     found="peak " + ", ".join(f"{device} {format_size(n)}" for device, n in peaks.items()),
+                                     fix="; ".join(the_plan.advice) or None)
             report = the_plan.report
             progress = request.progress if request.progress is not None else sys.stderr.isatty()
             on_disk = "disk" in the_plan.bytes_per_device
