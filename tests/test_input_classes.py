@@ -128,3 +128,15 @@ def test_a_load_that_does_not_fit_says_its_peaks_in_sizes_and_the_advice_once(ti
     assert str(error).startswith("the model does not fit the memory budget.")
     assert "KiB" in str(error.found) and "offload" in error.fix
     assert str(error).count("offload_folder=PATH") == 1
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_reference_to_a_file_says_it_is_a_file_however_it_is_spelled(inside, tiny_checkpoint, monkeypatch):
+    from loadstone import ResolutionError
+
+    folder = tiny_checkpoint()
+    # "ckpt/model.safetensors" (a Hub id's shape) from beside the folder, or "model.safetensors" from inside it
+    monkeypatch.chdir(folder if inside else folder.parent)
+    reference = "model.safetensors" if inside else f"{folder.name}/model.safetensors"
+    with pytest.raises(ResolutionError, match="is a file, not a model folder"):
+        loadstone.plan(reference)

@@ -52,6 +52,10 @@ class LocalFolderResolver(Resolver):
         for candidate, state in zip(candidates, states):
             if state == "dir":
                 return ResolvedSource(reference, candidate.resolve(), "local")
+        if "file" in states:  # an existing file ("model/model.safetensors") is no Hub id either
+            where = " or ".join(str(c) for c, st in zip(candidates, states) if st == "file")[:400]
+            raise ResolutionError(f"{reference!r} is a file, not a model folder.", file=where, field="reference",
+                                  fix="point at the folder holding config.json (or adapter_config.json)")
         if _looks_like_path(reference):
             where = " or ".join(str(c) for c in candidates)[:400]
             unusable = next((s for s in states if s.startswith("unusable")), None)
@@ -59,9 +63,6 @@ class LocalFolderResolver(Resolver):
                 raise ResolutionError(f"the path {reference[:200]!r} cannot be used ({unusable[10:]}).", file=where,
                                       field="reference", expected="an existing folder", found=reference[:200],
                                       fix="check the path")
-            if "file" in states:
-                raise ResolutionError(f"{reference!r} is a file, not a model folder.", file=where, field="reference",
-                                      fix="point at the folder holding config.json (or adapter_config.json)")
             raise ResolutionError(f"the folder {reference!r} does not exist.", file=where, field="reference",
                                   fix="check the path; relative paths are taken from the current directory")
         return None
