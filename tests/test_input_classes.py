@@ -140,3 +140,10 @@ def test_a_reference_to_a_file_says_it_is_a_file_however_it_is_spelled(inside, t
     reference = "model.safetensors" if inside else f"{folder.name}/model.safetensors"
     with pytest.raises(ResolutionError, match="is a file, not a model folder"):
         loadstone.plan(reference)
+
+
+@pytest.mark.parametrize("token", [5, ["hf_secret"], {"token": "hf_secret"}])
+def test_a_token_of_another_type_is_refused_without_echoing_it(token, tiny_checkpoint):
+    with pytest.raises(OptionError) as caught:
+        loadstone.plan(tiny_checkpoint(), token=token)
+    assert caught.value.field == "token" and "hf_secret" not in str(caught.value)

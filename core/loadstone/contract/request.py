@@ -89,6 +89,11 @@ class LoadRequest:
                 raise OptionError(f"{name} must be True or False.", field=name, expected="a bool",
                                   found=f"{getattr(self, name)!r} ({type(getattr(self, name)).__name__})"[:120],
                                   fix=f"pass {name}=True or {name}=False")
+        if self.token is not None and not isinstance(self.token, (str, bool)):
+            # never echoed: a token's value is a secret, its type is not
+            raise OptionError("token must be text, True or False.", field="token", expected="a str, bool or None",
+                              found=f"a {type(self.token).__name__}",
+                              fix="pass the Hub token as a string, or True to use the one `hf auth login` saved")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise OptionError("progress must be True, False or None.", field="progress", expected="a bool or None",
                               found=repr(self.progress)[:120], fix="pass progress=False (or True, or None for auto)")
