@@ -147,3 +147,16 @@ def test_a_token_of_another_type_is_refused_without_echoing_it(token, tiny_check
     with pytest.raises(OptionError) as caught:
         loadstone.plan(tiny_checkpoint(), token=token)
     assert caught.value.field == "token" and "hf_secret" not in str(caught.value)
+
+
+def test_an_adapter_naming_modules_it_saved_no_copy_of_says_which_field(tiny_checkpoint, tiny_adapter, tmp_path):
+    from loadstone import AdapterError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter(), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["lm_head"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError) as caught:
+        loadstone.plan(str(adapter))
+    assert caught.value.field == "modules_to_save" and "lm_head.weight" in str(caught.value)

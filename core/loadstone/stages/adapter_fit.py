@@ -57,6 +57,20 @@ def _peft_refuses(adapter: AdapterSource, exc: BaseException, doing: str) -> Ada
                         fix="re-save the adapter with peft's save_pretrained, or fix the field the message names")
 
 
+def _no_saved_copy(adapter: AdapterSource, config: Any, exc: KeyError) -> AdapterError:
+    """peft looks up a saved copy of each module it keeps whole (``modules_to_save``, and a task's
+    head such as ``score`` for SEQ_CLS) and raises a bare ``KeyError`` where there is none."""
+    key = str(exc.args[0]) if exc.args else "?"
+    saved = sorted(getattr(config, "modules_to_save", None) or [])
+    return AdapterError(
+        f"adapter {adapter.name!r} keeps whole copies of {', '.join(saved) or 'its task head'}, but "
+        f"{adapter.weights.name} holds no saved copy: {key}.", file=adapter.weights,
+        field="modules_to_save" if saved else "task_type", expected=f"{key} in {adapter.weights.name}",
+        found="no such tensor",
+        fix="re-save the adapter with peft's save_pretrained after training those modules, or drop them from "
+            "modules_to_save (and check task_type) in adapter_config.json")
+
+
 def _meta_state(adapter: AdapterSource) -> tuple[dict[str, Any], dict[str, str]]:
     """The adapter's tensors as meta tensors of the stored shapes and dtypes, and their dtype codes
     (from the safetensors header, or from a pickle read onto the meta device: no data either way)."""
@@ -114,6 +128,8 @@ def check_adapters_fit(skeleton: Any, adapters: list[AdapterSource], request: Lo
             _check_shapes_and_dtypes(adapter, config, state, codes, expected)
             try:
                 result = set_peft_model_state_dict(model, state, adapter_name=adapter.name)
+            except KeyError as exc:  # a module peft keeps a whole copy of, which the weights do not hold
+                raise _no_saved_copy(adapter, config, exc) from exc
             except Exception as exc:  # noqa: BLE001
                 raise _peft_refuses(adapter, exc, "loading its tensors") from exc
         prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(config.peft_type, "")
