@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  loadstone demo\n  loadstone demo --no-quantize --json\n"
                               "  loadstone demo --rebuild --cache-dir /tmp/demo",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache-dir", metavar="DIR", help="where the demo checkpoint lives (default: user cache)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where the demo checkpoint lives (default: user cache): a new or empty folder, or one the "
+                        "demo built; a folder holding other files is refused, never emptied")
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo checkpoint")
     p.add_argument("--no-quantize", action="store_true", help="skip NF4 even when loadstone-bnb is installed")
     p.add_argument("--json", action="store_true", help="print the report as JSON (an error as a JSON object)")
@@ -225,24 +227,53 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _library_stdout(stack: contextlib.ExitStack, args: argparse.Namespace) -> Any:
+    """Where what libraries print (gptqmodel's banner and kernel choice) goes while loadstone works:
+    stdout carries the report alone (`--json` is parsed by programs), so it is library output, shown
+    on stderr with --verbose and dropped otherwise, like their warnings."""
+    if args.verbose or args.debug:
+        return sys.stderr
+    return stack.enter_context(open(os.devnull, "w"))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    with contextlib.ExitStack() as stack:
+        return run_demo(cache_dir=args.cache_dir, rebuild=args.rebuild, quantize=not args.no_quantize,
+                        as_json=args.json, progress=False if args.quiet else None,
+                        library_stdout=_library_stdout(stack, args))
+
+
 def _cmd_load_or_plan(args: argparse.Namespace) -> int:
     import loadstone
 
     kwargs = request_kwargs(args)
-    # stdout carries the report alone (`--json` is parsed by programs). What libraries print while
-    # loading (gptqmodel's banner and kernel choice) is library output: shown on stderr with
-    # --verbose, dropped otherwise, like their warnings.
-    verbose = args.verbose or args.debug
     with contextlib.ExitStack() as stack:
-        sink = sys.stderr if verbose else stack.enter_context(open(os.devnull, "w"))
-        stack.enter_context(contextlib.redirect_stdout(sink))
-        if args.command == "plan":
-            kwargs.pop("progress")
-            report = loadstone.plan(args.reference, **kwargs).report
-        else:
-            report = loadstone.load(args.reference, **kwargs).report
+        stack.enter_context(contextlib.redirect_stdout(_library_stdout(stack, args)))
+        try:
+            if args.command == "plan":
+                kwargs.pop("progress")
+                report = loadstone.plan(args.reference, **kwargs).report
+            else:
+                report = loadstone.load(args.reference, **kwargs).report
+        except OptionError as exc:
+            raise _options_without_method(exc, args) from exc
     print(report.to_json() if args.json else report.render())
     return 0
+
+
+def _options_without_method(exc: OptionError, args: argparse.Namespace) -> OptionError:
+    """``-o`` without ``-q`` on an unquantized checkpoint reaches the no-op method "none", whose
+    refusal ("method 'none' does not take the option(s) ...") does not say what the user left out.
+    (A pre-quantized checkpoint takes -o without -q: its backend's own refusal stays as it is.)"""
+    if args.quantization or not args.quant_option or exc.field != "quantization options" \
+            or not exc.message.startswith("quantization method 'none' "):
+        return exc
+    return OptionError(f"-o {', '.join(k for k, _ in args.quant_option)} given without -q: backend options go "
+                       f"with a quantization method, and none was asked for.", field="-o/--quant-option",
+                       expected="-q METHOD with its -o options, e.g. -q nf4 -o double_quant=true", found=exc.found,
+                       fix="add -q METHOD (`loadstone plugins` lists the methods and their options), or drop -o")
 
 
 def _one_line(text: str) -> str:
@@ -276,10 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "plugins":
                 return _cmd_plugins(args)
             if args.command == "demo":
-                from .demo import run_demo
-
-                return run_demo(cache_dir=args.cache_dir, rebuild=args.rebuild, quantize=not args.no_quantize,
-                                as_json=args.json, progress=False if args.quiet else None)
+                return _cmd_demo(args)
             return _cmd_load_or_plan(args)
         except LoadstoneError as exc:
             if args.debug:

@@ -70,10 +70,18 @@ class DevicePlacement(PlacementStrategy):
     def matches(self, spec: str) -> bool:
         return is_device_spec(spec) and spec not in {"cpu", "meta"}
 
-    def whole_model_device(self, spec: str) -> str | int:
-        return normalize_device(spec)
+    def whole_model_device(self, spec: str) -> str | int | None:
+        # The manager hands this strategy its own name too ("device"), which names no device:
+        # place() refuses it, so nothing may be read ahead onto it.
+        return normalize_device(spec) if self.matches(spec) else None
 
     def place(self, ctx: PlacementContext) -> dict[str, Any]:
+        if not isinstance(ctx.spec, str) or not self.matches(ctx.spec):
+            raise PlacementError(
+                f"placement {ctx.spec!r} is not a device: the built-in strategy {self.name!r} is chosen by "
+                f"naming the device itself.", field="placement", found=ctx.spec,
+                expected="a device such as cuda:0, cuda:1, mps, xpu:0",
+                fix="pass the device (CLI: --placement cuda:0), or placement='auto' / 'cpu'")
         device = normalize_device(ctx.spec)
         _check_device_exists(device, f"placement {ctx.spec!r}")
         return {"": device}
@@ -121,7 +129,13 @@ class ExplicitPlacement(PlacementStrategy):
     description = "a device map given as a dict (module prefix -> device); checked against the model"
 
     def place(self, ctx: PlacementContext) -> dict[str, Any]:
-        spec = ctx.spec if isinstance(ctx.spec, dict) else {}
+        if not isinstance(ctx.spec, dict):
+            # Reached by name ("explicit"); an empty map would fail later as "does not place X".
+            raise PlacementError(
+                f"placement {ctx.spec!r} needs the device map itself, not the name of this strategy.",
+                field="placement", found=ctx.spec, expected="a dict {module: device}",
+                fix='pass placement={"": "cpu", "lm_head": 0} (CLI: --device-map map.json)')
+        spec = ctx.spec
         names = {n for n, _ in ctx.model.named_modules()} | set(ctx.tensor_bytes)
         unknown = [k for k in spec if k and k not in names]
         if unknown:

@@ -138,17 +138,28 @@ def check_fit(plan_bytes: dict[str, int], peak_bytes: dict[str, int], device_map
     return fits, advice
 
 
+#: Device kinds that name an accelerator (see ``is_device_spec``). Any other text a strategy puts in a
+#: map counts as absent: looked up on torch it can name something that is no device module at all
+#: (``torch.device`` is a class, ``torch.cpu`` has a device_count of its own).
+ACCELERATOR_KINDS = frozenset({"cuda", "mps", "xpu", "npu", "hpu", "mlu"})
+
+
 def _accelerator_count(kind: str) -> int:
     import torch
 
+    if kind not in ACCELERATOR_KINDS:
+        return 0
     if kind == "cuda":
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     if kind == "mps":
         return 1 if torch.backends.mps.is_available() else 0
+    # npu, hpu, mlu are attached to torch by their vendors' packages, when those are installed.
     backend = getattr(torch, kind, None)
-    if backend is None or not backend.is_available():
+    is_available = getattr(backend, "is_available", None)
+    device_count = getattr(backend, "device_count", None)
+    if not callable(is_available) or not callable(device_count) or not is_available():
         return 0
-    return backend.device_count() if hasattr(backend, "device_count") else 1
+    return int(device_count())
 
 
 def missing_devices(devices: Any) -> list[str]:
