@@ -160,3 +160,15 @@ def test_an_adapter_naming_modules_it_saved_no_copy_of_says_which_field(tiny_che
     with pytest.raises(AdapterError) as caught:
         loadstone.plan(str(adapter))
     assert caught.value.field == "modules_to_save" and "lm_head.weight" in str(caught.value)
+
+
+def test_peft_all_linear_shorthand_is_a_target_not_a_regex(tiny_checkpoint, tiny_adapter, tmp_path):
+    # an adapter over every linear layer, its config written with peft's shorthand
+    adapter = tmp_path / "all-linear"
+    shutil.copytree(tiny_adapter(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"]), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_modules"] = "all-linear"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = loadstone.load(str(adapter), progress=False)
+    assert sum("lora_A" in name for name, _ in result.model.named_parameters()) == 7 * 2  # 2 layers

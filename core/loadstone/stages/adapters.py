@@ -60,7 +60,8 @@ def validate_adapter(adapter: AdapterSource, skeleton: Any, *, allow_pickle: boo
     names = set(modules) - {""}
     targets = adapter.config.get("target_modules")
     if isinstance(targets, str):
-        if not any(re.fullmatch(targets, n) for n in names):
+        # peft's shorthand for every linear layer but the output head; peft expands it on the base
+        if targets.lower() != "all-linear" and not any(re.fullmatch(targets, n) for n in names):
             raise AdapterError(
                 f"adapter {adapter.name!r}: the target_modules pattern matches no module of the base model.",
                 file=cfg_path, field="target_modules", expected="a regex matching module names such as "
