@@ -1,6 +1,7 @@
 """Built-in placement strategies' own names given as ``-p`` ("device", "explicit") are refused with
 a PlacementError that says what to pass, not a traceback; the planner counts only accelerators;
-and ``-o`` without ``-q`` says that backend options go with a quantization method."""
+``-o`` without ``-q`` says that backend options go with a quantization method; and a key given
+twice to a repeatable option is refused."""
 
 from __future__ import annotations
 
@@ -59,3 +60,11 @@ def test_quant_options_without_a_method_say_to_add_one(sharded_llama, capsys):
     # with -q none asked for explicitly, the backend's own refusal stands
     code, error = _run(capsys, "plan", str(sharded_llama), "-q", "none", "-o", "double_quant=true")
     assert code == 2 and error["field"] == "quantization options"
+
+
+@pytest.mark.parametrize("first, second", [("--max-memory", "cpu=1GiB"), ("-e", "readers=2"),
+                                           ("-o", "double_quant=true")])
+def test_a_key_given_twice_to_a_repeatable_option_is_refused_not_overwritten(first, second, sharded_llama, capsys):
+    key = second.partition("=")[0]
+    code, error = _run(capsys, "plan", str(sharded_llama), first, second, first, f"{key}=3")
+    assert code == 2 and error["error"] == "OptionError" and error["field"] == f"{first} {key}"

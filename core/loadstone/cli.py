@@ -177,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _once(flag: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``KEY=VALUE`` pairs of a repeatable option, refused where a key is given twice: the last would
+    win silently, and which of two budgets or settings was meant is the user's to say."""
+    seen: dict[str, str] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise OptionError(f"{flag} {key} is given twice.", field=f"{flag} {key}",
+                              expected="each key once", found=f"{key}={seen[key]} and {key}={value}",
+                              fix=f"keep one {flag} {key}=...")
+        seen[key] = value
+    return pairs
+
+
 def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     placement: Any = args.placement
     if args.device_map:
@@ -190,7 +203,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                               found=type(placement).__name__, fix=example)
     kwargs: dict[str, Any] = {
         "quantization": args.quantization,
-        "quantization_options": {k: _option_value("-o", k, v) for k, v in args.quant_option},
+        "quantization_options": {k: _option_value("-o", k, v) for k, v in _once("-o", args.quant_option)},
         "placement": placement,
         "dtype": args.dtype,
         "trainable": not args.frozen,
@@ -198,7 +211,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "active_adapter": args.active_adapter,
         "base": args.base,
         "task": args.task,
-        "max_memory": dict(args.max_memory) or None,
+        "max_memory": dict(_once("--max-memory", args.max_memory)) or None,
         "offload_folder": args.offload_folder,
         "revision": args.revision,
         "cache_dir": args.cache_dir,
@@ -208,7 +221,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "gradient_checkpointing": args.gradient_checkpointing,
         "progress": False if getattr(args, "quiet", False) else None,
         "engine": args.engine,
-        "engine_options": {k: _option_value("-e", k, v) for k, v in args.engine_option},
+        "engine_options": {k: _option_value("-e", k, v) for k, v in _once("-e", args.engine_option)},
     }
     if args.offline:
         kwargs["offline"] = True
