@@ -68,3 +68,12 @@ def test_a_key_given_twice_to_a_repeatable_option_is_refused_not_overwritten(fir
     key = second.partition("=")[0]
     code, error = _run(capsys, "plan", str(sharded_llama), first, second, first, f"{key}=3")
     assert code == 2 and error["error"] == "OptionError" and error["field"] == f"{first} {key}"
+
+
+@pytest.mark.parametrize("make", ["missing", "directory"])
+def test_a_device_map_file_that_cannot_be_read_names_the_option(make, sharded_llama, tmp_path, capsys):
+    path = tmp_path / "map.json"
+    if make == "directory":
+        path.mkdir()
+    code, error = _run(capsys, "plan", str(sharded_llama), "--device-map", str(path))
+    assert code == 2 and error["field"] == "--device-map" and error["file"] == str(path)

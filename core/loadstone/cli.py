@@ -196,7 +196,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         example = 'write it like {"": "cpu"} or {"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}'
         placement = read_json(Path(args.device_map), OptionError, what="a JSON object {module: device}",
                               missing="the --device-map file does not exist.", missing_fix="check the path",
-                              repair_fix=example)
+                              repair_fix=example, field="--device-map")
         if not isinstance(placement, dict):
             raise OptionError("the --device-map file must hold a JSON object {module: device}.", file=args.device_map,
                               field="--device-map", expected="a JSON object {module: device}",

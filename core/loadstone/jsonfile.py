@@ -98,33 +98,36 @@ def problem_fields(problem: JSONProblem, *, whole: str = "(whole file)") -> dict
 
 
 def read_json(path: Path, error: type[LoadstoneError], *, what: str, missing: str, missing_fix: str,
-              repair_fix: str) -> Any:
+              repair_fix: str, field: str | None = None) -> Any:
     """Read and strictly parse the JSON file ``path``; every failure is ``error`` naming the file.
 
     ``what`` describes the expected content (``"a JSON object"``); ``missing``/``missing_fix`` word
     the error for an absent file, ``repair_fix`` the fix for a file that is there but unusable.
+    ``field`` names what the user gave (``--device-map``) where the file itself is at fault; by
+    default, the file's name.
     """
     path = Path(path)
+    field = field or path.name
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except (FileNotFoundError, NotADirectoryError):
-        raise error(missing, file=path, field=path.name, expected=what, found="no such file",
+        raise error(missing, file=path, field=field, expected=what, found="no such file",
                     fix=missing_fix) from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise _unreadable(path, exc, error, what) from None
+        raise _unreadable(path, exc, error, what, field) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
-            raise error(f"{path.name} is {kind}.", file=path, field=path.name, expected=f"a regular file holding {what}",
+            raise error(f"{path.name} is {kind}.", file=path, field=field, expected=f"a regular file holding {what}",
                         found=kind, fix=repair_fix)
         if st.st_size > MAX_JSON_BYTES:
-            raise error(f"{path.name} is too large to be {what}.", file=path, field=path.name,
+            raise error(f"{path.name} is too large to be {what}.", file=path, field=field,
                         expected=f"at most {MAX_JSON_BYTES} bytes", found=f"{st.st_size} bytes", fix=repair_fix)
         with os.fdopen(fd, "rb", closefd=False) as fh:
             raw = fh.read(MAX_JSON_BYTES + 1)
     except OSError as exc:
-        raise _unreadable(path, exc, error, what) from None
+        raise _unreadable(path, exc, error, what, field) from None
     finally:
         os.close(fd)
     try:
@@ -137,12 +140,13 @@ def read_json(path: Path, error: type[LoadstoneError], *, what: str, missing: st
         raise error(message, file=path, **problem_fields(problem), fix=repair_fix) from None
 
 
-def _unreadable(path: Path, exc: BaseException, error: type[LoadstoneError], what: str) -> LoadstoneError:
+def _unreadable(path: Path, exc: BaseException, error: type[LoadstoneError], what: str,
+                field: str) -> LoadstoneError:
     reason = getattr(exc, "strerror", None) or str(exc)
     code = getattr(exc, "errno", None)
     fix = ("give your user read permission on it (chmod a+r), or run as a user who has it" if code == errno.EACCES
            else "check the path: it must be a readable regular file")
-    return error(f"{path.name} cannot be read: {reason}.", file=path, field=path.name,
+    return error(f"{path.name} cannot be read: {reason}.", file=path, field=field,
                  expected=f"a readable file holding {what}", found=type(exc).__name__, fix=fix)
 
 
