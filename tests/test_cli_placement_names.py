@@ -77,3 +77,18 @@ def test_a_device_map_file_that_cannot_be_read_names_the_option(make, sharded_ll
         path.mkdir()
     code, error = _run(capsys, "plan", str(sharded_llama), "--device-map", str(path))
     assert code == 2 and error["field"] == "--device-map" and error["file"] == str(path)
+
+
+def test_an_interrupted_command_under_json_prints_an_error_object_with_every_key(sharded_llama, capsys,
+                                                                                 monkeypatch):
+    import loadstone.cli as cli
+
+    code, refused = _run(capsys, "plan", str(sharded_llama), "-p", "device")  # any refusal: its keys
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_load_or_plan", interrupted)
+    code, error = _run(capsys, "plan", str(sharded_llama))
+    assert code == 130 and error["error"] == "interrupted" and error["exit_code"] == 130
+    assert set(error) == set(refused)

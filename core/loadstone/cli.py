@@ -328,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report_error(exc, as_json=args.json)
         except KeyboardInterrupt:
             if args.json:
-                print(json.dumps({"error": "interrupted", "message": "interrupted", "exit_code": 130}))
+                # the keys every error object has, so that a script reads this one the same way
+                print(json.dumps({"error": "interrupted", "message": "interrupted", "file": None, "field": None,
+                                  "expected": None, "found": None, "exit_code": 130,
+                                  "fix": "run the command again; an interrupted load leaves no files behind"}, indent=2))
             print("interrupted", file=sys.stderr)
             return 130
         except Exception as exc:
