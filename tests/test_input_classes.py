@@ -172,3 +172,18 @@ def test_peft_all_linear_shorthand_is_a_target_not_a_regex(tiny_checkpoint, tiny
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     result = loadstone.load(str(adapter), progress=False)
     assert sum("lora_A" in name for name, _ in result.model.named_parameters()) == 7 * 2  # 2 layers
+
+
+def test_a_float64_checkpoint_under_auto_says_why_it_loads_as_float32(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "f64"
+    shutil.copytree(tiny_checkpoint(), folder)
+    tensors = {k: v.double() for k, v in load_file(folder / "model.safetensors").items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    decision = loadstone.plan(str(folder)).report.decision("dtype")
+    assert decision.choice == "float32" and "float64" in decision.reason

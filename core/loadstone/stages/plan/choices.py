@@ -61,6 +61,10 @@ def choose_dtype(request: LoadRequest, config: Any, inventory: CheckpointInvento
     stored = inventory.dominant_float_dtype()
     if stored in {"bfloat16", "float16", "float32"}:
         return stored, Decision("dtype", stored, "kernel", "dtype of most bytes in the safetensors headers")
+    wider = next((d for d in (declared, stored) if d == "float64"), None)
+    if wider:  # the report says why the weights are cast, rather than that nothing was declared
+        return "float32", Decision("dtype", "float32", "kernel", "the checkpoint is float64, which loads as float32 "
+                                   "(the widest load dtype; pass dtype= to choose another)")
     return "float32", Decision("dtype", "float32", "kernel", "checkpoint declares no dtype")
 
 
