@@ -187,3 +187,7 @@ def test_a_float64_checkpoint_under_auto_says_why_it_loads_as_float32(tiny_check
     (folder / "config.json").write_text(json.dumps(config))
     decision = loadstone.plan(str(folder)).report.decision("dtype")
     assert decision.choice == "float32" and "float64" in decision.reason
+
+
+def test_a_dtype_is_read_like_the_other_names_whitespace_and_case_aside(tiny_checkpoint):
+    assert loadstone.plan(tiny_checkpoint(), dtype=" BF16 ").report.decision("dtype").choice == "bfloat16"

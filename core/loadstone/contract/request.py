@@ -114,7 +114,7 @@ class LoadRequest:
             method = str(self.quantization).strip().lower()
             # None means "whatever the checkpoint is"; "none" insists on no quantization.
             self.quantization = None if method in {"", "auto"} else ("none" if method in {"no", "off"} else method)
-        dtype = str(self.dtype).replace("torch.", "").lower()
+        dtype = str(self.dtype).replace("torch.", "").strip().lower()  # as engine and quantization are read
         dtype = DTYPE_ALIASES.get(dtype, dtype)
         if dtype not in DTYPES:
             raise OptionError(f"unsupported dtype {self.dtype!r}.", field="dtype", expected=", ".join(DTYPES),
