@@ -45,14 +45,13 @@ T_PROCESS = time.perf_counter()  # e2e rows: before any import of this process
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bnb import CKPT, make_checkpoint  # noqa: E402  (the same checkpoint as the other benchmarks)
 from measure import (  # noqa: E402
+    ABLATIONS,
     DevicePeak,
     compile_sources,
-    delay_load_weights,
     drop_page_cache,
     files_of,
     import_model_code,
     peak_rss_bytes,
-    reserve_before_read_ahead,
     warm_page_cache,
 )
 
@@ -219,15 +218,8 @@ def child(row: str, ckpt: str, device: str) -> dict:
             key, _, value = pair.partition("=")
             options[key] = int(value) if value.isdigit() else value
         budget = options.pop("max_memory", None)
-        ablate = options.pop("ablate", None)
-        if ablate == "reserve":
-            import loadstone.engines.native as native
-
-            native.reserve_kept = lambda items: None
-        elif ablate == "late_plan":
-            delay_load_weights(0.5)
-        elif ablate == "early_reserve":
-            reserve_before_read_ahead()
+        if "ablate" in options:
+            ABLATIONS[options.pop("ablate")]()
         result = loadstone.load(ckpt, quantization=None if method in ("bf16", "fp32") else method, placement=device,
                                 dtype="float32" if method == "fp32" else "bfloat16", trainable=False, progress=False, plugins=plugins, engine=name,
                                 engine_options=options, max_memory={device: budget} if budget else None)

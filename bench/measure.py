@@ -184,3 +184,16 @@ def reserve_before_read_ahead() -> None:
         return read_ahead(self, request, inventory, device)
 
     native.NativeEngine.read_ahead = reserving
+
+
+def skip_reservation() -> None:
+    """An ablation, not an option: the native engine without its one-block reservation in torch's
+    cache (``engines.device_memory.reserve_kept``)."""
+    import loadstone.engines.native as native
+
+    native.reserve_kept = lambda items: None
+
+
+#: The ``ablate=`` values of ``gpu_engines.py``'s rows: measurements of the engine's parts, not options.
+ABLATIONS = {"reserve": skip_reservation, "late_plan": lambda: delay_load_weights(0.5),
+             "early_reserve": reserve_before_read_ahead}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -86,18 +87,26 @@ def test_an_index_with_an_empty_weight_map_is_refused_naming_it(tiny_checkpoint,
     assert caught.value.field == "weight_map" and Path(caught.value.file).name == "model.safetensors.index.json"
 
 
-def _headless(tiny_checkpoint, tmp_path: Path, architectures: list[str]) -> Path:
+def _rewritten(source: Path, folder: Path, tensors: Callable[[dict], dict], config: Callable[[dict], None]) -> Path:
+    """A copy of the checkpoint ``source`` whose tensors and config.json the callables change."""
     from safetensors.torch import load_file, save_file
 
-    folder = tmp_path / "headless"
-    shutil.copytree(tiny_checkpoint(), folder)
-    tensors = load_file(folder / "model.safetensors")
-    assert tensors.pop("lm_head.weight", None) is not None, "the tiny Llama stores its head (untied)"
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    config["architectures"] = architectures
-    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copytree(source, folder)
+    save_file(tensors(load_file(folder / "model.safetensors")), str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    data = json.loads((folder / "config.json").read_text())
+    config(data)
+    (folder / "config.json").write_text(json.dumps(data))
     return folder
+
+
+def _headless(tiny_checkpoint, tmp_path: Path, architectures: list[str]) -> Path:
+    def without_head(tensors: dict) -> dict:
+        assert tensors.pop("lm_head.weight", None) is not None, "the tiny Llama stores its head (untied)"
+        return tensors
+
+    return _rewritten(tiny_checkpoint(), tmp_path / "headless", without_head,
+                      lambda config: config.update(architectures=architectures))
 
 
 @pytest.mark.parametrize("architectures", [["LlamaModel"], ["LlamaForCausalLm"]])  # headless, or a typo
@@ -175,16 +184,12 @@ def test_peft_all_linear_shorthand_is_a_target_not_a_regex(tiny_checkpoint, tiny
 
 
 def test_a_float64_checkpoint_under_auto_says_why_it_loads_as_float32(tiny_checkpoint, tmp_path):
-    from safetensors.torch import load_file, save_file
+    def undeclared(config: dict) -> None:
+        config.pop("dtype", None)
+        config.pop("torch_dtype", None)
 
-    folder = tmp_path / "f64"
-    shutil.copytree(tiny_checkpoint(), folder)
-    tensors = {k: v.double() for k, v in load_file(folder / "model.safetensors").items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("dtype", None)
-    config.pop("torch_dtype", None)
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = _rewritten(tiny_checkpoint(), tmp_path / "f64", lambda t: {k: v.double() for k, v in t.items()},
+                        undeclared)
     decision = loadstone.plan(str(folder)).report.decision("dtype")
     assert decision.choice == "float32" and "float64" in decision.reason
 

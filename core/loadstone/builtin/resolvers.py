@@ -9,6 +9,7 @@ from pathlib import Path
 from ..contract.errors import ResolutionError
 from ..contract.hookspecs import hookimpl
 from ..contract.sources import ResolveContext, ResolvedSource, Resolver
+from ..contract.units import shown
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(@(?P<rev>[\w./-]+))?$")
 # Files a base model or adapter needs; tokenizers are not loadstone's job.
@@ -194,7 +195,7 @@ def _check_revision(revision: str) -> None:
     (it becomes part of a path in the cache and of a URL)."""
     if not isinstance(revision, str):
         raise ResolutionError("the revision must be text.", field="revision", expected="a branch, tag or commit",
-                              found=f"{revision!r} ({type(revision).__name__})"[:200],
+                              found=shown(revision, 200),
                               fix="pass the branch, tag or commit id as text, e.g. revision=\"main\"")
     parts = revision.split("/")
     if (not revision or len(revision) > _MAX_REVISION or any(p in ("", ".", "..") for p in parts)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from .errors import OptionError
-from .units import map_device, parse_max_memory
+from .units import map_device, parse_max_memory, shown
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
@@ -81,13 +81,13 @@ class LoadRequest:
                 setattr(self, name, value)
             if value is not None and not isinstance(value, str):
                 raise OptionError(f"{name} must be text.", field=name, expected="a string (or None)",
-                                  found=f"{value!r} ({type(value).__name__})"[:120],
+                                  found=shown(value),
                                   fix=f"pass {name} as a string")
         for name in ("trainable", "trust_remote_code", "allow_pickle", "gradient_checkpointing", "offline"):
             # "false" is truthy: a string here would silently mean the opposite (trust remote code).
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be True or False.", field=name, expected="a bool",
-                                  found=f"{getattr(self, name)!r} ({type(getattr(self, name)).__name__})"[:120],
+                                  found=shown(getattr(self, name)),
                                   fix=f"pass {name}=True or {name}=False")
         if self.token is not None and not isinstance(self.token, (str, bool)):
             # never echoed: a token's value is a secret, its type is not
@@ -108,7 +108,7 @@ class LoadRequest:
             # str(False) is "False": a method nobody provides, reported as a missing plugin
             raise OptionError("quantization must be a method's name, a dict with a 'method' key, or None.",
                               field="quantization", expected='e.g. "nf4", "int8", "none" (no quantization) or None',
-                              found=f"{self.quantization!r} ({type(self.quantization).__name__})"[:120],
+                              found=shown(self.quantization),
                               fix="pass quantization='none' for no quantization, or a method's name")
         if self.quantization is not None:
             method = str(self.quantization).strip().lower()
@@ -131,7 +131,7 @@ class LoadRequest:
                 if not isinstance(key, str):
                     raise OptionError("device map keys must be module names.", field="placement",
                                       expected='strings such as "model.layers.0" ("" for the whole model)',
-                                      found=f"{key!r} ({type(key).__name__})"[:120],
+                                      found=shown(key),
                                       fix='write the map like {"model.embed_tokens": 0, "": "cpu"}')
             self.placement = {k: map_device(v, field=f"placement[{k!r}]") for k, v in self.placement.items()}
         elif not isinstance(self.placement, str) or not self.placement:
@@ -150,7 +150,7 @@ class LoadRequest:
             if not isinstance(ref, str) or not ref.strip():
                 raise OptionError(f"adapter {name!r} has no usable reference.", field=f"adapters[{name!r}]",
                                   expected="a folder, Hub id or other reference (text)",
-                                  found=f"{ref!r} ({type(ref).__name__})"[:120],
+                                  found=shown(ref),
                                   fix="pass adapters={name: path}, or a list of paths")
         for name in self.adapters:
             if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
@@ -172,14 +172,13 @@ class LoadRequest:
         if not isinstance(self.quantization_options, dict):
             raise OptionError("quantization_options must be a dict.", field="quantization_options",
                               found=repr(self.quantization_options))
-        for field_name in ("engine_options", "quantization_options"):
+        for field_name, example in (("engine_options", '{"readers": 8}'),
+                                    ("quantization_options", '{"double_quant": True}')):
             for key in getattr(self, field_name):
                 if not isinstance(key, str):  # else a plugin's own code trips over it, and is blamed
                     raise OptionError(f"{field_name} names its options by text.", field=field_name,
-                                      expected="option names as strings", found=f"{key!r} ({type(key).__name__})"[:120],
-                                      fix=f"write the name as text, e.g. {{\"readers\": 8}}"
-                                      if field_name == "engine_options" else "write the name as text, e.g. "
-                                      "{\"double_quant\": True}")
+                                      expected="option names as strings", found=shown(key),
+                                      fix=f"write the name as text, e.g. {example}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

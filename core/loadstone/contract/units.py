@@ -37,6 +37,12 @@ def parse_size(value: Any, *, field: str = "size") -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def shown(value: Any, limit: int = 120) -> str:
+    """A value as an error's ``found`` shows it: its repr and its type (``'5' (str)`` against
+    ``5 (int)``), cut to ``limit`` characters."""
+    return f"{value!r} ({type(value).__name__})"[:limit]
+
+
 def format_size(n: float | int | None) -> str:
     if n is None:
         return "-"
@@ -73,7 +79,7 @@ def map_device(value: Any, *, field: str) -> str | int:
     names no device a model can be placed on: a GPU index (``0``, ``"cuda:1"``), ``"cpu"``,
     ``"disk"`` or another accelerator (``"mps"``, ``"xpu:0"``)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, int) and value < 0):
-        raise OptionError(f"{field} is not a device.", field=field, found=f"{value!r} ({type(value).__name__})"[:120],
+        raise OptionError(f"{field} is not a device.", field=field, found=shown(value),
                           expected="a GPU index (0, 1 ...) or a device name: cpu, disk, cuda:N, mps, xpu:N",
                           fix='write the map like {"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}')
     device = normalize_device(value)
@@ -113,6 +119,6 @@ def _memory_device(key: Any) -> str | int:
     named = isinstance(device, str) and is_device_spec(device) and device != "meta"
     raise OptionError(f"max_memory names {key!r}, which is not a device it can budget"
                       + (" (accelerate reads an accelerator's budget by its index)." if named else "."),
-                      field="max_memory", found=f"{key!r} ({type(key).__name__})"[:120],
+                      field="max_memory", found=shown(key),
                       expected="cpu, disk, mps, cuda:N or just N (a GPU's index, N >= 0)",
                       fix='write it like {"cuda:0": "20GiB", "cpu": "64GiB"} (CLI: --max-memory cuda:0=20GiB)')

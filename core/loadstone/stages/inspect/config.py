@@ -10,6 +10,7 @@ from typing import Any
 from ...contract.checkpoint import CheckpointInventory
 from ...contract.errors import ConfigError
 from ...contract.request import TASKS, LoadRequest
+from ...contract.units import shown
 from ...jsonfile import read_json_object
 from .config_values import check_config_values
 
@@ -62,7 +63,7 @@ def load_config(folder: Path, request: LoadRequest, inventory: CheckpointInvento
     if not isinstance(model_type, str) or not model_type:
         raise ConfigError(f"{CONFIG} names no model_type.", file=path, field="model_type",
                           expected="a model type name such as \"llama\"",
-                          found=f"{model_type!r} ({type(model_type).__name__})"[:200],
+                          found=shown(model_type, 200),
                           fix="write the model_type save_pretrained recorded (see the model card)")
     check_config_values(raw, path, CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None, inventory)
     auto_map = raw.get("auto_map") or {}
